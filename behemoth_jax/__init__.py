@@ -1,0 +1,12 @@
+"""behemoth-jax: Llama 4 (Scout, Maverick, Behemoth) in JAX/Flax NNX.
+
+Shape-suffix legend used in every tensor and weight name (logical, global shapes):
+  B batch, T query length, S key length, D model width, V vocab, N query heads, K kv heads,
+  G = N/K, H head dim, J = H/2 rotary pairs, F ffn width, E experts, A experts per token,
+  M token-expert pairs (T·A), C chunk, L layers, P position-table rows.
+"""
+
+from behemoth_jax.config import Config, ConfigError, ModelConfig, load_config
+from behemoth_jax.transformer import Llama4Text, abstract_model, create_model
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "Llama4Text", "abstract_model", "create_model"]

@@ -1,0 +1,134 @@
+"""GQA attention: chunked local (RoPE layers) and global causal (NoPE layers), QK-norm, temperature.
+
+Chunked attention is computed chunk by chunk, O(T·C) memory and FLOPs, never as a masked T×T matrix:
+query i sees key j iff `pos_i // C == pos_j // C` and j ≤ i (chunks aligned to position 0, SPEC §2.4).
+
+- Default positions (0..T-1): queries of index-block c attend keys of block c only.
+- Explicit positions or packed segments: queries of block c attend keys of blocks c-1 and c (2C keys),
+  masked by position-chunk, index causality and segment. This is exact whenever positions increase
+  strictly within a segment (then every key a query may see lies fewer than C indices back), which
+  holds for packed documents whose positions restart at 0 and for left-padded batches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from behemoth_jax.config import LayerKind, ModelConfig
+from behemoth_jax.layers import param, rms_norm
+from behemoth_jax.rope import apply_rope
+from sharding import axes as ax
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Positions(NamedTuple):
+  """Per-token position information shared by every layer of one forward pass."""
+
+  positions_BT: jax.Array  # int32 true positions (RoPE, temperature, chunk membership)
+  segment_ids_BT: jax.Array | None  # tokens attend only within their segment
+  cos_BTJ: jax.Array
+  sin_BTJ: jax.Array
+  explicit: bool  # positions are not simply 0..T-1 (use the windowed chunk path)
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+  """Positions restarting at 0 at each change of segment id along T."""
+  b, t = segment_ids_BT.shape
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - seg_start
+
+
+def _blocks(x: jax.Array, n: int, c: int) -> jax.Array:
+  """[B, n*c, ...] → [B, n, c, ...]."""
+  return x.reshape(x.shape[0], n, c, *x.shape[2:])
+
+
+def _with_previous(x: jax.Array, fill) -> jax.Array:
+  """[B, n, c, ...] → [B, n, 2c, ...]: each block preceded by the previous block (first: `fill`)."""
+  prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+  return jnp.concatenate([prev, x], axis=2)
+
+
+def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, chunk: int | None,
+                     positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                     explicit_positions: bool = False) -> jax.Array:
+  """Causal GQA attention, local within position chunks of size `chunk` (None: global).
+
+  Returns [B, T, N, H] in q's dtype; scores and softmax in float32.
+  """
+  b, t, n, h = q_BTNH.shape
+  kv = k_BTKH.shape[2]
+  g = n // kv
+  c = t if chunk is None or chunk >= t else chunk
+  pad = (-t) % c
+  nc = (t + pad) // c
+  pos_masked = explicit_positions and chunk is not None
+  windowed = pos_masked and nc > 1
+
+  def prep(x):
+    return _blocks(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), nc, c)
+
+  q = prep(q_BTNH).reshape(b, nc, c, kv, g, h)
+  k, v = prep(k_BTKH), prep(v_BTKH)
+  idx_q = jnp.arange(nc * c, dtype=jnp.int32).reshape(nc, c)
+  idx_k = idx_q
+  if windowed:
+    k, v = _with_previous(k, 0), _with_previous(v, 0)
+    idx_k = jnp.concatenate([idx_q - c, idx_q], axis=1)
+  mask = (idx_k[:, None, :] <= idx_q[:, :, None]) & (idx_k[:, None, :] >= 0)  # [n, cq, s]
+  mask = mask[None]
+  if pos_masked:
+    pos_q = prep(positions_BT)
+    pos_k = _with_previous(pos_q, 0) if windowed else pos_q
+    mask = mask & (pos_q[:, :, :, None] // chunk == pos_k[:, :, None, :] // chunk)
+  if segment_ids_BT is not None:
+    seg_q = prep(segment_ids_BT)
+    seg_k = _with_previous(seg_q, -1) if windowed else seg_q
+    mask = mask & (seg_q[:, :, :, None] == seg_k[:, :, None, :])
+
+  scores = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores = jnp.where(mask[:, :, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BcKGqs,BcsKH->BcqKGH", probs, v)
+  return out.reshape(b, nc * c, n, h)[:, :t]
+
+
+class Attention(nnx.Module):
+  """GQA self-attention of one decoder layer (SPEC §2.2): project → RoPE → QK-norm → temperature."""
+
+  def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pd = cfg.initializer_range, cfg.param_dtype
+    self.cfg = cfg
+    self.kind = kind
+    self.wq_DNH = param(rngs, (d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pd, std)
+    self.wk_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
+    self.wv_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
+    self.wo_NHD = param(rngs, (n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pd, std)
+
+  def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
+    cfg, dt = self.cfg, x_BTD.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt))
+    if self.kind.rope:
+      q = apply_rope(q, pos.cos_BTJ, pos.sin_BTJ)
+      k = apply_rope(k, pos.cos_BTJ, pos.sin_BTJ)
+      if cfg.use_qk_norm:  # weightless, per head over head_dim, RoPE layers only
+        q, k = rms_norm(q, cfg.rms_norm_eps), rms_norm(k, cfg.rms_norm_eps)
+    elif cfg.attn_temperature_tuning:  # NoPE layers; true positions, not cache length
+      p = pos.positions_BT.astype(jnp.float32)
+      scale = 1.0 + cfg.attn_scale * jnp.log1p(jnp.floor((p + 1.0) / cfg.floor_scale))
+      q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
+    q = ax.constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    out = causal_attention(
+        q, k, v, chunk=cfg.attention_chunk_size if self.kind.chunked else None,
+        positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit)
+    return jnp.einsum("BTNH,NHD->BTD", out, self.wo_NHD[...].astype(dt))

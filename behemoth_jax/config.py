@@ -1,0 +1,429 @@
+"""One typed, validated configuration: model, parallelism and training sections.
+
+Loading is strict: YAML keys that are not fields, values of the wrong type, and inconsistent numbers
+raise `ConfigError` with one line naming the field and the rule. `key=value` overrides use dotted
+paths (`model.hidden_size=64`) and YAML syntax for values (`model.moe_layers=[0,2]`).
+
+`from_hf_config` / `to_hf_config` map Hugging Face `Llama4TextConfig` / `Llama4Config` dicts
+(config.json) to `ModelConfig` and back. HF class defaults fill keys absent from config.json,
+because that is what `transformers` itself does with such a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value breaks a rule; the message names the field."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+  """llama3-type RoPE frequency scaling (Llama 3.1 / Llama 4 Scout)."""
+
+  factor: float = 16.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 1.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    _check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+    _check(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
+    _check(
+        self.high_freq_factor >= self.low_freq_factor,
+        "rope_scaling.high_freq_factor",
+        f"must be >= low_freq_factor ({self.high_freq_factor} < {self.low_freq_factor})",
+    )
+    _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  """The Llama 4 text decoder. Defaults are Llama 4 Scout's released values (SPEC §4)."""
+
+  vocab_size: int = 202048
+  hidden_size: int = 5120
+  num_layers: int = 48
+  num_heads: int = 40
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  # Routed expert width. Shared expert width defaults to it (HF has one field for both);
+  # Behemoth's derived config needs them to differ (SPEC §1).
+  intermediate_size: int = 8192
+  shared_intermediate_size: int | None = None
+  intermediate_size_mlp: int = 16384  # dense (non-MoE) layers
+  num_experts: int = 16
+  num_experts_per_tok: int = 1
+  # Layer pattern. Explicit lists win over the interval rules (HF `moe_layers`, `no_rope_layers`).
+  moe_layer_step: int = 1  # layer i is MoE iff (i+1) % step == 0
+  moe_layers: tuple[int, ...] | None = None
+  nope_layer_interval: int = 4  # layer i is NoPE iff (i+1) % interval == 0; 0 = none
+  nope_layers: tuple[int, ...] | None = None
+  # Layers with global causal attention; default: exactly the NoPE layers (HF `layer_types`).
+  global_attn_layers: tuple[int, ...] | None = None
+  attention_chunk_size: int | None = 8192  # None: chunked layers attend globally
+  use_qk_norm: bool = True
+  rope_theta: float = 500000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-5
+  attn_temperature_tuning: bool = True
+  attn_scale: float = 0.1
+  floor_scale: float = 8192.0
+  max_position_embeddings: int = 10485760
+  learned_pos_embedding: bool = False  # SPEC §2.5: opt-in, off in every shipped config
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int = 200000
+  eos_token_ids: tuple[int, ...] = (200001, 200007, 200008)
+  pad_token_id: int = 200018
+  # Numerics and execution.
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"  # compute dtype; logits are always float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
+  moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
+
+  def __post_init__(self):
+    pos = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+           "intermediate_size", "intermediate_size_mlp", "num_experts", "num_experts_per_tok",
+           "moe_layer_step", "max_position_embeddings")
+    for name in pos:
+      _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+    if self.shared_intermediate_size is None:
+      object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
+    _check(self.shared_intermediate_size > 0, "model.shared_intermediate_size", "must be > 0")
+    _check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
+           f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+    _check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+    _check(self.num_experts_per_tok <= self.num_experts, "model.num_experts_per_tok",
+           f"top-k ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})")
+    _check(self.attention_chunk_size is None or self.attention_chunk_size > 0,
+           "model.attention_chunk_size", f"must be > 0 or null, got {self.attention_chunk_size}")
+    _check(self.nope_layer_interval >= 0, "model.nope_layer_interval", "must be >= 0")
+    _check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
+    _check(self.floor_scale > 0, "model.floor_scale", "must be > 0")
+    _check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+    _check(self.moe_block_size >= 0, "model.moe_block_size", "must be >= 0 (0 = automatic)")
+    for name in ("moe_layers", "nope_layers", "global_attn_layers"):
+      layers = getattr(self, name)
+      if layers is None:
+        continue
+      bad = [i for i in layers if not 0 <= i < self.num_layers]
+      _check(not bad, f"model.{name}", f"indices {bad} out of range [0, {self.num_layers})")
+      _check(len(set(layers)) == len(layers), f"model.{name}", "has duplicate layer indices")
+      object.__setattr__(self, name, tuple(sorted(layers)))
+    for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
+                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
+      _check(getattr(self, name) in allowed, f"model.{name}",
+             f"must be one of {allowed}, got {getattr(self, name)!r}")
+
+  # --- Layer pattern -------------------------------------------------------------------------
+  def is_moe_layer(self, i: int) -> bool:
+    if self.moe_layers is not None:
+      return i in self.moe_layers
+    return (i + 1) % self.moe_layer_step == 0
+
+  def uses_rope(self, i: int) -> bool:
+    if self.nope_layers is not None:
+      return i not in self.nope_layers
+    return self.nope_layer_interval == 0 or (i + 1) % self.nope_layer_interval != 0
+
+  def is_chunked_layer(self, i: int) -> bool:
+    if self.global_attn_layers is not None:
+      return i not in self.global_attn_layers
+    return self.uses_rope(i)
+
+  def layer_kind(self, i: int) -> LayerKind:
+    return LayerKind(rope=self.uses_rope(i), chunked=self.is_chunked_layer(i), moe=self.is_moe_layer(i))
+
+  @property
+  def layer_kinds(self) -> tuple[LayerKind, ...]:
+    return tuple(self.layer_kind(i) for i in range(self.num_layers))
+
+  @property
+  def cycle_length(self) -> int:
+    """Smallest period P with kind[i] == kind[i + P] for every layer (4 for released models)."""
+    kinds = self.layer_kinds
+    for p in range(1, self.num_layers + 1):
+      if all(kinds[i] == kinds[i + p] for i in range(self.num_layers - p)):
+        return p
+    return self.num_layers
+
+
+@dataclass(frozen=True)
+class LayerKind:
+  rope: bool
+  chunked: bool
+  moe: bool
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+  """Mesh axis sizes; -1 fills the devices left over (at most one axis). Used by `sharding/`."""
+
+  data: int = 1
+  fsdp: int = -1
+  expert: int = 1
+  tensor: int = 1
+  context: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for name, size in sizes.items():
+      _check(size == -1 or size >= 1, f"parallel.{name}", f"must be >= 1 or -1, got {size}")
+    _check(sum(s == -1 for s in sizes.values()) <= 1, "parallel", "at most one axis may be -1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  seed: int = 0
+  batch_size: int = 8
+  seq_len: int = 256
+  steps: int = 100
+  learning_rate: float = 3e-3
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+
+  def __post_init__(self):
+    for name in ("batch_size", "seq_len", "steps"):
+      _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+    _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  parallel: ParallelConfig = field(default_factory=ParallelConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- Loading -----------------------------------------------------------------------------------
+def _check(ok: bool, name: str, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"{name}: {rule}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+  """Checks `value` against the annotation `tp`; converts lists to tuples and dicts to dataclasses."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(value, arg, name)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    return _build(tp, value, name)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{name}: expected a list, got {value!r}")
+    (elem, _) = typing.get_args(tp)
+    return tuple(_coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value))
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    return value
+  if tp in (bool, str):
+    if not isinstance(value, tp):
+      raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+    return value
+  raise TypeError(f"unsupported config annotation {tp}")
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  for key in data:
+    if key not in names:
+      where = f"{prefix}.{key}" if prefix else key
+      raise ConfigError(f"{where}: unknown key (valid: {', '.join(sorted(names))})")
+  kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+  return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+  keys = dotted.split(".")
+  for k in keys[:-1]:
+    node = tree.setdefault(k, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"{dotted}: {k} is not a section")
+    tree = node
+  tree[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+  tree: dict = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"{item}: override must look like section.key=value")
+    key, raw = item.split("=", 1)
+    _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+  return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+  out = dict(base)
+  for k, v in extra.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+  """Loads a YAML config (sections model / parallel / train) and applies `key=value` overrides."""
+  data: dict = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(f"{path}: config file not found")
+    try:
+      data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+      raise ConfigError(f"{path}: top level must be a mapping of sections")
+  data = _merge(data, parse_overrides(overrides or []))
+  return _build(Config, data)
+
+
+def to_dict(cfg: Any) -> dict:
+  """Plain-data view of a config (tuples as lists), loadable again by `load_config`."""
+  def conv(v):
+    if dataclasses.is_dataclass(v):
+      return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    return list(conv(x) for x in v) if isinstance(v, tuple) else v
+  return conv(cfg)
+
+
+# --- Hugging Face mapping ----------------------------------------------------------------------
+# HF Llama4TextConfig class defaults, for keys a config.json leaves out.
+_HF_DEFAULTS = dict(
+    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+    num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+    hidden_act="silu", max_position_embeddings=4096 * 32, initializer_range=0.02, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, num_experts_per_tok=1, num_local_experts=16, moe_layers=None,
+    interleave_moe_layer_step=1, use_qk_norm=True, no_rope_layers=None, no_rope_layer_interval=4,
+    attention_chunk_size=8192, layer_types=None, attn_temperature_tuning=True, floor_scale=8192,
+    attn_scale=0.1, attention_bias=False, router_jitter_noise=0.0, rope_theta=500000.0,
+)
+
+
+def from_hf_config(hf: dict, **overrides: Any) -> ModelConfig:
+  """Any valid HF Llama4 text config (or a multimodal config's `text_config`) → ModelConfig."""
+  if hf.get("model_type") == "llama4" or "text_config" in hf:
+    hf = hf.get("text_config") or {}
+  mt = hf.get("model_type", "llama4_text")
+  _check(mt == "llama4_text", "model_type", f"expected llama4_text, got {mt!r}")
+  c = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k in ("attention_chunk_size",)}}
+  _check(c["hidden_act"] == "silu", "hidden_act", f"only silu is supported, got {c['hidden_act']!r}")
+  _check(not c["attention_bias"], "attention_bias", "attention biases are not part of Llama 4")
+  _check(not c["router_jitter_noise"], "router_jitter_noise", "router jitter is not supported")
+  n = c["num_hidden_layers"]
+  head_dim = c["head_dim"] or c["hidden_size"] // c["num_attention_heads"]
+  moe_layers = c["moe_layers"]
+  if moe_layers is None:
+    step = c["interleave_moe_layer_step"]
+    moe_layers = list(range(step - 1, n, step))
+  no_rope = c["no_rope_layers"] or [int((i + 1) % c["no_rope_layer_interval"] != 0) for i in range(n)]
+  _check(len(no_rope) >= n, "no_rope_layers", f"needs >= {n} entries, got {len(no_rope)}")
+  nope_layers = [i for i in range(n) if not no_rope[i]]
+  layer_types = c["layer_types"] or ["chunked_attention" if no_rope[i] else "full_attention" for i in range(n)]
+  global_layers = [i for i in range(n) if layer_types[i] != "chunked_attention"]
+
+  rope = dict(c.get("rope_parameters") or {})
+  if not rope:
+    rope = dict(c.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", c["rope_theta"])
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  scaling = None
+  if rope_type == "llama3":
+    scaling = RopeScaling(
+        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings",
+                                                      c["max_position_embeddings"])))
+  else:
+    _check(rope_type == "default", "rope_parameters.rope_type", f"unsupported RoPE type {rope_type!r}")
+  eos = c.get("eos_token_id")
+  eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+  fields = dict(
+      vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=n,
+      num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
+      head_dim=head_dim, intermediate_size=c["intermediate_size"],
+      intermediate_size_mlp=c["intermediate_size_mlp"], num_experts=c["num_local_experts"],
+      num_experts_per_tok=c["num_experts_per_tok"], moe_layers=tuple(moe_layers),
+      nope_layers=tuple(nope_layers), global_attn_layers=tuple(global_layers),
+      attention_chunk_size=c["attention_chunk_size"], use_qk_norm=bool(c["use_qk_norm"]),
+      rope_theta=float(rope.get("rope_theta", c["rope_theta"])), rope_scaling=scaling,
+      rms_norm_eps=float(c["rms_norm_eps"]), attn_temperature_tuning=bool(c["attn_temperature_tuning"]),
+      attn_scale=float(c["attn_scale"]), floor_scale=float(c["floor_scale"]),
+      max_position_embeddings=c["max_position_embeddings"],
+      tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=float(c["initializer_range"]),
+      bos_token_id=c.get("bos_token_id") if c.get("bos_token_id") is not None else 200000,
+      eos_token_ids=eos, pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else 200018,
+  )
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+  """ModelConfig → HF `Llama4TextConfig` dict (explicit layer lists, v5 `rope_parameters`)."""
+  _check(cfg.shared_intermediate_size == cfg.intermediate_size, "model.shared_intermediate_size",
+         "HF Llama4 has one width for routed and shared experts; cannot export differing widths")
+  _check(not cfg.learned_pos_embedding, "model.learned_pos_embedding", "HF Llama4 has no text position table")
+  n = cfg.num_layers
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling is not None:
+    rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
+  moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
+  step = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else 1
+  return dict(
+      model_type="llama4_text", architectures=["Llama4ForCausalLM"], vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      intermediate_size_mlp=cfg.intermediate_size_mlp, num_hidden_layers=n,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings,
+      initializer_range=cfg.initializer_range, rms_norm_eps=cfg.rms_norm_eps,
+      bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id,
+      tie_word_embeddings=cfg.tie_word_embeddings, num_experts_per_tok=cfg.num_experts_per_tok,
+      num_local_experts=cfg.num_experts, moe_layers=moe_layers, interleave_moe_layer_step=step,
+      use_qk_norm=cfg.use_qk_norm, rope_parameters=rope,
+      no_rope_layers=[int(cfg.uses_rope(i)) for i in range(n)],
+      layer_types=["chunked_attention" if cfg.is_chunked_layer(i) else "full_attention" for i in range(n)],
+      attention_chunk_size=cfg.attention_chunk_size, attn_temperature_tuning=cfg.attn_temperature_tuning,
+      floor_scale=int(cfg.floor_scale) if float(cfg.floor_scale).is_integer() else cfg.floor_scale,
+      attn_scale=cfg.attn_scale, attention_bias=False, dtype=cfg.param_dtype,
+  )
+

@@ -1,0 +1,177 @@
+"""Hugging Face `save_pretrained` directories (safetensors) → our model.
+
+Tensors are read one at a time from memory-mapped safetensors files and assembled leaf by leaf (a
+stacked leaf gathers its layers), each checked against the abstract model's shape. Every tensor in
+the checkpoint must be consumed; missing, unexpected and misshapen tensors raise `ConversionError`
+with one line naming the tensor. No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config
+from behemoth_jax.convert.keymap import entries
+from behemoth_jax.transformer import Llama4Text, abstract_model
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the model; the message names the tensor or field."""
+
+
+class SafetensorsDir:
+  """Name → tensor view over a directory of (possibly sharded) safetensors files."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(p.name for p in path.glob("*.safetensors"))
+      if not files:
+        bad = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        hint = f" (found {bad[0]}: pickled checkpoints are never loaded; re-save with safetensors)" if bad else ""
+        raise ConversionError(f"{path}: no .safetensors files{hint}")
+      weight_map = None
+    self._stack = ExitStack()
+    self._files = {}
+    self.file_of: dict[str, str] = {}
+    for name in files:
+      fp = path / name
+      if not fp.is_file():
+        raise ConversionError(f"{fp}: listed in model.safetensors.index.json but missing")
+      try:
+        handle = self._stack.enter_context(safe_open(str(fp), framework="np"))
+      except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ConversionError(f"{fp}: not a readable safetensors file ({e})") from None
+      self._files[name] = handle
+      for key in handle.keys():
+        self.file_of[key] = name
+    if weight_map is not None:
+      missing = sorted(k for k in weight_map if k not in self.file_of)
+      if missing:
+        raise ConversionError(f"{missing[0]}: in the index but not in {weight_map[missing[0]]}")
+
+  def keys(self) -> set[str]:
+    return set(self.file_of)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.file_of:
+      raise ConversionError(f"{name}: missing from checkpoint {self.path}")
+    return self._files[self.file_of[name]].get_tensor(name)
+
+  def close(self) -> None:
+    self._stack.close()
+
+
+def read_config(path: Path) -> dict:
+  cfg_path = path / "config.json"
+  if not cfg_path.is_file():
+    raise ConversionError(f"{cfg_path}: not found (expected a Hugging Face save_pretrained directory)")
+  return json.loads(cfg_path.read_text())
+
+
+def _text_prefix(hf_cfg: dict) -> str:
+  archs = hf_cfg.get("architectures") or []
+  if hf_cfg.get("model_type") == "llama4" or "Llama4ForConditionalGeneration" in archs:
+    return "language_model."
+  return ""
+
+
+def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None,
+            **config_overrides) -> Llama4Text:
+  """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
+
+  Args:
+    path: directory with config.json and model*.safetensors (+ index when sharded).
+    dtype: parameter dtype ("float32", "bfloat16", "float16").
+    compute_dtype: activation dtype; defaults to `dtype`.
+    config_overrides: ModelConfig fields to set (e.g. scan_layers=False, moe_impl="dense").
+  Returns:
+    The model; `model(input_ids_BT)` gives float32 logits [B, T, V].
+  """
+  path = Path(path)
+  if dtype not in SUPPORTED_DTYPES:
+    raise ConversionError(f"dtype: unsupported {dtype!r} (valid: {', '.join(SUPPORTED_DTYPES)})")
+  hf_cfg = read_config(path)
+  arch = (hf_cfg.get("architectures") or ["Llama4ForCausalLM"])[0]
+  if not arch.startswith("Llama4"):
+    raise ConversionError(f"{path / 'config.json'}: architecture {arch!r} is not a Llama 4 model")
+  try:
+    cfg = from_hf_config(hf_cfg, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
+  except ConfigError as e:
+    raise ConversionError(f"{path / 'config.json'}: {e}") from None
+  source = SafetensorsDir(path)
+  try:
+    return _assemble(cfg, source, _text_prefix(hf_cfg))
+  finally:
+    source.close()
+
+
+def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4Text:
+  abstract = abstract_model(cfg)
+  graphdef, abs_state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(abs_state))
+  by_leaf = defaultdict(list)
+  for entry in entries(cfg, abstract.decoder.num_cycles, prefix):
+    by_leaf[entry.leaf].append(entry)
+  unknown_leaves = set(by_leaf) - set(flat)
+  assert not unknown_leaves, f"key table names leaves the model lacks: {sorted(unknown_leaves)[:3]}"
+  unfilled = sorted(set(flat) - set(by_leaf))
+  assert not unfilled, f"model leaves with no HF source: {unfilled[:3]}"
+  consumed: set[str] = set()
+  values = {}
+  for leaf, leaf_entries in by_leaf.items():
+    target = flat[leaf].get_value()
+    stacked = leaf_entries[0].stack is not None
+    per_layer_shape = target.shape[1:] if stacked else target.shape
+    host = np.empty(target.shape, np.dtype(target.dtype))
+    for entry in leaf_entries:
+      raw = source.get(entry.hf_name)
+      if raw.dtype.name not in SUPPORTED_DTYPES:
+        raise ConversionError(f"{entry.hf_name}: unsupported dtype {raw.dtype.name}")
+      if entry.rule.part is not None and raw.shape[-1] % entry.rule.part[1]:
+        raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
+      value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
+      if value is None or value.shape != per_layer_shape:
+        raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
+                              f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
+      if stacked:
+        host[entry.stack] = value
+      else:
+        host[...] = value
+      consumed.add(entry.hf_name)
+    values[leaf] = jnp.asarray(host)
+  unexpected = sorted(source.keys() - consumed)
+  if unexpected:
+    raise ConversionError(f"{unexpected[0]}: unexpected tensor in checkpoint "
+                          f"({len(unexpected)} unexpected; is the config right?)")
+  for leaf, var in flat.items():
+    var.set_value(values[leaf])
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _expected_hf_shape(entry, cfg, ours_shape) -> tuple[int, ...]:
+  """The HF shape that would map to `ours_shape` (inverse transform applied to a dummy)."""
+  dummy = np.zeros(ours_shape, np.int8)
+  shape = entry.rule.to_hf(dummy, cfg).shape
+  if entry.rule.part is not None:
+    shape = (*shape[:-1], shape[-1] * entry.rule.part[1])
+  return tuple(shape)
+
+
+def _shape_ok(raw: np.ndarray, entry, cfg, ours_shape) -> bool:
+  return tuple(raw.shape) == _expected_hf_shape(entry, cfg, ours_shape)

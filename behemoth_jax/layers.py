@@ -1,0 +1,66 @@
+"""RMSNorm, SwiGLU and embeddings; the parameter helper that attaches logical axis names."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sharding import axes as ax
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std: float | None) -> nnx.Param:
+  """A parameter with logical axis names; `std=None` means ones (norm weights).
+
+  `eager_sharding=False`: the model is mesh-agnostic single-device code; `sharding/` turns the
+  names into placements (abstract init + jit with out_shardings).
+  """
+  assert len(shape) == len(axes), (shape, axes)
+  if std is None:
+    value = jnp.ones(shape, dtype_of(dtype))
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+  """`x * rsqrt(mean(x², -1) + eps)` in float32, cast back to x's dtype (SPEC §2.1)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, param_dtype: str, rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight_D = param(rngs, (dim,), (ax.EMBED,), param_dtype, None)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    w_D = self.weight_D[...].astype(x_BTD.dtype)
+    return rms_norm(x_BTD, self.eps) * w_D.reshape((1,) * (x_BTD.ndim - 1) + w_D.shape)
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab: int, dim: int, param_dtype: str, std: float, rngs: nnx.Rngs):
+    self.table_VD = param(rngs, (vocab, dim), (ax.VOCAB, ax.EMBED), param_dtype, std)
+
+  def __call__(self, ids_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.take(self.table_VD[...], ids_BT, axis=0).astype(dtype)
+
+
+class SwiGLU(nnx.Module):
+  """`(silu(x @ Wg) * (x @ Wu)) @ Wd`: dense layers and the shared expert."""
+
+  def __init__(self, dim: int, width: int, param_dtype: str, std: float, rngs: nnx.Rngs):
+    self.w_gate_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
+    self.w_up_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
+    self.w_down_FD = param(rngs, (width, dim), (ax.MLP, ax.EMBED), param_dtype, std)
+
+  def __call__(self, x_TD: jax.Array) -> jax.Array:
+    dt = x_TD.dtype
+    gate = jnp.einsum("...D,DF->...F", x_TD, self.w_gate_DF[...].astype(dt))
+    up = jnp.einsum("...D,DF->...F", x_TD, self.w_up_DF[...].astype(dt))
+    return jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.w_down_FD[...].astype(dt))

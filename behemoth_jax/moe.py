@@ -1,0 +1,93 @@
+"""Llama 4 MoE feed-forward: sigmoid top-k router, sparse dropless dispatch, shared expert (SPEC §2.6).
+
+`out = shared(x) + Σ_a expert_{e_a}(σ(logit_{e_a}) · x)`: the router score scales the expert's
+*input* (SwiGLU is not homogeneous, so scaling the output would give other numbers). Tokens are
+sorted by expert and run through a grouped matmul: each token-expert pair costs one expert's FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from behemoth_jax.config import ModelConfig
+from behemoth_jax.gmm import grouped_matmul
+from behemoth_jax.layers import SwiGLU, param
+from sharding import axes as ax
+
+
+class Routing(NamedTuple):
+  experts_TA: jax.Array  # int32 chosen experts, best first
+  scores_TA: jax.Array  # float32 sigmoid(logit) of each chosen expert
+  logits_TE: jax.Array  # float32 router logits (for auxiliary losses and load statistics)
+
+
+def route(logits_TE: jax.Array, k: int) -> Routing:
+  """Top-k on raw logits; score = sigmoid(logit). No softmax, no renormalisation, no jitter."""
+  logits_TE = logits_TE.astype(jnp.float32)
+  top_TA, experts_TA = jax.lax.top_k(logits_TE, k)
+  return Routing(experts_TA.astype(jnp.int32), jax.nn.sigmoid(top_TA), logits_TE)
+
+
+@jax.custom_vjp
+def permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+  """`x[perm]` for a permutation; its gradient is the inverse gather, not a scatter-add."""
+  return x[perm]
+
+
+def _permute_fwd(x, perm, inverse):
+  return x[perm], inverse
+
+
+def _permute_bwd(inverse, g):
+  return g[inverse], None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def moe_dispatch(x_TD: jax.Array, routing: Routing, num_experts: int, expert_fn) -> jax.Array:
+  """Sorts token-expert pairs by expert, applies `expert_fn(xs_MD, group_sizes_E)`, unsorts, sums over k."""
+  t, d = x_TD.shape
+  k = routing.experts_TA.shape[1]
+  expert_M = routing.experts_TA.reshape(-1)  # pair m = token * k + slot
+  order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
+  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(t * k, dtype=jnp.int32))
+  group_sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
+  x_MD = jnp.repeat(x_TD, k, axis=0) if k > 1 else x_TD
+  scores_M = routing.scores_TA.reshape(-1, 1).astype(x_TD.dtype)
+  xs_MD = permute(x_MD * scores_M, order_M, inverse_M)
+  ys_MD = expert_fn(xs_MD, group_sizes_E)
+  return permute(ys_MD, inverse_M, order_M).reshape(t, k, d).sum(axis=1)
+
+
+class MoE(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    std, pd = cfg.initializer_range, cfg.param_dtype
+    self.cfg = cfg
+    self.w_router_DE = param(rngs, (d, e), (ax.EMBED, None), pd, std)
+    self.w_gate_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
+    self.w_up_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
+    self.w_down_EFD = param(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std)
+    self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs)
+
+  def experts(self, xs_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """SwiGLU of each row's expert; rows sorted by expert."""
+    dt, cfg = xs_MD.dtype, self.cfg
+    gmm = lambda x, w: grouped_matmul(x, w[...].astype(dt), group_sizes_E, impl=cfg.moe_impl,
+                                      block=cfg.moe_block_size)
+    h = jax.nn.silu(gmm(xs_MD, self.w_gate_EDF)) * gmm(xs_MD, self.w_up_EDF)
+    return gmm(h, self.w_down_EFD)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    b, t, d = x_BTD.shape
+    x_TD = x_BTD.reshape(b * t, d)
+    logits_TE = jnp.einsum("TD,DE->TE", x_TD, self.w_router_DE[...].astype(x_TD.dtype),
+                           preferred_element_type=jnp.float32)
+    routing = route(logits_TE, self.cfg.num_experts_per_tok)
+    routed = moe_dispatch(x_TD, routing, self.cfg.num_experts, self.experts)
+    return (self.shared(x_TD) + routed).reshape(b, t, d)

@@ -1,0 +1,51 @@
+"""Logical axis names: the only place they are written.
+
+Model code annotates parameters and activations with these names; `sharding/rules.py` (the one
+rules table) maps them to mesh axes. `constrain` is the single hook through which model code places
+activation sharding constraints; it is the identity until a resolver is installed by `sharding/`, so
+the model stays single-device code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+import jax
+
+# Weights.
+VOCAB = "vocab"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+EXPERTS = "experts"
+LAYERS = "layers"
+# Activations.
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_VOCAB = "act_vocab"
+
+Axes = tuple[str | None, ...]
+
+_resolver: contextvars.ContextVar[Callable[[jax.Array, Axes], jax.Array] | None] = (
+    contextvars.ContextVar("behemoth_sharding_resolver", default=None))
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Constrains activation `x` to the mesh placement of logical `axes` (identity without a mesh)."""
+  fn = _resolver.get()
+  return x if fn is None else fn(x, axes)
+
+
+@contextlib.contextmanager
+def use_resolver(fn: Callable[[jax.Array, Axes], jax.Array]) -> Iterator[None]:
+  token = _resolver.set(fn)
+  try:
+    yield
+  finally:
+    _resolver.reset(token)
