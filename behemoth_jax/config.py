@@ -224,21 +224,26 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
       return None
-    errors = []
-    for arg in args:
-      if arg is type(None):
-        continue
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own message names the inner field
+      return _coerce(value, options[0], name)
+    for arg in options:
       try:
         return _coerce(value, arg, name)
-      except ConfigError as e:
-        errors.append(str(e))
+      except ConfigError:
+        pass
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
   if dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value
     if not isinstance(value, dict):
       raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-    return _build(tp, value, name)
+    try:
+      return _build(tp, value, name)
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(f"{name}: {e}") from None
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{name}: expected a list, got {value!r}")

@@ -1,0 +1,96 @@
+"""Config loading, validation errors that name the field, overrides, HF config mapping."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config, load_config, to_dict, to_hf_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny", "scout", "maverick", "behemoth"])
+def test_shipped_configs_load_and_round_trip(name, tmp_path):
+  cfg = load_config(CONFIGS / f"{name}.yaml")
+  (tmp_path / "c.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+  assert load_config(tmp_path / "c.yaml") == cfg
+  assert cfg.model.cycle_length == 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.hiden_size=3", "model.hiden_size: unknown key"),
+    ("model.hidden_size=abc", "model.hidden_size: expected an integer"),
+    ("model.hidden_size=true", "model.hidden_size: expected an integer"),
+    ("model.num_heads=6", "model.num_heads: num_heads (6) must be divisible by num_kv_heads (4)"),
+    ("model.attention_chunk_size=0", "model.attention_chunk_size: must be > 0"),
+    ("model.num_experts_per_tok=9", "model.num_experts_per_tok: top-k (9) must be <= num_experts (8)"),
+    ("model.moe_layers=[0,7]", "model.moe_layers: indices [7] out of range [0, 4)"),
+    ("model.dtype=float8", "model.dtype: must be one of"),
+    ("model.rope_scaling.factor=-1", "rope_scaling.factor: must be > 0"),
+    ("parallel.fsdp=0", "parallel.fsdp: must be >= 1 or -1"),
+    ("train.steps=0", "train.steps: must be > 0"),
+    ("nosection.x=1", "nosection: unknown key"),
+    ("model.hidden_size", "override must look like section.key=value"),
+])
+def test_errors_name_field_and_rule(override, message):
+  overrides = ["model.num_kv_heads=4", override] if "num_heads" in override else [override]
+  with pytest.raises(ConfigError) as e:
+    load_config(CONFIGS / "tiny.yaml", overrides)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_overrides_and_lists():
+  cfg = load_config(CONFIGS / "tiny.yaml", ["model.moe_layers=[2,0]", "model.nope_layers=[]", "train.seed=3"])
+  assert cfg.model.moe_layers == (0, 2) and cfg.train.seed == 3
+  assert [k.moe for k in cfg.model.layer_kinds] == [True, False, True, False]
+  assert all(k.rope for k in cfg.model.layer_kinds)
+
+
+def test_layer_pattern_rules():
+  cfg = ModelConfig(num_layers=8, moe_layer_step=2)
+  assert [cfg.uses_rope(i) for i in range(8)] == [1, 1, 1, 0, 1, 1, 1, 0]  # NoPE iff (i+1) % 4 == 0
+  assert [cfg.is_moe_layer(i) for i in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]
+  assert cfg.cycle_length == 4
+  assert ModelConfig(num_layers=5, moe_layers=(0, 2, 3), nope_layers=(1, 4)).cycle_length == 3
+  assert ModelConfig(num_layers=5, moe_layers=(0, 2), nope_layers=(1, 4)).cycle_length == 5
+  assert ModelConfig(num_layers=6, nope_layer_interval=0).cycle_length == 1
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+  with pytest.raises(ConfigError, match="config file not found"):
+    load_config(tmp_path / "nope.yaml")
+  (tmp_path / "bad.yaml").write_text("model: [1, 2")
+  with pytest.raises(ConfigError, match="not valid YAML"):
+    load_config(tmp_path / "bad.yaml")
+
+
+def test_hf_round_trip_matches_transformers():
+  from transformers import Llama4TextConfig
+  ours = load_config(CONFIGS / "maverick.yaml").model
+  hf = Llama4TextConfig(**to_hf_config(ours))
+  back = from_hf_config(hf.to_dict(), param_dtype=ours.param_dtype, dtype=ours.dtype,
+                        remat_policy=ours.remat_policy)
+  assert back.layer_kinds == ours.layer_kinds
+  keep = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe_layers", "nope_layers", "global_attn_layers",
+                                                             "moe_layer_step", "nope_layer_interval"}
+  for name in keep:
+    assert getattr(back, name) == getattr(ours, name), name
+
+
+def test_hf_defaults_and_multimodal_wrapper():
+  cfg = from_hf_config({"model_type": "llama4", "text_config": {"num_hidden_layers": 6, "rope_scaling": {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}})
+  assert cfg.hidden_size == 5120 and cfg.use_qk_norm and cfg.num_layers == 6
+  assert cfg.rope_scaling.factor == 8.0 and cfg.rope_scaling.high_freq_factor == 4.0
+  assert [cfg.uses_rope(i) for i in range(6)] == [1, 1, 1, 0, 1, 1]
+
+
+def test_hf_unsupported_fields_are_named():
+  with pytest.raises(ConfigError, match="hidden_act"):
+    from_hf_config({"hidden_act": "gelu"})
+  with pytest.raises(ConfigError, match="model_type"):
+    from_hf_config({"model_type": "llama"})

@@ -1,0 +1,110 @@
+"""Whole-model properties: scan == loop (values and gradients), remat invariance, causality, counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from behemoth_jax.config import ModelConfig, load_config
+from behemoth_jax.convert import load_hf
+from behemoth_jax.convert.keymap import entries
+from behemoth_jax.params import count_params
+from behemoth_jax.rope import inv_frequencies
+from hf_utils import make_hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt")
+  # 10 layers: two scanned cycles of 4 + a tail of 2; interleave 2; top-2
+  save_hf(make_hf_model(seed=7, num_hidden_layers=10, interleave_moe_layer_step=2, num_experts_per_tok=2), path)
+  return path
+
+
+def _loss_and_grads_by_hf_name(model, ids):
+  graphdef, params = nnx.split(model)
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(ids)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(ids.shape[1])[None, :])
+  value, grads = jax.value_and_grad(loss)(params)
+  flat = dict(nnx.to_flat_state(grads))
+  out = {}
+  for e in entries(model.cfg, model.decoder.num_cycles):
+    g = np.asarray(flat[e.leaf].get_value())
+    out[(e.hf_name, e.leaf[-1])] = g if e.stack is None else g[e.stack]
+  return value, out
+
+
+def test_scan_equals_loop_values_and_gradients(checkpoint):
+  ids = np.random.default_rng(0).integers(0, 97, (2, 13))
+  scanned = load_hf(checkpoint, scan_layers=True)
+  looped = load_hf(checkpoint, scan_layers=False)
+  assert scanned.decoder.num_cycles == 2 and len(scanned.decoder.tail) == 2
+  assert looped.decoder.num_cycles == 0 and len(looped.decoder.tail) == 10
+  np.testing.assert_allclose(scanned(ids), looped(ids), atol=1e-5)
+  (ls, gs), (ll, gl) = _loss_and_grads_by_hf_name(scanned, ids), _loss_and_grads_by_hf_name(looped, ids)
+  np.testing.assert_allclose(ls, ll, rtol=1e-6)
+  assert gs.keys() == gl.keys() and len(gs) > 50
+  for key in gs:
+    np.testing.assert_allclose(gs[key], gl[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+  assert max(np.abs(g).max() for g in gs.values()) > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_do_not_change_gradients(checkpoint, policy):
+  ids = np.random.default_rng(1).integers(0, 97, (1, 11))
+  _, base = _loss_and_grads_by_hf_name(load_hf(checkpoint), ids)
+  _, got = _loss_and_grads_by_hf_name(load_hf(checkpoint, remat_policy=policy), ids)
+  for key in base:
+    np.testing.assert_allclose(got[key], base[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_causality_through_gradients(checkpoint):
+  model = load_hf(checkpoint)
+  x = model.embed_tokens(jnp.asarray(np.random.default_rng(2).integers(0, 97, (1, 12))))
+  t0 = 5
+  g = jax.grad(lambda x: model.logits(model.hidden_states(x))[0, t0].sum())(x)
+  g = np.abs(np.asarray(g))[0].sum(-1)
+  assert np.all(g[t0 + 1:] == 0) and np.all(g[: t0 + 1] > 0)
+
+
+def test_bf16_compute_close_to_f32(checkpoint):
+  ids = np.random.default_rng(3).integers(0, 97, (2, 9))
+  f32 = np.asarray(load_hf(checkpoint)(ids))
+  bf16 = load_hf(checkpoint, compute_dtype="bfloat16")(ids)
+  assert bf16.dtype == jnp.float32  # logits stay float32
+  assert np.abs(np.asarray(bf16) - f32).max() < 0.1 * np.abs(f32).max()
+
+
+def test_parameter_counts_exact():
+  scout = count_params(load_config("configs/scout.yaml").model)
+  maverick = count_params(load_config("configs/maverick.yaml").model)
+  behemoth = count_params(load_config("configs/behemoth.yaml").model)
+  assert scout["total"] == 107_769_861_120
+  assert maverick["total"] == 400_711_848_960
+  assert abs(behemoth["total"] / 1.978e12 - 1) < 0.01
+  assert abs(behemoth["active"] / 287.2e9 - 1) < 0.01
+  assert abs(scout["active"] / 17.2e9 - 1) < 0.01 and abs(maverick["active"] / 17.2e9 - 1) < 0.01
+
+
+@pytest.mark.parametrize("scaling", [None, (16.0, 1.0, 1.0, 8192), (8.0, 1.0, 4.0, 8192), (8.0, 2.0, 3.0, 64)])
+def test_rope_frequencies_match_hf(scaling):
+  from transformers import Llama4TextConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from behemoth_jax.config import RopeScaling
+  rope = {"rope_type": "default", "rope_theta": 500000.0}
+  ours_scaling = None
+  if scaling:
+    f, lo, hi, ctx = scaling
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": f, "low_freq_factor": lo,
+            "high_freq_factor": hi, "original_max_position_embeddings": ctx}
+    ours_scaling = RopeScaling(f, lo, hi, ctx)
+  hf_cfg = Llama4TextConfig(head_dim=128, rope_parameters=rope, max_position_embeddings=1 << 20)
+  if scaling:
+    want = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)[0].numpy()
+  else:
+    want = 1.0 / (500000.0 ** (np.arange(0, 128, 2, dtype=np.float32) / 128))
+  got = inv_frequencies(128, 500000.0, ours_scaling)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert np.all(np.isfinite(got))
