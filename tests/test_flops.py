@@ -1,0 +1,130 @@
+"""compiled_flops vs. hand-derived matmul FLOPs (and vs. XLA's cost_analysis)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from behemoth_jax.flops import compiled_flops, hlo_text_flops
+
+M, K, N = 128, 256, 256
+MATMUL = 2 * M * K * N  # one [M,K] @ [K,N]
+
+
+def _compile(f, *args):
+    return jax.jit(f).lower(*args).compile()
+
+
+def _xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def _scan_matmuls(x, ws):
+    return lax.scan(lambda c, w: (c @ w, None), x, ws)[0]
+
+
+X = jnp.ones((M, K), jnp.float32)
+
+
+def test_plain_matmul_matches_formula_and_cost_analysis():
+    c = _compile(lambda x, w: x @ w, X, jnp.ones((K, N)))
+    assert compiled_flops(c) == MATMUL
+    assert _xla_flops(c) == MATMUL
+
+
+def test_scan_multiplies_by_trip_count():
+    c = _compile(_scan_matmuls, X, jnp.ones((10, K, N)))
+    assert compiled_flops(c) == 10 * MATMUL  # 167.8M
+    # Why this module exists: XLA counts the while body once (16.7M).
+    assert _xla_flops(c) < compiled_flops(c)
+    assert _xla_flops(c) == pytest.approx(MATMUL, rel=0.01)
+
+
+def test_nested_scan():
+    def f(x, ws):  # ws: [3 outer, 4 inner, K, N]
+        return lax.scan(lambda c, w4: (_scan_matmuls(c, w4), None), x, ws)[0]
+
+    c = _compile(f, X, jnp.ones((3, 4, K, N)))
+    assert compiled_flops(c) == 12 * MATMUL
+
+
+def test_batched_einsum():
+    b, i, j, k = 4, 8, 16, 32
+    c = _compile(lambda a, w: jnp.einsum("bij,bjk->bik", a, w),
+                 jnp.ones((b, i, j)), jnp.ones((b, j, k)))
+    assert compiled_flops(c) == 2 * b * i * j * k
+
+
+def test_grad_of_scanned_loss_is_three_times_forward():
+    # Per layer: fwd c@w, bwd dc = dy @ w.T and dw = c.T @ dy, each 2*M*K*N
+    # (with K == N). dc is computed for every layer since the loop body is uniform.
+    layers = 6
+    loss = lambda ws, x: jnp.sum(_scan_matmuls(x, ws))  # noqa: E731
+    ws = jnp.ones((layers, K, N)) * 0.01
+    c = _compile(jax.grad(loss), ws, X)
+    assert compiled_flops(c) == 3 * layers * MATMUL
+
+
+def test_cond_in_scan_counts_max_branch():
+    small = MATMUL  # c @ w1: [M,K]@[K,N]
+    big = 2 * M * K * 512 + 2 * M * 512 * N  # (c @ w2) @ w3
+    assert big > small
+
+    def f(x, w1s, w2s, w3s):
+        def body(c, ws):
+            w1, w2, w3 = ws
+            c = lax.cond(jnp.sum(c) > 0, lambda c: c @ w1, lambda c: (c @ w2) @ w3, c)
+            return c, None
+
+        return lax.scan(body, x, (w1s, w2s, w3s))[0]
+
+    trips = 5
+    c = _compile(f, X, jnp.ones((trips, K, N)), jnp.ones((trips, K, 512)),
+                 jnp.ones((trips, 512, N)))
+    assert compiled_flops(c) == trips * big
+
+
+def test_convolution():
+    # NHWC input [2,16,16,8], HWIO kernel [3,3,8,32], SAME padding -> [2,16,16,32].
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    c = _compile(conv, jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32)))
+    assert compiled_flops(c) == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 8)
+
+
+def test_unknown_trip_count_raises():
+    def f(x, w, n):
+        return lax.fori_loop(0, n, lambda i, c: c @ w, x)
+
+    c = _compile(f, X, jnp.ones((K, N)), jnp.int32(3))
+    with pytest.raises(ValueError, match="while"):
+        compiled_flops(c)
+
+
+def test_cublas_gemm_custom_call_in_while():
+    # GPU dots become cuBLAS custom-calls (format from XLA's GPU tests); no GPU needed.
+    hlo = """
+HloModule m
+
+%body (p: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %p = (s32[], f32[64,32]{1,0}) parameter(0)
+  %x = f32[64,32]{1,0} get-tuple-element(%p), index=1
+  %w = f32[32,32]{1,0} constant({...})
+  %gemm = (f32[64,32]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %t = (s32[], f32[64,32]{1,0}) tuple(%i, %gemm)
+}
+
+%cond (p.1: (s32[], f32[64,32])) -> pred[] {
+  %p.1 = (s32[], f32[64,32]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main (a: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %a = (s32[], f32[64,32]{1,0}) parameter(0)
+  ROOT %while = (s32[], f32[64,32]{1,0}) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
+}
+"""
+    assert hlo_text_flops(hlo) == 7 * 2 * 64 * 32 * 32
