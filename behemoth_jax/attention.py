@@ -128,6 +128,9 @@ class Attention(nnx.Module):
       scale = 1.0 + cfg.attn_scale * jnp.log1p(jnp.floor((p + 1.0) / cfg.floor_scale))
       q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
     q = ax.constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    if not self.kind.chunked:  # global layers: every query needs every key (all-gather over context)
+      k = ax.constrain(k, (ax.BATCH, None, ax.ACT_HEADS, None))
+      v = ax.constrain(v, (ax.BATCH, None, ax.ACT_HEADS, None))
     out = causal_attention(
         q, k, v, chunk=cfg.attention_chunk_size if self.kind.chunked else None,
         positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit)

@@ -180,9 +180,13 @@ class ParallelConfig:
   expert: int = 1
   tensor: int = 1
   context: int = 1
+  num_slices: int = 1  # TPU slices (or hosts) joined over DCN
+  dcn_axis: str = "data"  # the mesh axis that spans slices
 
   def __post_init__(self):
-    sizes = dataclasses.asdict(self)
+    sizes = {k: getattr(self, k) for k in ("data", "fsdp", "expert", "tensor", "context")}
+    _check(self.num_slices >= 1, "parallel.num_slices", f"must be >= 1, got {self.num_slices}")
+    _check(self.dcn_axis in sizes, "parallel.dcn_axis", f"must be one of {tuple(sizes)}, got {self.dcn_axis!r}")
     for name, size in sizes.items():
       _check(size == -1 or size >= 1, f"parallel.{name}", f"must be >= 1 or -1, got {size}")
     _check(sum(s == -1 for s in sizes.values()) <= 1, "parallel", "at most one axis may be -1")

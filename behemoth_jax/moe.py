@@ -7,6 +7,7 @@ sorted by expert and run through a grouped matmul: each token-expert pair costs 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -64,6 +65,25 @@ def moe_dispatch(x_TD: jax.Array, routing: Routing, num_experts: int, expert_fn)
   return permute(ys_MD, inverse_M, order_M).reshape(t, k, d).sum(axis=1)
 
 
+def routed_experts(cfg: ModelConfig, x_TD: jax.Array, w_router_DE: jax.Array, w_gate_EDF: jax.Array,
+                   w_up_EDF: jax.Array, w_down_EFD: jax.Array, exchange=None) -> jax.Array:
+  """Router + sparse experts on the tokens at hand (weights may hold only this device's experts).
+
+  `exchange(xs_MD, group_sizes_E, fn)`, when given, moves the expert-sorted rows to the devices that
+  own their experts, applies `fn(rows, local_group_sizes)` there and brings the results back.
+  """
+  dt = x_TD.dtype
+  logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_router_DE.astype(dt), preferred_element_type=jnp.float32)
+  routing = route(logits_TE, cfg.num_experts_per_tok)
+
+  def swiglu(xs_MD, group_sizes):
+    gmm = lambda x, w: grouped_matmul(x, w.astype(dt), group_sizes, impl=cfg.moe_impl, block=cfg.moe_block_size)
+    return gmm(jax.nn.silu(gmm(xs_MD, w_gate_EDF)) * gmm(xs_MD, w_up_EDF), w_down_EFD)
+
+  expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu))
+  return moe_dispatch(x_TD, routing, cfg.num_experts, expert_fn)
+
+
 class MoE(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
@@ -75,19 +95,9 @@ class MoE(nnx.Module):
     self.w_down_EFD = param(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std)
     self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs)
 
-  def experts(self, xs_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """SwiGLU of each row's expert; rows sorted by expert."""
-    dt, cfg = xs_MD.dtype, self.cfg
-    gmm = lambda x, w: grouped_matmul(x, w[...].astype(dt), group_sizes_E, impl=cfg.moe_impl,
-                                      block=cfg.moe_block_size)
-    h = jax.nn.silu(gmm(xs_MD, self.w_gate_EDF)) * gmm(xs_MD, self.w_up_EDF)
-    return gmm(h, self.w_down_EFD)
-
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape
     x_TD = x_BTD.reshape(b * t, d)
-    logits_TE = jnp.einsum("TD,DE->TE", x_TD, self.w_router_DE[...].astype(x_TD.dtype),
-                           preferred_element_type=jnp.float32)
-    routing = route(logits_TE, self.cfg.num_experts_per_tok)
-    routed = moe_dispatch(x_TD, routing, self.cfg.num_experts, self.experts)
+    routed = ax.run_experts(partial(routed_experts, self.cfg), x_TD, self.w_router_DE[...], self.w_gate_EDF[...],
+                            self.w_up_EDF[...], self.w_down_EFD[...])
     return (self.shared(x_TD) + routed).reshape(b, t, d)

@@ -49,3 +49,25 @@ def use_resolver(fn: Callable[[jax.Array, Axes], jax.Array]) -> Iterator[None]:
     yield
   finally:
     _resolver.reset(token)
+
+
+# The MoE's routed experts run through this hook: without a mesh it calls the single-device function;
+# `sharding.api.use_mesh` installs `sharding.expert.expert_parallel`, which runs it per device under
+# shard_map (local sort, experts split over the `expert` axis with an all-to-all exchange).
+_expert_parallel: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "behemoth_expert_parallel", default=None)
+
+
+def run_experts(local_fn: Callable, x_TD: jax.Array, *weights: jax.Array) -> jax.Array:
+  """`local_fn(x_TD, *weights, exchange)` on one device, or expert-parallel across the mesh."""
+  fn = _expert_parallel.get()
+  return local_fn(x_TD, *weights, None) if fn is None else fn(local_fn, x_TD, *weights)
+
+
+@contextlib.contextmanager
+def use_expert_parallel(fn: Callable) -> Iterator[None]:
+  token = _expert_parallel.set(fn)
+  try:
+    yield
+  finally:
+    _expert_parallel.reset(token)

@@ -1,0 +1,38 @@
+"""The one table that maps logical axes to mesh axes (weights and activations).
+
+Mesh axes, outermost to innermost (innermost gets the fastest links):
+  data    — pure data parallelism: batch split, parameters replicated.
+  fsdp    — batch split and parameters/optimizer state sharded on their `embed` dimension (ZeRO-3).
+  expert  — experts split; tokens travel to their expert's device by all-to-all (sharding/expert.py).
+  context — the sequence split (long context); global layers all-gather keys/values.
+  tensor  — heads and FFN width split (Megatron); needs the fastest interconnect.
+"""
+
+from __future__ import annotations
+
+from sharding import axes as ax
+
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+
+# Batch is split over every axis that does not split the model's width: each device sees its own tokens.
+BATCH_AXES = ("data", "fsdp", "expert")
+
+RULES: dict[str, tuple[str, ...]] = {
+    # Weights.
+    ax.VOCAB: ("tensor",),
+    # Non-expert weights also split D over context and expert devices, which would otherwise hold
+    # copies; in expert tensors the experts dim comes first and takes `expert` (one use per tensor).
+    ax.EMBED: ("fsdp", "context", "expert"),
+    ax.HEADS: ("tensor",),
+    ax.KV_HEADS: ("tensor",),
+    ax.HEAD_DIM: (),
+    ax.MLP: ("tensor",),
+    ax.EXPERTS: ("expert",),
+    ax.LAYERS: (),
+    # Activations.
+    ax.BATCH: BATCH_AXES,
+    ax.LENGTH: ("context",),
+    ax.ACT_EMBED: (),
+    ax.ACT_HEADS: ("tensor",),
+    ax.ACT_VOCAB: ("tensor",),
+}
