@@ -58,10 +58,15 @@ class Cycle(nnx.Module):
 
 def _stacked_cycles(cfg: ModelConfig, kinds: tuple[LayerKind, ...], n: int, key: jax.Array) -> Cycle:
   """n independently initialised cycles whose parameters are stacked on a leading `layers` axis."""
-  make = lambda k: nnx.split(Cycle(cfg, kinds, nnx.Rngs(params=k)))
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Cycle(cfg, kinds, nnx.Rngs(params=key))))
-  states = jax.vmap(lambda k: make(k)[1])(jax.random.split(key, n))
-  cycles = nnx.merge(graphdef, states)
+  graphdefs = []
+
+  def make(k):
+    graphdef, state = nnx.split(Cycle(cfg, kinds, nnx.Rngs(params=k)))
+    graphdefs.append(graphdef)  # traced once; the structure is the same for every cycle
+    return state
+
+  states = jax.vmap(make)(jax.random.split(key, n))
+  cycles = nnx.merge(graphdefs[0], states)
   for _, var in nnx.iter_graph(cycles):
     if isinstance(var, nnx.Variable):
       var.set_metadata("out_sharding", (ax.LAYERS, *var.get_metadata("out_sharding")))

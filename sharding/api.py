@@ -110,5 +110,5 @@ def constrainer(mesh: Mesh):
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
   """Within this context the model places activation constraints and runs its MoE on `mesh`."""
-  with ax.use_resolver(constrainer(mesh)), ax.use_expert_parallel(expert_parallel(mesh)), jax.set_mesh(mesh):
+  with ax.use_resolver(constrainer(mesh)), ax.use_expert_parallel(expert_parallel(mesh)):
     yield mesh

@@ -50,6 +50,12 @@ def make_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
   ici, dcn = list(shape), [1] * len(shape)
   ici[i] //= parallel.num_slices
   dcn[i] = parallel.num_slices
-  grid = mesh_utils.create_hybrid_device_mesh(
-      ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+  # TPU slices carry distinct slice indices; elsewhere (GPU hosts, CPU processes) a process is a granule.
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  by_process = None in slices or len(slices) == 1
+  granules = len({d.process_index for d in devices}) if by_process else len(slices)
+  if granules != parallel.num_slices:
+    raise ShardingError(f"parallel.num_slices: {parallel.num_slices} requested, but the devices form "
+                        f"{granules} {'processes' if by_process else 'slices'}")
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
   return Mesh(np.asarray(grid), MESH_AXES, axis_types=types)
