@@ -192,20 +192,62 @@ class ParallelConfig:
     _check(sum(s == -1 for s in sizes.values()) <= 1, "parallel", "at most one axis may be -1")
 
 
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  """Input pipeline (grain). `source: builtin` is the corpus that ships with Python (pydoc topics)."""
+
+  source: str = "builtin"  # "builtin", a file, a directory, or a glob
+  format: str = "auto"  # by file extension when auto: .txt .jsonl .parquet .array_record
+  text_field: str = "text"  # JSONL / Parquet / ArrayRecord (JSON records) field
+  tokenizer: str = "bytes"  # "bytes" (in-repo byte tokenizer) or a path to an HF tokenizer.json
+  heldout_fraction: float = 0.02  # documents held out for evaluation (deterministic split)
+  shuffle_seed: int = 0
+  worker_count: int = 0  # grain multiprocessing workers (0: in-process)
+  prefetch: int = 2  # batches prefetched ahead of the step
+
+  def __post_init__(self):
+    _check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
+    _check(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
+    _check(self.worker_count >= 0 and self.prefetch >= 0, "data.worker_count", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
   seed: int = 0
-  batch_size: int = 8
+  batch_size: int = 8  # global, in sequences per optimizer step (after accumulation)
   seq_len: int = 256
   steps: int = 100
+  grad_accum: int = 1  # micro-batches per step
   learning_rate: float = 3e-3
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
   warmup_steps: int = 10
-  weight_decay: float = 0.1
+  weight_decay: float = 0.1  # not applied to norms (1-D parameters)
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  grad_clip: float = 1.0  # global norm; 0 disables
+  fp8: bool = False  # e4m3 forward / e5m2 gradient matmuls with per-tensor scaling
+  moe_aux_loss: float = 0.0  # load-balancing loss weight (off: matches HF numerics)
+  router_z_loss: float = 0.0
+  ce_chunk: int = 8192  # vocabulary chunk of the cross-entropy (never all logits at once)
+  eval_batches: int = 8
+  log_every: int = 10
+  out_dir: str = "runs/tiny"  # checkpoints, TensorBoard events, metrics.jsonl
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  init_from: str | None = None  # orbax checkpoint (e.g. from behemoth-convert) for initial parameters
 
   def __post_init__(self):
-    for name in ("batch_size", "seq_len", "steps"):
+    for name in ("batch_size", "seq_len", "steps", "grad_accum", "ce_chunk", "eval_batches", "log_every",
+                 "checkpoint_every", "keep_checkpoints"):
       _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
     _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+           f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+    _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -213,6 +255,7 @@ class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   parallel: ParallelConfig = field(default_factory=ParallelConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
+  data: DataConfig = field(default_factory=DataConfig)
 
 
 # --- Loading -----------------------------------------------------------------------------------
