@@ -92,6 +92,7 @@ class ModelConfig:
   # Numerics and execution.
   param_dtype: str = "float32"
   dtype: str = "bfloat16"  # compute dtype; logits are always float32
+  fp8: bool = False  # matmuls in fp8: e4m3 operands forward, e5m2 gradients, per-tensor scaling
   scan_layers: bool = True
   remat_policy: str = "none"
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
@@ -228,7 +229,6 @@ class TrainConfig:
   adam_b1: float = 0.9
   adam_b2: float = 0.95
   grad_clip: float = 1.0  # global norm; 0 disables
-  fp8: bool = False  # e4m3 forward / e5m2 gradient matmuls with per-tensor scaling
   moe_aux_loss: float = 0.0  # load-balancing loss weight (off: matches HF numerics)
   router_z_loss: float = 0.0
   ce_chunk: int = 8192  # vocabulary chunk of the cross-entropy (never all logits at once)
