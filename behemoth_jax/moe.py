@@ -50,38 +50,53 @@ def _permute_bwd(inverse, g):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def moe_dispatch(x_TD: jax.Array, routing: Routing, num_experts: int, expert_fn) -> jax.Array:
-  """Sorts token-expert pairs by expert, applies `expert_fn(xs_MD, group_sizes_E)`, unsorts, sums over k."""
+def moe_dispatch(x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array, num_experts: int,
+                 expert_fn) -> jax.Array:
+  """Sorts token-expert pairs by expert, applies `expert_fn(xs_MD, group_sizes_E)`, unsorts, sums over k.
+
+  Each pair's input is the token scaled by its router score (SPEC §2.6)."""
   t, d = x_TD.shape
-  k = routing.experts_TA.shape[1]
-  expert_M = routing.experts_TA.reshape(-1)  # pair m = token * k + slot
+  k = experts_TA.shape[1]
+  expert_M = experts_TA.reshape(-1)  # pair m = token * k + slot
   order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(t * k, dtype=jnp.int32))
   group_sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
   x_MD = jnp.repeat(x_TD, k, axis=0) if k > 1 else x_TD
-  scores_M = routing.scores_TA.reshape(-1, 1).astype(x_TD.dtype)
+  scores_M = scores_TA.reshape(-1, 1).astype(x_TD.dtype)
   xs_MD = permute(x_MD * scores_M, order_M, inverse_M)
   ys_MD = expert_fn(xs_MD, group_sizes_E)
   return permute(ys_MD, inverse_M, order_M).reshape(t, k, d).sum(axis=1)
 
 
-def routed_experts(cfg: ModelConfig, x_TD: jax.Array, w_router_DE: jax.Array, w_gate_EDF: jax.Array,
-                   w_up_EDF: jax.Array, w_down_EFD: jax.Array, exchange=None) -> jax.Array:
-  """Router + sparse experts on the tokens at hand (weights may hold only this device's experts).
+class MoEStats(NamedTuple):
+  """Per-layer router statistics (always computed; cheap): load balance, z-loss, logging."""
+
+  load_E: jax.Array  # fraction of token-expert assignments per expert (sums to 1)
+  prob_E: jax.Array  # mean sigmoid router probability per expert
+  z: jax.Array  # mean over tokens of logsumexp(router logits)²
+
+
+def routing_stats(routing: Routing, num_experts: int) -> MoEStats:
+  counts = jnp.zeros((num_experts,), jnp.float32).at[routing.experts_TA.reshape(-1)].add(1.0)
+  z = jnp.mean(jax.nn.logsumexp(routing.logits_TE, axis=-1) ** 2)
+  return MoEStats(counts / counts.sum(), jnp.mean(jax.nn.sigmoid(routing.logits_TE), axis=0), z)
+
+
+def routed_experts(cfg: ModelConfig, x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array,
+                   w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array, exchange=None) -> jax.Array:
+  """Sparse experts on the tokens at hand (weights may hold only this device's experts).
 
   `exchange(xs_MD, group_sizes_E, fn)`, when given, moves the expert-sorted rows to the devices that
   own their experts, applies `fn(rows, local_group_sizes)` there and brings the results back.
   """
   dt = x_TD.dtype
-  logits_TE = jnp.einsum("TD,DE->TE", x_TD, w_router_DE.astype(dt), preferred_element_type=jnp.float32)
-  routing = route(logits_TE, cfg.num_experts_per_tok)
 
   def swiglu(xs_MD, group_sizes):
     gmm = lambda x, w: grouped_matmul(x, w.astype(dt), group_sizes, impl=cfg.moe_impl, block=cfg.moe_block_size)
     return gmm(jax.nn.silu(gmm(xs_MD, w_gate_EDF)) * gmm(xs_MD, w_up_EDF), w_down_EFD)
 
   expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu))
-  return moe_dispatch(x_TD, routing, cfg.num_experts, expert_fn)
+  return moe_dispatch(x_TD, experts_TA, scores_TA, cfg.num_experts, expert_fn)
 
 
 class MoE(nnx.Module):
@@ -95,9 +110,13 @@ class MoE(nnx.Module):
     self.w_down_EFD = param(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std)
     self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
     b, t, d = x_BTD.shape
     x_TD = x_BTD.reshape(b * t, d)
-    routed = ax.run_experts(partial(routed_experts, self.cfg), x_TD, self.w_router_DE[...], self.w_gate_EDF[...],
-                            self.w_up_EDF[...], self.w_down_EFD[...])
-    return (self.shared(x_TD) + routed).reshape(b, t, d)
+    logits_TE = jnp.einsum("TD,DE->TE", x_TD, self.w_router_DE[...].astype(x_TD.dtype),
+                           preferred_element_type=jnp.float32)
+    routing = route(logits_TE, self.cfg.num_experts_per_tok)
+    routed = ax.run_experts(partial(routed_experts, self.cfg), x_TD, routing.experts_TA, routing.scores_TA,
+                            self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+    y = (self.shared(x_TD) + routed).reshape(b, t, d)
+    return y, routing_stats(routing, self.cfg.num_experts)

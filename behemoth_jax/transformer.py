@@ -15,7 +15,7 @@ from flax import nnx
 from behemoth_jax.attention import Attention, Positions, segment_positions
 from behemoth_jax.config import LayerKind, ModelConfig
 from behemoth_jax.layers import Embed, RMSNorm, SwiGLU, dtype_of, param
-from behemoth_jax.moe import MoE
+from behemoth_jax.moe import MoE, MoEStats
 from behemoth_jax.rope import inv_frequencies, rope_angles
 from sharding import axes as ax
 
@@ -38,10 +38,11 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs)
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats | None]:
     x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), pos)
-    x_BTD = x_BTD + self.ffn(self.post_attn_norm(x_BTD))
-    return ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    y = self.ffn(self.post_attn_norm(x_BTD))
+    y, stats = y if isinstance(self.ffn, MoE) else (y, None)
+    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats
 
 
 class Cycle(nnx.Module):
@@ -50,10 +51,12 @@ class Cycle(nnx.Module):
   def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], rngs: nnx.Rngs):
     self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in kinds])
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, tuple[MoEStats | None, ...]]:
+    stats = []
     for block in self.blocks:
-      x_BTD = block(x_BTD, pos)
-    return x_BTD
+      x_BTD, s = block(x_BTD, pos)
+      stats.append(s)
+    return x_BTD, tuple(stats)
 
 
 def _stacked_cycles(cfg: ModelConfig, kinds: tuple[LayerKind, ...], n: int, key: jax.Array) -> Cycle:
@@ -79,19 +82,33 @@ class Decoder(nnx.Module):
     n = cfg.num_layers // p if cfg.scan_layers else 0
     self.num_cycles = n if n >= 2 else 0
     self.remat_policy = cfg.remat_policy
+    self.num_experts = cfg.num_experts
     first_tail = self.num_cycles * p
     self.cycles = _stacked_cycles(cfg, kinds[:p], self.num_cycles, rngs.params()) if self.num_cycles else None
     self.tail = nnx.List([Block(cfg, kinds[i], rngs) for i in range(first_tail, cfg.num_layers)])
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats]:
+    """Returns the residual stream and router statistics of the MoE layers in layer order ([L_moe, E])."""
+    per_layer: list[tuple[int, MoEStats]] = []
     if self.cycles is not None:
       graphdef, stacked = nnx.split(self.cycles)
-      body = remat(lambda x, state: (nnx.merge(graphdef, state)(x, pos), None), self.remat_policy)
-      x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
-    for block in self.tail:
+      body = remat(lambda x, state: nnx.merge(graphdef, state)(x, pos), self.remat_policy)
+      x_BTD, cycle_stats = jax.lax.scan(body, x_BTD, stacked)
+      p = len(cycle_stats)
+      for j, s in enumerate(cycle_stats):
+        if s is not None:
+          per_layer += [(c * p + j, jax.tree.map(lambda a: a[c], s)) for c in range(self.num_cycles)]
+    first = self.num_cycles * (len(self.cycles.blocks) if self.cycles is not None else 0)
+    for i, block in enumerate(self.tail):
       graphdef, state = nnx.split(block)
-      x_BTD = remat(lambda x, s: nnx.merge(graphdef, s)(x, pos), self.remat_policy)(x_BTD, state)
-    return x_BTD
+      x_BTD, s = remat(lambda x, st: nnx.merge(graphdef, st)(x, pos), self.remat_policy)(x_BTD, state)
+      if s is not None:
+        per_layer.append((first + i, s))
+    per_layer.sort(key=lambda item: item[0])
+    if not per_layer:
+      e = self.num_experts
+      return x_BTD, MoEStats(jnp.zeros((0, e)), jnp.zeros((0, e)), jnp.zeros((0,)))
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer])
 
 
 class Llama4Text(nnx.Module):
@@ -121,18 +138,28 @@ class Llama4Text(nnx.Module):
   def embed_tokens(self, input_ids_BT: jax.Array) -> jax.Array:
     return self.embed(input_ids_BT, dtype_of(self.cfg.dtype))
 
-  def hidden_states(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
-                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """Input embeddings [B, T, D] → final-normed hidden states [B, T, D] (compute dtype)."""
+  def forward(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
+              segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+    """Input embeddings [B, T, D] → (final-normed hidden states [B, T, D], router statistics)."""
     b, t, _ = x_BTD.shape
     pos = self.positions(b, t, positions_BT, segment_ids_BT)
     if self.pos_table_PD is not None:
       x_BTD = x_BTD + jnp.take(self.pos_table_PD[...], pos.positions_BT, axis=0).astype(x_BTD.dtype)
     x_BTD = ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-    return self.final_norm(self.decoder(x_BTD, pos))
+    h_BTD, stats = self.decoder(x_BTD, pos)
+    return self.final_norm(h_BTD), stats
+
+  def hidden_states(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
+                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Input embeddings [B, T, D] → final-normed hidden states [B, T, D] (compute dtype)."""
+    return self.forward(x_BTD, positions_BT, segment_ids_BT)[0]
+
+  def lm_head_weight(self) -> jax.Array:
+    """[D, V] output projection (the embedding table transposed when tied)."""
+    return self.embed.table_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
-    w_DV = self.embed.table_VD[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
+    w_DV = self.lm_head_weight()
     logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
     return ax.constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 

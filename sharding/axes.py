@@ -58,10 +58,11 @@ _expert_parallel: contextvars.ContextVar[Callable | None] = contextvars.ContextV
     "behemoth_expert_parallel", default=None)
 
 
-def run_experts(local_fn: Callable, x_TD: jax.Array, *weights: jax.Array) -> jax.Array:
-  """`local_fn(x_TD, *weights, exchange)` on one device, or expert-parallel across the mesh."""
+def run_experts(local_fn: Callable, x_TD: jax.Array, *args: jax.Array) -> jax.Array:
+  """`local_fn(x_TD, experts_TA, scores_TA, w_gate, w_up, w_down, exchange)` on one device (exchange
+  None), or per device under shard_map with experts split over the mesh."""
   fn = _expert_parallel.get()
-  return local_fn(x_TD, *weights, None) if fn is None else fn(local_fn, x_TD, *weights)
+  return local_fn(x_TD, *args, None) if fn is None else fn(local_fn, x_TD, *args)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Expert parallelism: the MoE's routed experts under shard_map, dropless, with exact gradients.
 
-Each device routes and sorts its own tokens (tokens are split over data, fsdp, expert and context).
+Routing (router logits, top-k) happens outside, on the globally sharded tokens; each device then sorts
+its own tokens (split over data, fsdp, expert and context).
 With `expert` > 1 the rows bound for each expert shard travel by all-to-all, are regrouped by local
 expert, run through the grouped matmul with that device's experts only, and travel back.
 Expert weights enter as P(expert, None, tensor): jit all-gathers the fsdp shards of D just before
@@ -66,20 +67,21 @@ def expert_parallel(mesh: Mesh):
   token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
   n_token_shards = math.prod(mesh.shape[a] for a in token_axes)
 
-  def run(local_fn, x_TD, w_router_DE, w_gate_EDF, w_up_EDF, w_down_EFD):
+  def run(local_fn, x_TD, experts_TA, scores_TA, w_gate_EDF, w_up_EDF, w_down_EFD):
     if x_TD.shape[0] % n_token_shards:
       raise ShardingError(f"moe tokens: {x_TD.shape[0]} tokens (batch x length) are not divisible by mesh "
                           f"axes {' x '.join(f'{a}={mesh.shape[a]}' for a in token_axes)}")
     if w_gate_EDF.shape[0] % ep:
       raise ShardingError(f"moe experts: {w_gate_EDF.shape[0]} experts not divisible by expert={ep}")
 
-    def body(x, wr, wg, wu, wd):
-      y = local_fn(x, wr, wg, wu, wd, partial(exchange, shards=ep) if ep > 1 else None)
+    def body(x, experts, scores, wg, wu, wd):
+      y = local_fn(x, experts, scores, wg, wu, wd, partial(exchange, shards=ep) if ep > 1 else None)
       return jax.lax.psum(y, "tensor") if tp > 1 else y
 
     tokens = P(token_axes or None, None)
     w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
-    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, P(), w_in, w_in, w_out), out_specs=tokens,
-                         check_vma=False)(x_TD, w_router_DE, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+                         out_specs=tokens, check_vma=False)(x_TD, experts_TA, scores_TA, w_gate_EDF, w_up_EDF,
+                                                            w_down_EFD)
 
   return run

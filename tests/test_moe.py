@@ -23,7 +23,8 @@ def sparse_moe(x, w_router, wg, wu, wd, k, impl, block):
   def experts(xs, gs):
     gmm = lambda a, w: grouped_matmul(a, w, gs, impl=impl, block=block)
     return gmm(jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu), wd)
-  return moe_dispatch(x, route(x @ w_router, k), wg.shape[0], experts)
+  r = route(x @ w_router, k)
+  return moe_dispatch(x, r.experts_TA, r.scores_TA, wg.shape[0], experts)
 
 
 def _weights(seed, t=37, d=12, f=10, e=7):

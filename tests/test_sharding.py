@@ -58,7 +58,7 @@ def test_mesh_matches_one_device(ids, name):
   logits, grads = _sharded(graphdef, state, ids, MESHES[name])
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(g, w, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_context_shards_not_aligned_with_chunks(ids):
@@ -68,7 +68,7 @@ def test_context_shards_not_aligned_with_chunks(ids):
   logits, grads = _sharded(graphdef, state, ids, dict(fsdp=2, context=4))
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_scanned_layers_on_expert_mesh(ids):
@@ -78,7 +78,7 @@ def test_scanned_layers_on_expert_mesh(ids):
   logits, grads = _sharded(graphdef, state, ids, dict(fsdp=2, expert=4))
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_parameters_are_created_on_their_shards():

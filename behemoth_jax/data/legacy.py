@@ -1,23 +1,19 @@
-"""Built-in corpus and byte-level tokenizer: nothing is downloaded.
+"""The pre-grain helpers `train.py` still imports (token stream + random windows).
 
-The corpus is the `pydoc_data` topics that ship with CPython (~465 KB of English documentation).
-Tokens: bytes 0..255, then BOS 256, EOS 257, PAD 258 (the tiny config's special ids).
+Kept only so that `train.py` runs until it moves to `make_iterator`; remove together with that change.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
-BOS, EOS, PAD = 256, 257, 258
+from behemoth_jax.data.tokenizer import BOS, EOS, ByteTokenizer
 
 
 def byte_encode(text: str) -> np.ndarray:
-  return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-
-def builtin_corpus() -> list[str]:
-  from pydoc_data import topics  # part of the standard library
-  return [topics.topics[k] for k in sorted(topics.topics)]
+  return ByteTokenizer().encode(text)
 
 
 def token_stream(docs: list[str]) -> np.ndarray:
@@ -33,7 +29,7 @@ def split_stream(stream: np.ndarray, heldout_fraction: float = 0.05) -> tuple[np
   return stream[:cut], stream[cut:]
 
 
-def batches(stream: np.ndarray, batch: int, seq: int, seed: int):
+def batches(stream: np.ndarray, batch: int, seq: int, seed: int) -> Iterator[np.ndarray]:
   """Endless random windows [batch, seq + 1] (inputs and next-token targets)."""
   rng = np.random.default_rng(seed)
   while True:

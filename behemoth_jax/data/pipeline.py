@@ -1,0 +1,329 @@
+"""The training / evaluation input pipeline: documents → packed, sharded, checkpointable batches.
+
+`make_iterator(data_cfg, tokenizer, split=..., seq_len=T, batch_size=B, ...)` yields dicts of numpy
+arrays, each [B, T]:
+
+  inputs       int32    token ids; padding is the tokenizer's pad id
+  targets      int32    the next token of the same document (computed before packing, so a target
+                        never crosses a document boundary)
+  segment_ids  int32    1, 2, ... per document piece within a row; 0 = padding
+  positions    int32    position within the document (see long documents below); 0 on padding
+  loss_mask    float32  1 where `targets` is a real next token of the same document, else 0
+
+Stages, all grain (`grain.MapDataset` up to reading, `grain.IterDataset` after):
+  1. document indices of the split (held-out: a fixed hash of the index, independent of the seed),
+     then this process's contiguous 1/process_count of them;
+  2. train: a global shuffle, reseeded every epoch (`shuffle` then `repeat`); held-out: file order;
+  3. read + tokenize: [BOS] + tokens + [EOS]; documents of fewer than 2 tokens are skipped and counted;
+  4. inputs = doc[:-1], targets = doc[1:], cut into pieces of at most T (`FlatMapIterDataset`);
+  5. first-fit packing of the pieces into rows of T (`FirstFitPackIterDataset`), batching with
+     padding of a last partial batch (`batch_and_pad`), prefetch (threads, or `mp_prefetch` worker
+     processes when data_cfg.worker_count > 0).
+
+Long documents: piece k of a document longer than T holds tokens [k*T, (k+1)*T) with positions
+k*T ... (k+1)*T - 1, i.e. positions continue through the document (RoPE sees where in the document
+the piece is), while the piece is its own segment (attention cannot reach the previous piece, which
+is in another row or batch). Only a document's last piece can be shorter than T, so two pieces of one
+document never share a row. Positions can therefore exceed T (up to the longest document's length).
+
+State: `get_state()` is a JSON-serialisable dict (grain's iterator state plus a fingerprint of the
+arguments); `set_state` on a fresh iterator made with the same arguments continues with exactly the
+same batches. A state saved with different arguments is refused with a `DataError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+from typing import Any
+
+import grain
+import numpy as np
+
+from behemoth_jax.data.errors import DataError
+from behemoth_jax.data.sources import Corpus, open_source
+from behemoth_jax.data.tokenizer import Tokenizer
+
+SPLITS = ("train", "heldout")
+MIN_TOKENS = 2  # documents the tokenizer turns into fewer tokens are skipped (counted, not an error)
+# First-fit packing fills this many rows at once (at least the batch size): more open rows leave a
+# short piece more places to fit, so less padding; a checkpoint restore re-packs at most this many.
+MIN_PACKING_BINS = 64
+STATE_VERSION = 1
+
+
+def split_indices(num_documents: int, heldout_fraction: float, split: str) -> np.ndarray:
+  """Sorted document indices of `split`. Held out: those whose hashed index falls below the fraction.
+
+  The hash is of the index only (not of the seed), so the held-out set stays fixed when the shuffle
+  seed changes; train and held-out are disjoint and together cover every document. With two or more
+  documents each split gets at least one (a tiny corpus would otherwise have no held-out set).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  u_N = _hash_unit(np.arange(num_documents, dtype=np.uint64))
+  heldout_N = u_N < heldout_fraction
+  if num_documents >= 2:
+    heldout_N[np.argmin(u_N)] = True
+    heldout_N[np.argmax(u_N)] = False
+  return np.flatnonzero(heldout_N if split == "heldout" else ~heldout_N).astype(np.int64)
+
+
+def _hash_unit(x_N: np.ndarray) -> np.ndarray:
+  """SplitMix64 of each index, mapped to [0, 1): a fixed, well-mixed function of the index."""
+  with np.errstate(over="ignore"):  # the mixing relies on uint64 wrap-around
+    z = x_N + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# --- Stages (module-level classes: grain pickles them into worker processes) ---------------------
+class _ReadAndTokenize(grain.transforms.Map):
+  """Document index → [BOS] + tokens + [EOS] (int32), or None when shorter than MIN_TOKENS."""
+
+  def __init__(self, corpus: Corpus, tokenizer: Tokenizer):
+    self.corpus = corpus
+    self.tokenizer = tokenizer
+    self.skipped = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_lock": None}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def map(self, index: Any) -> np.ndarray | None:
+    tokens = tokenize_document(self.corpus[int(index)], self.tokenizer)
+    if tokens is None:
+      with self._lock:  # grain runs this map in several threads
+        self.skipped += 1
+    return tokens
+
+
+def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray | None:
+  """[BOS] + tokens + [EOS] as int32 (without a special the tokenizer lacks); None if too short."""
+  tokens = tokenizer.encode(text)
+  if len(tokens) < MIN_TOKENS:
+    return None
+  parts = [tokens]
+  if tokenizer.bos_id is not None:
+    parts.insert(0, np.array([tokenizer.bos_id], np.int32))
+  if tokenizer.eos_id is not None:
+    parts.append(np.array([tokenizer.eos_id], np.int32))
+  return np.concatenate(parts).astype(np.int32)
+
+
+class _IsUsable(grain.transforms.Filter):
+  def filter(self, element: np.ndarray | None) -> bool:
+    return element is not None
+
+
+class _SplitIntoPieces(grain.experimental.FlatMapTransform):
+  """doc → pieces {inputs, targets, positions} of at most seq_len; targets shifted BEFORE cutting."""
+
+  max_fan_out = 2**31 - 1  # only used by MapDataset flat maps; the IterDataset one has no limit
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, doc: np.ndarray) -> list[dict[str, np.ndarray]]:
+    inputs, targets = doc[:-1], doc[1:]
+    positions = np.arange(len(inputs), dtype=np.int32)
+    t = self.seq_len
+    return [{"inputs": inputs[s:s + t], "targets": targets[s:s + t], "positions": positions[s:s + t]}
+            for s in range(0, len(inputs), t)]
+
+
+class _Finalize(grain.transforms.Map):
+  """Packed batch (grain's key names) → the batch dict of this module."""
+
+  def __init__(self, pad_id: int):
+    self.pad_id = pad_id
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids_BT = batch["inputs_segment_ids"].astype(np.int32)
+    real_BT = segment_ids_BT > 0
+    # Rows added by batch_and_pad are all zeros; set every padding slot to the pad id alike.
+    return {
+        "inputs": np.where(real_BT, batch["inputs"], self.pad_id).astype(np.int32),
+        "targets": np.where(real_BT, batch["targets"], self.pad_id).astype(np.int32),
+        "segment_ids": segment_ids_BT,
+        "positions": np.where(real_BT, batch["positions"], 0).astype(np.int32),
+        # Every real slot's target is its document's next token (shifted before packing).
+        "loss_mask": real_BT.astype(np.float32),
+    }
+
+
+# --- The iterator ---------------------------------------------------------------------------
+class DataIterator:
+  """Iterator of batch dicts with grain's checkpointing (`get_state` / `set_state`)."""
+
+  def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any], reader: _ReadAndTokenize,
+               num_documents: int):
+    self._dataset = dataset
+    self._it = iter(dataset)
+    # Stop grain's prefetch thread / workers before interpreter teardown (grain's own __del__ then
+    # fails noisily on already-cleared module globals).
+    self._finalizer = weakref.finalize(self, _close, self._it)
+    self._fingerprint = fingerprint
+    self._reader = reader
+    self.num_documents = num_documents  # documents of this split assigned to this process
+
+  def __iter__(self) -> DataIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  @property
+  def skipped_documents(self) -> int:
+    """Documents skipped as shorter than MIN_TOKENS by reads in THIS process so far (read-ahead
+    included; a document is counted each time an epoch reads it). With worker_count > 0 reading
+    happens in worker processes and is not counted here; `count_usable_documents` gives exact numbers."""
+    return self._reader.skipped
+
+  def get_state(self) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), "grain": self._it.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+      raise DataError(f"data iterator state: expected version {STATE_VERSION}, got "
+                      f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+    saved = state["fingerprint"]
+    for key, value in self._fingerprint.items():
+      if saved.get(key) != value:
+        raise DataError(f"data iterator state: saved with {key}={saved.get(key)!r}, "
+                        f"this iterator has {value!r}")
+    self._it.set_state(state["grain"])
+
+  def close(self) -> None:
+    """Stops prefetch threads / worker processes (also done when collected, and at exit)."""
+    self._finalizer()
+
+
+def _absl_flags_parsed() -> None:
+  """grain 0.2.18's mp_prefetch reads an absl flag, which raises UnparsedFlagAccessError in programs
+  that do not start through absl.app (google/grain#1355, fixed upstream after 0.2.18). Marking the
+  flags parsed keeps every flag at its default; a later absl.app / FLAGS(argv) still parses argv."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _close(it: Any) -> None:
+  close = getattr(it, "close", None)
+  if close is not None:
+    close()
+  # grain 0.2.18's DatasetIterator.__del__ calls close() again on every iterator of the chain, which
+  # at interpreter teardown fails on cleared module globals ("Exception ignored ... 'NoneType' object
+  # has no attribute ..."); once closed, a no-op is correct.
+  todo = [it]
+  while todo:
+    node = todo.pop()
+    node.close = _noop
+    # mp_prefetch keeps its per-worker readers in an interleave iterator's `_iterators_in_use`.
+    children = [*getattr(node, "_parents", ()), *getattr(node, "_iterators_in_use", ())]
+    todo += [c for c in children if c is not None and hasattr(c, "close")]
+
+
+def _noop() -> None:
+  pass
+
+
+def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: int, batch_size: int,
+                  seed: int, process_index: int, process_count: int,
+                  num_epochs: int | None = None) -> DataIterator:
+  """Batches of `split` for process `process_index` of `process_count` (see the module docstring).
+
+  `batch_size` is per process. `seed` drives the train shuffle and packing-row order (callers pass
+  data_cfg.shuffle_seed or one derived from it). `num_epochs=None` repeats forever; with a number, the
+  iterator ends after that many passes, the last batch filled up with padding rows.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+
+  corpus = open_source(data_cfg.source, data_cfg.format, data_cfg.text_field)
+  ids_N = split_indices(len(corpus), data_cfg.heldout_fraction, split)
+  # Contiguous blocks (like grain's ShardOptions even split): a process reads only its own files / row
+  # groups. Taken as arguments, not ShardByJaxProcess, so that tests can play several processes.
+  start = len(ids_N) * process_index // process_count
+  end = len(ids_N) * (process_index + 1) // process_count
+  if end == start:
+    raise DataError(f"{data_cfg.source}: no documents for split {split!r} of process {process_index} "
+                    f"of {process_count} ({len(corpus)} documents in the source, {len(ids_N)} in the split)")
+  _check_usable(corpus, tokenizer, ids_N[start:end], split)
+
+  seed = int(seed) % 2**32  # grain's shuffle takes 32-bit seeds
+  reader = _ReadAndTokenize(corpus, tokenizer)
+  ds = document_order(ids_N[start:end], shuffle=split == "train", seed=seed, num_epochs=num_epochs)
+  ds = ds.map(reader).filter(_IsUsable())
+  read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64)
+  it = ds.to_iter_dataset(read_options)
+  it = grain.experimental.FlatMapIterDataset(it, _SplitIntoPieces(seq_len))
+  it = grain.experimental.FirstFitPackIterDataset(
+      it,
+      length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len},
+      num_packing_bins=max(batch_size, MIN_PACKING_BINS),
+      seed=seed,
+      shuffle_bins=split == "train",
+      # Our own positions (continuing through long documents) are packed as given, not re-derived.
+      meta_features=("positions",),
+      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0},
+  )
+  # A last partial batch (finite epochs) is filled with empty rows, not dropped: eval sees every document.
+  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+  it = it.batch(batch_size, batch_fn=pad_batch)
+  it = it.map(_Finalize(tokenizer.pad_id))
+  if data_cfg.worker_count > 0:
+    _absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
+                                                     per_worker_buffer_size=max(data_cfg.prefetch, 1)))
+  elif data_cfg.prefetch > 0:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data_cfg.prefetch)
+
+  # What a saved state is only valid for. Not the source path: a corpus may move between runs.
+  fingerprint = dict(num_documents=len(corpus), heldout_fraction=data_cfg.heldout_fraction, split=split,
+                     seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, num_epochs=num_epochs, worker_count=data_cfg.worker_count,
+                     tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.bos_id}:"
+                               f"{tokenizer.eos_id}")
+  return DataIterator(it, fingerprint, reader, num_documents=end - start)
+
+
+def document_order(ids_N: np.ndarray, *, shuffle: bool, seed: int,
+                   num_epochs: int | None) -> grain.MapDataset:
+  """The document indices in reading order: `ids_N` per epoch, shuffled anew each epoch if `shuffle`."""
+  ds = grain.MapDataset.source(ids_N)
+  if shuffle:
+    # shuffle-then-repeat reshuffles every epoch: grain's shuffle seeds epoch e with seed + e. Mixing
+    # the seed first keeps runs with seeds s and s + 1 from sharing permutations one epoch apart.
+    ds = ds.shuffle(seed=int(np.random.SeedSequence(int(seed)).generate_state(1)[0]))
+  return ds.repeat(num_epochs)
+
+
+def _check_usable(corpus: Corpus, tokenizer: Tokenizer, ids_N: np.ndarray, split: str) -> None:
+  """Fails early when no document is long enough. Reads in order until the first usable one, so the
+  common case costs one read; an all-short source is read fully, then reported."""
+  for i in ids_N:
+    if tokenize_document(corpus[int(i)], tokenizer) is not None:
+      return
+  raise DataError(f"{corpus.name}: no usable documents in split {split!r} (all {len(ids_N)} are shorter "
+                  f"than {MIN_TOKENS} tokens)")
+
+
+def count_usable_documents(corpus: Corpus, tokenizer: Tokenizer) -> tuple[int, int]:
+  """(usable, skipped) over the whole corpus; reads and tokenizes everything (for small corpora/tests)."""
+  usable = sum(tokenize_document(corpus[i], tokenizer) is not None for i in range(len(corpus)))
+  return usable, len(corpus) - usable
