@@ -1,87 +1,187 @@
-"""Train a Llama 4 model: `python train.py [--config configs/tiny.yaml] [key=value ...]`.
+"""Train a Llama 4 model: `python train.py [--config configs/tiny.yaml] [section.key=value ...]`.
 
 With no arguments it trains the tiny config on the built-in corpus (Python's own pydoc topics,
-byte-level tokens) on CPU and reports a held-out loss. This first version is a single-host loop
-(AdamW, warmup + cosine, global-norm clipping); sharded meshes, grain input pipelines and orbax
-checkpoints come with the training issue.
+byte-level tokens) on CPU over 8 fake devices (fsdp 4 × expert 2), then reports a held-out loss.
+The run directory (`train.out_dir`) holds orbax checkpoints, TensorBoard events and metrics.jsonl;
+starting again with the same directory resumes from the latest complete checkpoint, on whatever
+mesh the config now asks for. SIGTERM saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-from tqdm import tqdm
-
-from behemoth_jax import ConfigError, create_model, load_config
-from behemoth_jax.data import batches, builtin_corpus, split_stream, token_stream
+from behemoth_jax.config import ConfigError, load_config
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+def _fake_cpu_devices(count: int) -> None:
+  """Before jax starts its backends: give the CPU `count` devices (harmless on TPU/GPU hosts)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def make_step(graphdef, tx):
-  def loss_fn(params, batch_BT):
-    return cross_entropy(nnx.merge(graphdef, params)(batch_BT[:, :-1]), batch_BT[:, 1:])
-
-  @jax.jit
-  def train_step(params, opt_state, batch_BT):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch_BT)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
-
-  return train_step, jax.jit(loss_fn)
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
+  p.add_argument("--stop-after", type=int, metavar="STEP",
+                 help="stop at this step of the schedule with a checkpoint (time-boxed jobs); resume later")
+  p.add_argument("--profile", metavar="START:END", help="write a jax profiler trace for steps [START, END)")
+  p.add_argument("--coordinator", help="multi-process: coordinator address host:port (jax.distributed)")
+  p.add_argument("--num-processes", type=int, default=1)
+  p.add_argument("--process-id", type=int, default=0)
+  p.add_argument("--local-devices", type=int, default=None, help="CPU only: fake devices in this process")
+  return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
-  parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  tc, mc = cfg.train, cfg.model
-  train_tokens, heldout_tokens = split_stream(token_stream(builtin_corpus()))
-  if mc.vocab_size <= 258:
-    print(f"error: model.vocab_size: byte tokenizer needs > 258 ids, got {mc.vocab_size}", file=sys.stderr)
+  sizes = [getattr(cfg.parallel, a) for a in ("data", "fsdp", "expert", "tensor", "context")]
+  _fake_cpu_devices(args.local_devices or (math.prod(sizes) if -1 not in sizes else 8))
+  from behemoth_jax.data import DataError
+  from sharding.mesh import ShardingError
+  try:
+    return run(cfg, args)
+  except (ConfigError, DataError, ShardingError) as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  model = create_model(mc, seed=tc.seed)
-  graphdef, params = nnx.split(model)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, tc.warmup_steps, tc.steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=tc.weight_decay))
-  opt_state = tx.init(params)
-  train_step, eval_loss = make_step(graphdef, tx)
-  data = batches(train_tokens, tc.batch_size, tc.seq_len, tc.seed)
-  tokens_per_step = tc.batch_size * tc.seq_len
-  print(f"training {args.config}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
-        f"{len(train_tokens):,} training tokens, {tc.steps} steps of {tokens_per_step:,} tokens")
-  first = last = None
-  bar = tqdm(range(tc.steps), unit="step", dynamic_ncols=True)
-  t0 = time.perf_counter()
-  for step in bar:
-    params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(next(data)))
-    loss = float(loss)
-    first = loss if first is None else first
-    last = loss
-    rate = tokens_per_step * (step + 1) / (time.perf_counter() - t0)
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{float(schedule(step)):.2e}", gnorm=f"{float(gnorm):.2f}",
-                    tok_s=f"{rate:,.0f}")
-  heldout = batches(heldout_tokens, tc.batch_size, tc.seq_len, seed=12345)
-  held = float(np.mean([eval_loss(params, jnp.asarray(next(heldout))) for _ in range(8)]))
-  print(f"first loss {first:.3f} → final loss {last:.3f} ({last / first:.0%} of first); "
-        f"held-out loss {held:.3f} ({held / np.log(2):.2f} bits/byte)")
+
+
+def run(cfg, args) -> int:
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from tqdm import tqdm
+
+  from behemoth_jax.checkpoint import Checkpointer
+  from behemoth_jax.data import load_tokenizer, make_iterator
+  from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
+  from behemoth_jax.training import (analytic_train_flops, make_eval_step, make_init, make_optimizer,
+                                     make_schedule, make_train_step, peak_flops_per_device, state_shardings)
+  from sharding import axes as ax
+  from sharding.api import logical_to_spec, use_mesh
+  from sharding.mesh import make_mesh
+
+  if args.coordinator:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  mc, tc, dc = cfg.model, cfg.train, cfg.data
+  lead = jax.process_index() == 0
+  tokenizer = load_tokenizer(dc.tokenizer)
+  if tokenizer.vocab_size > mc.vocab_size:
+    raise ConfigError(f"model.vocab_size: {mc.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+  nproc = jax.process_count()
+  if tc.batch_size % nproc:
+    raise ConfigError(f"train.batch_size: {tc.batch_size} not divisible by {nproc} processes")
+  mesh = make_mesh(cfg.parallel)
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = state_shardings(cfg, mesh, tx)
+  data_args = dict(seq_len=tc.seq_len, batch_size=tc.batch_size // nproc, seed=dc.shuffle_seed,
+                   process_index=jax.process_index(), process_count=nproc)
+  train_iter = make_iterator(dc, tokenizer, split="train", **data_args)
+  batch_sharding = NamedSharding(mesh, logical_to_spec((ax.BATCH, ax.LENGTH), mesh, (tc.batch_size, tc.seq_len)))
+  to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in b.items()}
+  out = Path(tc.out_dir)
+  ckpt = Checkpointer(out / "checkpoints", every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                      use_async=tc.async_checkpoints)
+  writer = MetricsWriter(out, enabled=lead)
+  stop = {"signal": None}
+  signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+
+  with use_mesh(mesh):
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, abstract, train_iter)
+      if lead:
+        print(f"resumed from {ckpt.directory / str(latest)} (step {latest}) on mesh {dict(mesh.shape)}")
+    else:
+      state = make_init(cfg, tx, jax.tree.map(lambda a: a.sharding, abstract["params"]), mesh)()
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    step_fn = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0, out_shardings=(shardings, None))
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
+    tokens_per_step = tc.batch_size * tc.seq_len
+    flops_per_step = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
+    peak = peak_flops_per_device()
+    peak = peak * jax.device_count() if peak else measure_cpu_peak_flops()
+    first = int(state["step"])
+    if lead:
+      print(f"training {args.config}: {n_params:,} parameters on mesh {dict(mesh.shape)}, "
+            f"{tc.steps} steps of {tokens_per_step:,} tokens; run directory {out.absolute()}")
+    profile = tuple(int(x) for x in args.profile.split(":")) if args.profile else None
+    last_step = min(tc.steps, args.stop_after or tc.steps)
+    bar = tqdm(range(first, last_step), initial=first, total=tc.steps, unit="step", disable=not lead,
+               dynamic_ncols=True)
+    pending, t_last, first_loss = None, time.perf_counter(), None
+    for step in bar:
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(str(out / "profile"))
+      state, metrics = step_fn(state, to_global(next(train_iter)))
+      if pending is not None:  # fetch step t-1's metrics while step t runs
+        now = time.perf_counter()
+        record = writer.log(pending[0], pending[1], seconds=now - t_last, tokens=tokens_per_step,
+                            flops=flops_per_step, peak=peak)
+        t_last = now
+        first_loss = record["loss"] if first_loss is None else first_loss
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                        mfu=f"{record['mfu']:.1%}")
+      pending = (step + 1, metrics)
+      if profile and step + 1 == profile[1]:
+        jax.profiler.stop_trace()
+      ckpt.save(step + 1, state, train_iter)
+      if stop["signal"] is not None:
+        ckpt.save(step + 1, state, train_iter, force=True)
+        ckpt.close()
+        if lead:
+          print(f"received signal {stop['signal']}: saved step {step + 1} to {ckpt.directory}; exiting")
+        return 0
+    if pending is not None:
+      record = writer.log(pending[0], pending[1], seconds=time.perf_counter() - t_last, tokens=tokens_per_step,
+                          flops=flops_per_step, peak=peak)
+      first_loss = record["loss"] if first_loss is None else first_loss
+      ckpt.save(int(state["step"]), state, train_iter, force=True)
+    ckpt.close()
+    held = evaluate(cfg, graphdef, state["params"], tokenizer, to_global, data_args)
+    writer.log_eval(int(state["step"]), held)
+    writer.close()
+    if lead:
+      last = writer.last.get("loss")
+      summary = {"first_loss": first_loss, "final_loss": last, "heldout_loss": held,
+                 "checkpoints": str(ckpt.directory)}
+      (out / "summary.json").write_text(json.dumps(summary, indent=2))
+      if first_loss is not None and last is not None:
+        print(f"loss {first_loss:.3f} → {last:.3f} ({last / first_loss:.0%} of the first step); ", end="")
+      print(f"held-out loss {held:.3f}; checkpoints in {ckpt.directory}")
   return 0
+
+
+def evaluate(cfg, graphdef, params, tokenizer, to_global, data_args) -> float:
+  import jax
+  import numpy as np
+
+  from behemoth_jax.data import make_iterator
+  from behemoth_jax.training import make_eval_step
+
+  it = make_iterator(cfg.data, tokenizer, split="heldout", **data_args)
+  eval_step = jax.jit(make_eval_step(graphdef, cfg.train))
+  nll = tokens = 0.0
+  for _ in range(cfg.train.eval_batches):
+    a, b = eval_step(params, to_global(next(it)))
+    nll, tokens = nll + float(a), tokens + float(b)
+  it.close()
+  return nll / max(tokens, 1.0)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from behemoth_jax.config import LayerKind, ModelConfig
-from behemoth_jax.layers import param, rms_norm
+from behemoth_jax.layers import matmul, param, rms_norm
 from behemoth_jax.rope import apply_rope
 from sharding import axes as ax
 
@@ -115,9 +115,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
     cfg, dt = self.cfg, x_BTD.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt))
+    q = matmul("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], cfg.fp8)
+    k = matmul("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], cfg.fp8)
+    v = matmul("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], cfg.fp8)
     if self.kind.rope:
       q = apply_rope(q, pos.cos_BTJ, pos.sin_BTJ)
       k = apply_rope(k, pos.cos_BTJ, pos.sin_BTJ)
@@ -134,4 +134,4 @@ class Attention(nnx.Module):
     out = causal_attention(
         q, k, v, chunk=cfg.attention_chunk_size if self.kind.chunked else None,
         positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.wo_NHD[...].astype(dt))
+    return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], cfg.fp8)

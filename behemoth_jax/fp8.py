@@ -24,14 +24,15 @@ Why this design (checked with jax 0.10.2, flax 0.12.8, qwix 0.1.8):
   special-case them and every scanned layer must thread that state through `lax.scan`.
 - Current scaling is stateless: one extra reduction (amax) per operand, no variables, no optimizer
   changes, so it composes with our pure train step, scanned layers, shard_map (each shard scales its
-  own block: the dequantized partial products are then summed as usual) and ragged_dot.
+  own block and sums dequantized partial products; the bwd rules psum the cotangent of a replicated
+  operand, so check_vma=True works too) and ragged_dot.
 
 What XLA does with the f8 dots (jax 0.10.2): StableHLO always carries them, e.g.
 `stablehlo.dot_general ... : (tensor<8x32xf8E4M3FN>, tensor<32x16xf8E4M3FN>) -> tensor<8x16xf32>`.
 XLA:CPU has no fp8 GEMM: its optimized HLO converts each f8 operand to f32 (`f32[..] convert(%p)`
 with `%p = f8e4m3fn[..]`) in front of an f32 `dot` (inside a `__ynn_fusion`), so on CPU fp8 is
-numerically exact emulation and not faster. On fp8-capable GPUs/TPUs the backend rewrites the
-quantize/dot/rescale pattern into a native f8 matmul (e.g. cuBLASLt f8 on Hopper).
+an exact emulation of the f8 numerics and not faster. On fp8-capable hardware the same f8 dots are
+meant to run natively (XLA:GPU rewrites f8 dots to cuBLASLt f8 GEMMs on Hopper); not verified here.
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def quantize(t: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
 def _dot(eq: str, a: jax.Array, b: jax.Array, scale: jax.Array, dtype: DTypeLike) -> jax.Array:
   """f8 × f8 einsum accumulated in f32 (f8 outputs would overflow and lose all precision)."""
   return (jnp.einsum(eq, a, b, preferred_element_type=jnp.float32) * scale).astype(dtype)
+
+
+def _tag(t: jax.Array) -> jax.Array:
+  """Zero-size stand-in for a primal in the residuals: keeps its dtype and shard_map varying axes."""
+  return t.reshape(-1)[:0]
+
+
+def _sum_to_varying(ct: jax.Array, tag: jax.Array) -> jax.Array:
+  """Under shard_map(check_vma=True) a cotangent must vary over exactly the mesh axes its primal
+  does. A primal invariant over an axis (e.g. a replicated weight) was implicitly broadcast in the
+  forward; the transpose of that broadcast is a psum, which JAX's own einsum vjp also inserts.
+  Without shard_map, or with check_vma=False, both sets are empty and this is a no-op."""
+  extra = jax.typeof(ct).manual_axis_type.varying - jax.typeof(tag).manual_axis_type.varying
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 def _resolve(eq: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[str, str, str]:
@@ -119,8 +134,7 @@ def _fp8_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _fp8_einsum_fwd(eq, x, w):
   (qx, sx), (qw, sw) = quantize(x, E4M3), quantize(w, E4M3)
-  # dtypes travel as zero-size arrays: residuals must be JAX types.
-  res = (qx, sx, qw, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  res = (qx, sx, qw, sw, _tag(x), _tag(w))
   return _dot(eq, qx, qw, sx * sw, x.dtype), res
 
 
@@ -132,7 +146,7 @@ def _fp8_einsum_bwd(eq, res, dy):
   # Every letter of x is in w or out (checked in _resolve), so both transposes are plain einsums.
   dx = _dot(f"{out},{ws}->{xs}", qdy, qw, sdy * sw, x_tag.dtype)
   dw = _dot(f"{xs},{out}->{ws}", qx, qdy, sx * sdy, w_tag.dtype)
-  return dx, dw
+  return _sum_to_varying(dx, x_tag), _sum_to_varying(dw, w_tag)
 
 
 _fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
@@ -152,9 +166,9 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Arr
     `behemoth_jax.gmm.grouped_matmul(..., impl="blocked")`. Exact: every e4m3/e5m2 value and every
     product of two of them is representable in bf16, so only the accumulation differs.
   Backward: dx = gmm_fn(q(dy) in e5m2, q(w)ᵀ), in f8 like the forward. dw[e] = x_eᵀ·dy_e has no
-  f8 grouped-transposed kernel here: it is `jax.vjp` of gmm_fn w.r.t. w, taken on the same
-  quantized x and dy values carried in `x_MK.dtype` (the gmm's own backward: tgmm on TPU/GPU,
-  the blocked loop on CPU). Its inputs are quantized exactly as in fp8; only its matmul is wider.
+  f8 grouped-transposed kernel here: it is `jax.vjp` of gmm_fn w.r.t. w (the gmm's own backward:
+  tgmm on TPU/GPU, the blocked loop on CPU) on the dequantized q(x), q(dy) in `x_MK.dtype`: the
+  quantized values of an fp8 step, but a wider matmul.
   """
   return _fp8_gmm(gmm_fn, carrier_dtype, x_MK, w_EKN, group_sizes_E)
 
@@ -179,7 +193,7 @@ def _fp8_gmm(gmm_fn, carrier_dtype, x_MK, w_EKN, group_sizes_E):
 def _fp8_gmm_fwd(gmm_fn, carrier_dtype, x_MK, w_EKN, group_sizes_E):
   (qx, sx), (qw, sw) = quantize(x_MK, E4M3), quantize(w_EKN, E4M3)
   y = gmm_fn(_carry(qx, carrier_dtype), _carry(qw, carrier_dtype), group_sizes_E)
-  res = (qx, sx, qw, sw, group_sizes_E, jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_EKN.dtype))
+  res = (qx, sx, qw, sw, group_sizes_E, _tag(x_MK), _tag(w_EKN))
   return _rescale(y, sx * sw, x_MK.dtype), res
 
 
@@ -189,12 +203,15 @@ def _fp8_gmm_bwd(gmm_fn, carrier_dtype, res, dy_MN):
   qw_ENK = jnp.swapaxes(qw, 1, 2)
   dx = _rescale(gmm_fn(_carry(qdy, carrier_dtype), _carry(qw_ENK, carrier_dtype), group_sizes_E),
                 sdy * sw, x_tag.dtype)
-  # dw: the quantized values carried in the activation dtype (exact, see the docstring); the
-  # primal value is only a linearization point and is dead code after jit.
+  # dw: gmm_fn's own vjp on the dequantized x and dy (the quantized values, rounded to x's dtype). The
+  # scales go in *before* the vjp: under shard_map each shard has its own scales, and the vjp sums
+  # over shards itself when w is replicated. The primal output is dead code after jit.
   wide = x_tag.dtype
-  y, gmm_vjp = jax.vjp(lambda w: gmm_fn(qx.astype(wide), w, group_sizes_E), qw.astype(wide))
-  (dw,) = gmm_vjp(qdy.astype(y.dtype))
-  return dx, _rescale(dw, sx * sdy, w_tag.dtype), None
+  x_dq = (qx.astype(jnp.float32) * sx).astype(wide)
+  y, gmm_vjp = jax.vjp(lambda w: gmm_fn(x_dq, w, group_sizes_E), qw.astype(wide))
+  (dw,) = gmm_vjp((qdy.astype(jnp.float32) * sdy).astype(y.dtype))
+  dw = dw.astype(w_tag.dtype)
+  return _sum_to_varying(dx, x_tag), _sum_to_varying(dw, w_tag), None
 
 
 _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)

@@ -27,6 +27,14 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def matmul(eq: str, x: jax.Array, w: jax.Array, fp8: bool) -> jax.Array:
+  """A weight matmul in x's dtype, or in fp8 (e4m3 forward, e5m2 gradients) when the policy says so."""
+  if fp8:
+    from behemoth_jax.fp8 import fp8_einsum
+    return fp8_einsum(eq, x, w.astype(x.dtype))
+  return jnp.einsum(eq, x, w.astype(x.dtype))
+
+
 def rms_norm(x: jax.Array, eps: float) -> jax.Array:
   """`x * rsqrt(mean(x², -1) + eps)` in float32, cast back to x's dtype (SPEC §2.1)."""
   x32 = x.astype(jnp.float32)
@@ -54,13 +62,13 @@ class Embed(nnx.Module):
 class SwiGLU(nnx.Module):
   """`(silu(x @ Wg) * (x @ Wu)) @ Wd`: dense layers and the shared expert."""
 
-  def __init__(self, dim: int, width: int, param_dtype: str, std: float, rngs: nnx.Rngs):
+  def __init__(self, dim: int, width: int, param_dtype: str, std: float, rngs: nnx.Rngs, fp8: bool = False):
+    self.fp8 = fp8
     self.w_gate_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
     self.w_up_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
     self.w_down_FD = param(rngs, (width, dim), (ax.MLP, ax.EMBED), param_dtype, std)
 
   def __call__(self, x_TD: jax.Array) -> jax.Array:
-    dt = x_TD.dtype
-    gate = jnp.einsum("...D,DF->...F", x_TD, self.w_gate_DF[...].astype(dt))
-    up = jnp.einsum("...D,DF->...F", x_TD, self.w_up_DF[...].astype(dt))
-    return jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.w_down_FD[...].astype(dt))
+    gate = matmul("...D,DF->...F", x_TD, self.w_gate_DF[...], self.fp8)
+    up = matmul("...D,DF->...F", x_TD, self.w_up_DF[...], self.fp8)
+    return matmul("...F,FD->...D", jax.nn.silu(gate) * up, self.w_down_FD[...], self.fp8)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from behemoth_jax.config import ModelConfig
+from behemoth_jax.fp8 import fp8_grouped_matmul
 from behemoth_jax.gmm import grouped_matmul
 from behemoth_jax.layers import SwiGLU, param
 from sharding import axes as ax
@@ -92,7 +93,11 @@ def routed_experts(cfg: ModelConfig, x_TD: jax.Array, experts_TA: jax.Array, sco
   dt = x_TD.dtype
 
   def swiglu(xs_MD, group_sizes):
-    gmm = lambda x, w: grouped_matmul(x, w.astype(dt), group_sizes, impl=cfg.moe_impl, block=cfg.moe_block_size)
+    def gmm(x, w):
+      run = lambda a, b, gs: grouped_matmul(a, b, gs, impl=cfg.moe_impl, block=cfg.moe_block_size)
+      if cfg.fp8:  # f8 values carried exactly in bf16 so every grouped-matmul backend accepts them
+        return fp8_grouped_matmul(x, w.astype(dt), group_sizes, run, carrier_dtype=jnp.bfloat16).astype(dt)
+      return run(x, w.astype(dt), group_sizes)
     return gmm(jax.nn.silu(gmm(xs_MD, w_gate_EDF)) * gmm(xs_MD, w_up_EDF), w_down_EFD)
 
   expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu))
@@ -108,7 +113,7 @@ class MoE(nnx.Module):
     self.w_gate_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
     self.w_up_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
     self.w_down_EFD = param(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std)
-    self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs)
+    self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs, fp8=cfg.fp8)
 
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
     b, t, d = x_BTD.shape

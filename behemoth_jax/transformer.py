@@ -36,7 +36,7 @@ class Block(nnx.Module):
     self.input_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.attn = Attention(cfg, kind, rngs)
     self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
-    self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs)
+    self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs, fp8=cfg.fp8)
 
   def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats | None]:
     x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), pos)

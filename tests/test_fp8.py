@@ -22,7 +22,7 @@ import pytest
 from behemoth_jax.fp8 import fp8_einsum, fp8_grouped_matmul
 from behemoth_jax.gmm import grouped_matmul
 
-EQUATIONS = [  # (equation, x shape, w shape): the forms the model uses
+EQUATIONS = [  # (equation, x shape, w shape): the model's forms, then a broadcasting ellipsis
   ("BTD,DNH->BTNH", (2, 8, 64), (64, 4, 16)),
   ("TD,DE->TE", (32, 64), (64, 48)),
   ("...D,DF->...F", (2, 8, 64), (64, 96)),
@@ -31,7 +31,7 @@ EQUATIONS = [  # (equation, x shape, w shape): the forms the model uses
 ]
 
 
-def qdq(t, dtype) -> np.ndarray:
+def qdq(t: jax.Array, dtype: type) -> np.ndarray:
   """Reference per-tensor current scaling: quantize to `dtype` and back, in numpy."""
   t = np.asarray(t, np.float32)
   fmax = np.float32(ml_dtypes.finfo(dtype).max)
@@ -40,19 +40,19 @@ def qdq(t, dtype) -> np.ndarray:
   return np.clip(t / scale, -fmax, fmax).astype(dtype).astype(np.float32) * scale
 
 
-def rel(a, b) -> float:
+def rel(a: jax.Array, b: jax.Array) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @partial(jax.jit, static_argnums=0)
-def _value_and_vjp(f, x, w, dy):
+def _value_and_vjp(f, x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
   """One compiled program per case: much faster than op-by-op dispatch of the quantize steps."""
   y, vjp = jax.vjp(f, x, w)
   return (y, *vjp(dy))
 
 
-def data(*shapes, seed=0, scales=(1.0, 0.05)):
+def data(*shapes: tuple[int, ...], seed: int = 0, scales: tuple[float, ...] = (1.0, 0.05)) -> list[jax.Array]:
   """Gaussian f32 arrays (numpy: no compile per shape). Default: activations, then weights at init
   scale, so the two operands' scales differ by orders of magnitude."""
   rng = np.random.default_rng(seed)
@@ -171,6 +171,35 @@ def test_grouped_matmul_values_and_grads(name):
   y32, dx32, dw32 = _value_and_vjp(dense, x, w, dy)
   assert 0.01 < rel(y, y32) < 0.05
   assert 0.02 < rel(dx, dx32) < 0.08 and 0.02 < rel(dw, dw32) < 0.08
+
+
+@pytest.mark.parametrize("op", ["einsum", "grouped"])
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_shard_map_per_shard_scales(op, check_vma):
+  """Stateless scaling runs inside shard_map: each shard scales its own block of T-sharded x, so
+  the replicated w's cotangent must be summed over shards *after* each shard applied its scales
+  (with check_vma by the bwd rules and gmm_fn's vjp, without it by shard_map)."""
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  P = jax.sharding.PartitionSpec
+  gs = jnp.asarray(GS)
+  ragged = partial(jax.lax.ragged_dot, preferred_element_type=jnp.float32)
+  if op == "einsum":
+    (x, w), fp8, f32 = data((64, 32), (32, 16)), partial(fp8_einsum, "TD,DE->TE"), jnp.matmul
+  else:  # every shard's 16 rows are grouped by GS
+    (x, w) = data((8 * 16, 32), (4, 32, 24))
+    fp8 = lambda x, w: fp8_grouped_matmul(x, w, gs, ragged)
+    f32 = lambda x, w: grouped_matmul(x, w, gs, impl="dense")
+
+  def loss(matmul, x, w):
+    return jax.lax.psum(jnp.sum(matmul(x, w) ** 2), "d")
+
+  def grads(matmul):
+    f = jax.shard_map(partial(loss, matmul), mesh=mesh, in_specs=(P("d"), P()), out_specs=P(),
+                      check_vma=check_vma)
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+
+  (dx, dw), (dx32, dw32) = grads(fp8), grads(f32)
+  assert 0.01 < rel(dx, dx32) < 0.1 and 0.01 < rel(dw, dw32) < 0.1
 
 
 def test_grouped_matmul_rejects_f8_outputs():

@@ -1,0 +1,139 @@
+"""The pure parts of training: optimizer, sharded train state, the jitted step, analytic FLOPs.
+
+`train_step(state, batch) -> (state, metrics)` is one jit with the state donated. Batches are dicts of
+[B, T] arrays (inputs, targets, segment_ids, positions, loss_mask) from `behemoth_jax.data`.
+Gradient accumulation scans over micro-batches and normalises by the token count of the whole
+batch, so it equals one large batch exactly (up to float summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from behemoth_jax.config import Config, ModelConfig, TrainConfig
+from behemoth_jax.losses import chunked_cross_entropy, load_balancing_loss, router_z_loss
+from behemoth_jax.transformer import create_model
+from sharding.api import abstract_sharded_model
+
+State = dict[str, Any]  # {"params": nnx.State, "opt_state": optax state, "step": int32 scalar}
+
+
+def make_schedule(tc: TrainConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
+                                            end_value=tc.learning_rate * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine, global-norm clipping, no weight decay on norm weights."""
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+
+  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+  parts.append(optax.adamw(make_schedule(tc), b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation):
+  """(graphdef, abstract state with shardings): parameters follow the rules table; optimizer
+  moments follow their parameters (XLA propagation through tx.init, read off the compiled init)."""
+  graphdef, _, param_shardings = abstract_sharded_model(cfg.model, mesh, cfg.train.seed)
+  init = make_init(cfg, tx, param_shardings, mesh)
+  shardings = init.lower().compile().output_shardings
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(init),
+                          shardings)
+  return graphdef, abstract
+
+
+def make_init(cfg: Config, tx, param_shardings, mesh: Mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def init() -> State:
+    params = nnx.split(create_model(cfg.model, cfg.train.seed))[1]
+    params = jax.lax.with_sharding_constraint(params, param_shardings)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(init, out_shardings={"params": param_shardings, "opt_state": None, "step": replicated})
+
+
+def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens: jax.Array):
+  """Loss of one micro-batch: its cross-entropy over the whole batch's token count, plus 1/grad_accum
+  of the auxiliary losses, so summing over micro-batches gives the full-batch loss."""
+  model = nnx.merge(graphdef, params)
+  h, stats = model.forward(model.embed_tokens(batch["inputs"]), batch["positions"], batch["segment_ids"])
+  nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
+  ce = nll / total_tokens
+  aux = tc.moe_aux_loss * load_balancing_loss(stats) + tc.router_z_loss * router_z_loss(stats)
+  return ce + aux / tc.grad_accum, (ce, stats)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule: optax.Schedule):
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    params, n = state["params"], tc.grad_accum
+    total = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+    grad_fn = jax.value_and_grad(lambda p, mb: loss_and_stats(graphdef, p, mb, tc, total), has_aux=True)
+    micro = jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), batch)
+    (loss, (ce, stats)), grads = grad_fn(params, jax.tree.map(lambda a: a[0], micro))
+    if n > 1:
+      def body(acc, mb):
+        (l, (c, s)), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, l, c, s)), None
+
+      rest = jax.tree.map(lambda a: a[1:], micro)
+      (grads, loss, ce, stats), _ = jax.lax.scan(body, (grads, loss, ce, stats), rest)
+      stats = jax.tree.map(lambda a: a / n, stats)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {"loss": loss, "ce": ce, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+               "tokens": total, "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
+               "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, tc: TrainConfig):
+  def eval_step(params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(Σ nll, Σ tokens) on one batch."""
+    model = nnx.merge(graphdef, params)
+    h, _ = model.forward(model.embed_tokens(batch["inputs"]), batch["positions"], batch["segment_ids"])
+    nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
+    return nll, batch["loss_mask"].sum()
+
+  return eval_step
+
+
+def analytic_train_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
+  """6 · active matmul parameters · tokens + 3 · attention (causal, chunk-local) FLOPs: what MFU counts."""
+  d, h, n, kv, k = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.num_experts_per_tok
+  params, attended = d * cfg.vocab_size, 0
+  for i in range(cfg.num_layers):
+    params += d * (n + 2 * kv) * h + n * h * d
+    if cfg.is_moe_layer(i):
+      params += d * cfg.num_experts + 3 * d * (cfg.intermediate_size * k + cfg.shared_intermediate_size)
+    else:
+      params += 3 * d * cfg.intermediate_size_mlp
+    c = cfg.attention_chunk_size if cfg.is_chunked_layer(i) and cfg.attention_chunk_size else seq
+    attended += sum(p % c + 1 for p in range(min(seq, c))) * (seq // c) + sum(p + 1 for p in range(seq % c))
+  return 6.0 * params * batch * seq + 3.0 * 4.0 * batch * n * h * attended
+
+
+# bf16 dense peak FLOP/s per chip (vendor figures), by jax device_kind prefix.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for prefix, peak in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return peak
+  return None
+
