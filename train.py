@@ -66,7 +66,7 @@ def run(cfg, args) -> int:
   from jax.sharding import NamedSharding
   from tqdm import tqdm
 
-  from behemoth_jax.checkpoint import Checkpointer
+  from behemoth_jax.checkpoint import Checkpointer, restore_params
   from behemoth_jax.data import load_tokenizer, make_iterator
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
   from behemoth_jax.training import (analytic_train_flops, make_eval_step, make_init, make_optimizer,
@@ -109,6 +109,13 @@ def run(cfg, args) -> int:
         print(f"resumed from {ckpt.directory / str(latest)} (step {latest}) on mesh {dict(mesh.shape)}")
     else:
       state = make_init(cfg, tx, jax.tree.map(lambda a: a.sharding, abstract["params"]), mesh)()
+      if tc.init_from:
+        try:
+          state["params"] = restore_params(tc.init_from, abstract["params"])
+        except FileNotFoundError as e:
+          raise ConfigError(str(e)) from None
+        if lead:
+          print(f"initial parameters from {tc.init_from}")
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     step_fn = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0, out_shardings=(shardings, None))
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))

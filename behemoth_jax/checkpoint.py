@@ -59,3 +59,20 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_params(path: str | Path, abstract_params):
+  """Parameters only, from a checkpoint written by train.py or behemoth-convert: a run's checkpoint
+  directory (latest step), a step directory, or its `state` item. Placed by `abstract_params`."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"train.init_from: {path} not found")
+  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+  if steps:
+    path = path / str(steps[-1])
+  if (path / "state").is_dir():
+    path = path / "state"
+  target = {"params": abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(path.absolute(), args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  return restored["params"]

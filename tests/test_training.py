@@ -142,3 +142,16 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     data = tmp_path / "checkpoints" / str(step) / "data"
     assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
   assert "held-out loss" in logs[0]
+
+
+def test_init_from_checkpoint_and_missing_path(tmp_path, capsys):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, "train.steps=3", f"train.out_dir={src}"]) == 0
+  # learning rate 0 (AdamW's decay is scaled by it too): the run's final parameters are its initial ones
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, "train.steps=1", "train.learning_rate=0.0",
+                     f"train.init_from={src / 'checkpoints'}", f"train.out_dir={dst}"]) == 0
+  for a, b in zip(_final_params(src, 3), _final_params(dst, 1)):
+    np.testing.assert_array_equal(a, b)
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, f"train.init_from={tmp_path / 'nope'}",
+                     f"train.out_dir={tmp_path / 'x'}"]) == 2
+  assert "train.init_from:" in capsys.readouterr().err
