@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from behemoth_jax.config import Config, ModelConfig, TrainConfig
+from behemoth_jax.flops import analytic_forward_flops
 from behemoth_jax.losses import chunked_cross_entropy, load_balancing_loss, router_z_loss
 from behemoth_jax.transformer import create_model
 from sharding.api import abstract_sharded_model
@@ -91,7 +92,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
       stats = jax.tree.map(lambda a: a / n, stats)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss, "ce": ce, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": total, "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
                "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z}
     return new_state, metrics
@@ -111,18 +112,8 @@ def make_eval_step(graphdef, tc: TrainConfig):
 
 
 def analytic_train_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
-  """6 · active matmul parameters · tokens + 3 · attention (causal, chunk-local) FLOPs: what MFU counts."""
-  d, h, n, kv, k = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.num_experts_per_tok
-  params, attended = d * cfg.vocab_size, 0
-  for i in range(cfg.num_layers):
-    params += d * (n + 2 * kv) * h + n * h * d
-    if cfg.is_moe_layer(i):
-      params += d * cfg.num_experts + 3 * d * (cfg.intermediate_size * k + cfg.shared_intermediate_size)
-    else:
-      params += 3 * d * cfg.intermediate_size_mlp
-    c = cfg.attention_chunk_size if cfg.is_chunked_layer(i) and cfg.attention_chunk_size else seq
-    attended += sum(p % c + 1 for p in range(min(seq, c))) * (seq // c) + sum(p + 1 for p in range(seq % c))
-  return 6.0 * params * batch * seq + 3.0 * 4.0 * batch * n * h * attended
+  """What MFU counts: 3 × the analytic forward (forward + two backward matmuls each)."""
+  return 3.0 * sum(analytic_forward_flops(cfg, batch, seq).values())
 
 
 # bf16 dense peak FLOP/s per chip (vendor figures), by jax device_kind prefix.

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from behemoth_jax.config import ModelConfig
-from behemoth_jax.flops import compiled_flops
+from behemoth_jax.flops import analytic_forward_flops, compiled_flops
 from behemoth_jax.transformer import create_model
 
 BENCH_MOE = ModelConfig(
@@ -33,24 +33,6 @@ BENCH_MOE = ModelConfig(
     intermediate_size=1024, intermediate_size_mlp=1024, num_experts=16, num_experts_per_tok=1,
     moe_layer_step=1, attention_chunk_size=256, use_qk_norm=True, rope_theta=500000.0,
     param_dtype="float32", dtype="float32", scan_layers=False)
-
-
-def analytic_forward_flops(cfg: ModelConfig, batch: int, seq: int) -> dict[str, float]:
-  d, h = cfg.hidden_size, cfg.head_dim
-  n, kv, k = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts_per_tok
-  tokens = batch * seq
-  attn_proj = d * (n + 2 * kv) * h + n * h * d
-  ffn = 0
-  attended = 0  # Σ over layers and queries of keys attended
-  for i in range(cfg.num_layers):
-    if cfg.is_moe_layer(i):
-      ffn += d * cfg.num_experts + 3 * d * cfg.intermediate_size * k + 3 * d * cfg.shared_intermediate_size
-    else:
-      ffn += 3 * d * cfg.intermediate_size_mlp
-    c = cfg.attention_chunk_size if cfg.is_chunked_layer(i) and cfg.attention_chunk_size else seq
-    attended += sum(p % c + 1 for p in range(seq))
-  params = cfg.num_layers * attn_proj + ffn + d * cfg.vocab_size
-  return {"matmul_params": 2.0 * params * tokens, "attention": 4.0 * batch * n * h * attended}
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def loss_and_grad_norm(parallel: ParallelConfig) -> tuple[float, float]:
     @jax.jit
     def step(state):
       loss, grads = jax.value_and_grad(loss_fn)(state)
-      return loss, optax.global_norm(grads)
+      return loss, optax.tree.norm(grads)
 
     loss, gnorm = step(state)
   return float(loss), float(gnorm)

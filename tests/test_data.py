@@ -372,12 +372,3 @@ def test_builtin_corpus_splits():
   first = [next(it) for _ in range(3)]
   it.close()
   assert all(b["loss_mask"].sum() > 0 for b in first)
-
-
-def test_legacy_names_still_importable():
-  from behemoth_jax.data import batches, builtin_corpus, split_stream, token_stream
-
-  stream = token_stream(builtin_corpus()[:2])
-  train, held = split_stream(stream, 0.1)
-  assert len(train) + len(held) == len(stream)
-  assert next(batches(train, 2, 8, 0)).shape == (2, 9)

@@ -155,3 +155,17 @@ def test_init_from_checkpoint_and_missing_path(tmp_path, capsys):
   assert train.main(["--config", "configs/tiny.yaml", *SMALL, f"train.init_from={tmp_path / 'nope'}",
                      f"train.out_dir={tmp_path / 'x'}"]) == 2
   assert "train.init_from:" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.Popen(_train_cmd(tmp_path, 1000), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and max(_metrics(tmp_path) or {0: 0}) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  log = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, log[-2000:]
+  saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved >= 3 and f"saved step {saved}" in log

@@ -11,7 +11,6 @@ The built-in corpus (`source: builtin`) is CPython's pydoc topics: nothing is do
 """
 
 from behemoth_jax.data.errors import DataError
-from behemoth_jax.data.legacy import batches, byte_encode, split_stream, token_stream
 from behemoth_jax.data.pipeline import (DataIterator, count_usable_documents, document_order, make_iterator,
                                         split_indices, tokenize_document)
 from behemoth_jax.data.sources import Corpus, builtin_corpus, open_source
@@ -19,6 +18,6 @@ from behemoth_jax.data.tokenizer import BOS, EOS, PAD, ByteTokenizer, HFTokenize
 
 __all__ = [
     "BOS", "EOS", "PAD", "ByteTokenizer", "Corpus", "DataError", "DataIterator", "HFTokenizer", "Tokenizer",
-    "batches", "builtin_corpus", "byte_encode", "count_usable_documents", "document_order", "load_tokenizer",
-    "make_iterator", "open_source", "split_indices", "split_stream", "token_stream", "tokenize_document",
+    "builtin_corpus", "count_usable_documents", "document_order", "load_tokenizer",
+    "make_iterator", "open_source", "split_indices", "tokenize_document",
 ]
