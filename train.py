@@ -62,14 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, args) -> int:
   import jax
-  import numpy as np
   from jax.sharding import NamedSharding
   from tqdm import tqdm
 
   from behemoth_jax.checkpoint import Checkpointer, restore_params
   from behemoth_jax.data import load_tokenizer, make_iterator
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
-  from behemoth_jax.training import (analytic_train_flops, make_eval_step, make_init, make_optimizer,
+  from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer,
                                      make_schedule, make_train_step, peak_flops_per_device, state_shardings)
   from sharding import axes as ax
   from sharding.api import logical_to_spec, use_mesh
@@ -176,7 +175,6 @@ def run(cfg, args) -> int:
 
 def evaluate(cfg, graphdef, params, tokenizer, to_global, data_args) -> float:
   import jax
-  import numpy as np
 
   from behemoth_jax.data import make_iterator
   from behemoth_jax.training import make_eval_step

@@ -91,7 +91,7 @@ def replication_report(state: nnx.State, mesh: Mesh) -> dict[str, float]:
   """
   shardings = state_shardings(state, mesh)
   total = replicated = per_device = 0
-  for var, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+  for var, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
     nbytes = math.prod(var.shape) * np.dtype(var.dtype).itemsize
     parts = math.prod(mesh.shape[a] for dim in sh.spec if dim for a in ((dim,) if isinstance(dim, str) else dim))
     total += nbytes

@@ -184,7 +184,7 @@ def test_state_restore_gives_the_same_batches(tmp_path, worker_count):
   fresh = make_iterator(cfg, ByteTokenizer(), **kw)
   fresh.set_state(state)
   again = [next(fresh) for _ in range(6)]
-  assert all(np.array_equal(a[k], b[k]) for a, b in zip(after, again) for k in a)
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(after, again, strict=True) for k in a)
   fresh.close()
   if worker_count:
     return  # the rest does not depend on workers (and each worker pool takes seconds to start)
@@ -205,7 +205,7 @@ def test_seed_changes_order_not_content(tmp_path):
   assert not np.array_equal(a[0]["inputs"], b[0]["inputs"])
   assert sorted(_segments(a)) == sorted(_segments(b))
   c = _iterate(cfg, seed=1)[0]
-  assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, c) for k in x)
+  assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, c, strict=True) for k in x)
 
 
 # --- Formats ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -31,7 +30,7 @@ def test_chunked_cross_entropy_matches_full_softmax(chunk):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   g = jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, m, chunk)[0], argnums=(0, 1))(h, w)
   g_ref = jax.grad(lambda h, w: reference(h, w)[0], argnums=(0, 1))(h, w)
-  for a, b in zip(g, g_ref):
+  for a, b in zip(g, g_ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -62,5 +61,5 @@ def test_gradient_accumulation_equals_one_batch():
   for metrics, p in results[1:]:
     np.testing.assert_allclose(metrics["loss"], results[0][0]["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], results[0][0]["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(results[0][1])):
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(results[0][1]), strict=True):
       np.testing.assert_allclose(a, b, atol=1e-6)

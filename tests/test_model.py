@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from behemoth_jax.config import ModelConfig, load_config
+from behemoth_jax.config import load_config
 from behemoth_jax.convert import load_hf
 from behemoth_jax.convert.keymap import entries
 from behemoth_jax.params import count_params

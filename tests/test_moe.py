@@ -43,7 +43,7 @@ def test_values_and_gradients_match_dense(impl, block, k):
   np.testing.assert_allclose(sparse(*args), dense(*args), atol=1e-5, rtol=1e-5)
   g_sparse = jax.grad(loss(sparse), argnums=range(5))(*args)
   g_dense = jax.grad(loss(dense), argnums=range(5))(*args)
-  for name, a, b in zip(("x", "router", "gate", "up", "down"), g_sparse, g_dense):
+  for name, a, b in zip(("x", "router", "gate", "up", "down"), g_sparse, g_dense, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
@@ -55,7 +55,7 @@ def test_grouped_matmul_blocked_handles_empty_and_skewed_groups(sizes):
   w = jnp.asarray(r.standard_normal((e, 6, 9)), jnp.float32)
   gs = jnp.asarray(sizes, jnp.int32)
   want = np.concatenate([np.asarray(x[s:s + n] @ w[i]) for i, (s, n) in
-                         enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes))])
+                         enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True))])
   for block in (1, 4, 16):
     np.testing.assert_allclose(grouped_matmul(x, w, gs, impl="blocked", block=block), want, atol=1e-5)
 

@@ -29,7 +29,7 @@ def test_two_processes_match_one(tmp_path):
   finally:
     for p in procs:
       p.kill()
-  for p, log in zip(procs, logs):
+  for p, log in zip(procs, logs, strict=True):
     assert p.returncode == 0, log[-3000:]
   got = json.loads(out.read_text())
   assert got["processes"] == 2 and got["devices"] == 8

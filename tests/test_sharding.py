@@ -57,7 +57,7 @@ def test_mesh_matches_one_device(ids, name):
   graphdef, state, want_logits, want_grads = _reference(CFG, ids)
   logits, grads = _sharded(graphdef, state, ids, MESHES[name])
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
@@ -67,7 +67,7 @@ def test_context_shards_not_aligned_with_chunks(ids):
   graphdef, state, want_logits, want_grads = _reference(cfg, ids)
   logits, grads = _sharded(graphdef, state, ids, dict(fsdp=2, context=4))
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
-  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
@@ -77,7 +77,7 @@ def test_scanned_layers_on_expert_mesh(ids):
   graphdef, state, want_logits, want_grads = _reference(cfg, ids)
   logits, grads = _sharded(graphdef, state, ids, dict(fsdp=2, expert=4))
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
-  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_parameters_are_created_on_their_shards():
   assert w.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", None)
   assert {s.data.shape for s in w.addressable_shards} == {(2, 16, 16)}
   ref = nnx.state(create_model(CFG, seed=3))
-  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(ref)):
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(ref), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6)  # same numbers as the single-device init (jit vs eager: 1 ulp)
 
 

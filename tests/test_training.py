@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 import train
 from behemoth_jax.config import load_config
@@ -58,7 +57,7 @@ def test_sigkill_then_restart_is_bitwise_identical(tmp_path):
   assert sorted(got) == sorted(want) == list(range(1, 13))
   for step in want:
     assert got[step]["loss"] == want[step]["loss"], step  # bitwise, every step
-  for a, b in zip(_final_params(ref, 12), _final_params(killed, 12)):
+  for a, b in zip(_final_params(ref, 12), _final_params(killed, 12), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -72,7 +71,7 @@ def test_resume_on_a_different_mesh(tmp_path):
   want, got = _metrics(ref), _metrics(moved)
   for step in range(1, 9):
     np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=1e-6, atol=1e-6, err_msg=str(step))
-  for a, b in zip(_final_params(ref, 8), _final_params(moved, 8)):
+  for a, b in zip(_final_params(ref, 8), _final_params(moved, 8), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -134,7 +133,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   procs = [subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for c in cmds]
   logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
+  for p, log in zip(procs, logs, strict=True):
     assert p.returncode == 0, log[-3000:]
   metrics = _metrics(tmp_path)
   assert sorted(metrics) == list(range(1, 7)) and metrics[6]["loss"] < metrics[1]["loss"]
@@ -150,7 +149,7 @@ def test_init_from_checkpoint_and_missing_path(tmp_path, capsys):
   # learning rate 0 (AdamW's decay is scaled by it too): the run's final parameters are its initial ones
   assert train.main(["--config", "configs/tiny.yaml", *SMALL, "train.steps=1", "train.learning_rate=0.0",
                      f"train.init_from={src / 'checkpoints'}", f"train.out_dir={dst}"]) == 0
-  for a, b in zip(_final_params(src, 3), _final_params(dst, 1)):
+  for a, b in zip(_final_params(src, 3), _final_params(dst, 1), strict=True):
     np.testing.assert_array_equal(a, b)
   assert train.main(["--config", "configs/tiny.yaml", *SMALL, f"train.init_from={tmp_path / 'nope'}",
                      f"train.out_dir={tmp_path / 'x'}"]) == 2

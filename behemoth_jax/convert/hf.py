@@ -13,7 +13,6 @@ from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
