@@ -34,6 +34,10 @@ def route(logits_TE: jax.Array, k: int) -> Routing:
   return Routing(experts_TA.astype(jnp.int32), jax.nn.sigmoid(top_TA), logits_TE)
 
 
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
 @jax.custom_vjp
 def permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
   """`x[perm]` for a permutation; its gradient is the inverse gather, not a scatter-add."""
@@ -60,7 +64,7 @@ def moe_dispatch(x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array, n
   k = experts_TA.shape[1]
   expert_M = experts_TA.reshape(-1)  # pair m = token * k + slot
   order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
-  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(t * k, dtype=jnp.int32))
+  inverse_M = inverse_permutation(order_M)
   group_sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
   x_MD = jnp.repeat(x_TD, k, axis=0) if k > 1 else x_TD
   scores_M = scores_TA.reshape(-1, 1).astype(x_TD.dtype)

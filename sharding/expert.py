@@ -23,14 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from behemoth_jax.moe import permute
+from behemoth_jax.moe import inverse_permutation, permute
 from sharding.mesh import ShardingError
 
 TOKEN_AXES = ("data", "fsdp", "expert", "context")
-
-
-def _inverse(perm: jax.Array) -> jax.Array:
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
 def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, *, shards: int, axis: str = "expert"):
@@ -51,7 +47,7 @@ def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, *, shards: int, axi
   ends_SL = jnp.cumsum(recv_gs_SL, axis=1)
   local_SM = jax.vmap(lambda e, j: jnp.searchsorted(e, j, side="right"))(ends_SL, jnp.broadcast_to(j_M, (shards, m)))
   order = jnp.argsort(local_SM.reshape(-1), stable=True).astype(jnp.int32)
-  inverse = _inverse(order)
+  inverse = inverse_permutation(order)
   rows = permute(recv_SMD.reshape(shards * m, d), order, inverse)
   out = fn(rows, recv_gs_SL.sum(axis=0))
   recv_valid_SM = j_M[None, :] < ends_SL[:, -1:]

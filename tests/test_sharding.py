@@ -98,7 +98,7 @@ def test_mesh_errors_name_the_problem():
   with pytest.raises(ShardingError, match=r"parallel.fsdp: -1 cannot fill 8 devices"):
     make_mesh(ParallelConfig(fsdp=-1, expert=3))
   mesh = make_mesh(ParallelConfig(fsdp=1, tensor=8))
-  with pytest.raises(ShardingError, match=r"decoder/cycles|decoder/tail|dim 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor=8"):
+  with pytest.raises(ShardingError, match=r"^decoder/tail/0/attn/wk_DKH: dim 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor=8 \(= 8\)$"):
     init_sharded(CFG, mesh)
   with pytest.raises(ShardingError, match=r"w: dim 0 \(experts\) of size 6 is not divisible by mesh axes expert=4"):
     logical_to_spec(("experts", "embed"), make_mesh(ParallelConfig(fsdp=2, expert=4)), (6, 32), name="w")
