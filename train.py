@@ -66,7 +66,7 @@ def run(cfg, args) -> int:
   from tqdm import tqdm
 
   from behemoth_jax.checkpoint import Checkpointer, restore_params
-  from behemoth_jax.data import load_tokenizer, make_iterator
+  from behemoth_jax.data import load_tokenizer
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
   from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer,
                                      make_schedule, make_train_step, peak_flops_per_device, state_shardings)
@@ -90,9 +90,15 @@ def run(cfg, args) -> int:
   graphdef, abstract = state_shardings(cfg, mesh, tx)
   data_args = dict(seq_len=tc.seq_len, batch_size=tc.batch_size // nproc, seed=dc.shuffle_seed,
                    process_index=jax.process_index(), process_count=nproc)
-  train_iter = make_iterator(dc, tokenizer, split="train", **data_args)
-  batch_sharding = NamedSharding(mesh, logical_to_spec((ax.BATCH, ax.LENGTH), mesh, (tc.batch_size, tc.seq_len)))
-  to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in b.items()}
+  train_iter = data_iterator(cfg, tokenizer, "train", data_args)
+
+  def to_global(batch):
+    out = {}
+    for k, v in batch.items():
+      shape = (v.shape[0] * nproc, *v.shape[1:])
+      logical = (ax.BATCH, ax.LENGTH) if v.ndim == 2 else (ax.BATCH,) + (None,) * (v.ndim - 1)
+      out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, logical_to_spec(logical, mesh, shape)), v)
+    return out
   out = Path(tc.out_dir)
   ckpt = Checkpointer(out / "checkpoints", every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                       use_async=tc.async_checkpoints)
@@ -115,8 +121,10 @@ def run(cfg, args) -> int:
           raise ConfigError(str(e)) from None
         if lead:
           print(f"initial parameters from {tc.init_from}")
+    distill, teacher_params = load_teacher(cfg, mesh, lead)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    step_fn = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0, out_shardings=(shardings, None))
+    step_fn = jax.jit(make_train_step(graphdef, tx, tc, schedule, distill), donate_argnums=0,
+                      out_shardings=(shardings, None))
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_step = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
@@ -134,7 +142,7 @@ def run(cfg, args) -> int:
     for step in bar:
       if profile and step == profile[0]:
         jax.profiler.start_trace(str(out / "profile"))
-      state, metrics = step_fn(state, to_global(next(train_iter)))
+      state, metrics = step_fn(state, to_global(next(train_iter)), teacher_params)
       if pending is not None:  # fetch step t-1's metrics while step t runs
         now = time.perf_counter()
         record = writer.log(pending[0], pending[1], seconds=now - t_last, tokens=tokens_per_step,
@@ -161,25 +169,76 @@ def run(cfg, args) -> int:
     ckpt.close()
     held = evaluate(cfg, graphdef, state["params"], tokenizer, to_global, data_args)
     writer.log_eval(int(state["step"]), held)
+    accuracy = None
+    if mc.vision is not None and dc.source == "builtin_shapes":
+      from behemoth_jax.data.multimodal import MMSource
+      from behemoth_jax.evaluation import caption_accuracy
+      accuracy = caption_accuracy(graphdef, state["params"], MMSource(dc, mc.vision, tokenizer), dc.heldout_fraction)
     writer.close()
     if lead:
       last = writer.last.get("loss")
       summary = {"first_loss": first_loss, "final_loss": last, "heldout_loss": held,
                  "checkpoints": str(ckpt.directory)}
+      if accuracy is not None:
+        summary["caption_accuracy"] = accuracy
       (out / "summary.json").write_text(json.dumps(summary, indent=2))
       if first_loss is not None and last is not None:
         print(f"loss {first_loss:.3f} → {last:.3f} ({last / first_loss:.0%} of the first step); ", end="")
       print(f"held-out loss {held:.3f}; checkpoints in {ckpt.directory}")
+      if accuracy is not None:
+        words = ", ".join(f"{k} {accuracy[k]:.0%}" for k in ("colour", "shape", "direction") if k in accuracy)
+        print(f"held-out caption accuracy ({accuracy['examples']} images and clips, {accuracy['clips']} clips): "
+              f"{words} (chance: colour 17%, shape 25%, direction 25%)")
   return 0
+
+
+def load_teacher(cfg, mesh, lead: bool):
+  """(distill spec, teacher parameters placed by their own sharding rules) or (None, None)."""
+  import jax
+
+  dc = cfg.distill
+  if dc.topk:
+    if lead:
+      print(f"distilling from offline top-{dc.topk} targets in {cfg.data.source}: weight {dc.weight}, "
+            f"alpha {dc.alpha}, temperature {dc.temperature}")
+    return (dc, None), None
+  if not dc.teacher:
+    return None, None
+  from behemoth_jax.checkpoint import restore_params
+  from sharding.api import abstract_sharded_model
+
+  tcfg = load_config(dc.teacher_config).model if dc.teacher_config else cfg.model
+  if tcfg.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(f"distill.teacher_config: teacher vocab_size {tcfg.vocab_size} != student's "
+                      f"{cfg.model.vocab_size} (distillation compares distributions token by token)")
+  graphdef, abstract, _ = abstract_sharded_model(tcfg, mesh)
+  try:
+    params = restore_params(dc.teacher, abstract, what="distill.teacher")
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from None
+  if lead:
+    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    print(f"distilling from {dc.teacher} ({n:,} parameters, frozen): weight {dc.weight}, alpha {dc.alpha}, "
+          f"temperature {dc.temperature}")
+  return (dc, graphdef), params
+
+
+def data_iterator(cfg, tokenizer, split: str, data_args: dict):
+  """The text pipeline, or the multimodal one when the model has a vision encoder."""
+  if cfg.model.vision is not None:
+    from behemoth_jax.data.multimodal import make_mm_iterator
+    return make_mm_iterator(cfg.data, cfg.model.vision, tokenizer, split=split, vocab_size=cfg.model.vocab_size,
+                            **data_args)
+  from behemoth_jax.data import make_iterator
+  return make_iterator(cfg.data, tokenizer, split=split, teacher_topk=cfg.distill.topk, **data_args)
 
 
 def evaluate(cfg, graphdef, params, tokenizer, to_global, data_args) -> float:
   import jax
 
-  from behemoth_jax.data import make_iterator
   from behemoth_jax.training import make_eval_step
 
-  it = make_iterator(cfg.data, tokenizer, split="heldout", **data_args)
+  it = data_iterator(cfg, tokenizer, "heldout", data_args)
   eval_step = jax.jit(make_eval_step(graphdef, cfg.train))
   nll = tokens = 0.0
   for _ in range(cfg.train.eval_batches):

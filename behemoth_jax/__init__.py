@@ -7,6 +7,6 @@ Shape-suffix legend used in every tensor and weight name (logical, global shapes
 """
 
 from behemoth_jax.config import Config, ConfigError, ModelConfig, load_config
-from behemoth_jax.transformer import Llama4Text, abstract_model, create_model
+from behemoth_jax.transformer import Llama4, abstract_model, create_model
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "Llama4Text", "abstract_model", "create_model"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "Llama4", "abstract_model", "create_model"]

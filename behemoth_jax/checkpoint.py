@@ -61,12 +61,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(path: str | Path, abstract_params):
-  """Parameters only, from a checkpoint written by train.py or behemoth-convert: a run's checkpoint
-  directory (latest step), a step directory, or its `state` item. Placed by `abstract_params`."""
+def restore_params(path: str | Path, abstract_params, what: str = "train.init_from"):
+  """Parameters only, from a checkpoint written by train.py or behemoth-convert: a run directory or
+  its checkpoints directory (latest step), a step directory, or its `state` item. Placed by
+  `abstract_params`. `what` names the setting in errors."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"train.init_from: {path} not found")
+    raise FileNotFoundError(f"{what}: {path} not found")
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
   steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
   if steps:
     path = path / str(steps[-1])

@@ -51,6 +51,72 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+  """The early-fusion vision encoder (HF `Llama4VisionConfig`); defaults are Scout/Maverick's (SPEC §3).
+
+  Token ids are the prompt layout's special tokens (Llama 4 tokenizer); configs with another tokenizer
+  (e.g. the byte tokenizer of configs/tiny_mm.yaml) set their own.
+  """
+
+  hidden_size: int = 1408
+  num_layers: int = 34
+  num_heads: int = 16
+  intermediate_size: int = 5632  # ViT MLP width; also the adapter's input (= hidden / ratio², checked)
+  image_size: int = 336  # tile side in pixels
+  patch_size: int = 14
+  num_channels: int = 3
+  norm_eps: float = 1e-5
+  pixel_shuffle_ratio: float = 0.5
+  projector_input_dim: int = 4096
+  projector_output_dim: int = 4096
+  vision_output_dim: int = 4096
+  rope_theta: float = 10000.0
+  initializer_range: float = 0.02
+  max_tiles: int = 16  # tiles per image for the preprocessing canvas (a global thumbnail is added)
+  image_token_id: int = 200092  # <|patch|>: replaced by image features, in order
+  boi_token_id: int = 200080  # <|image_start|>
+  eoi_token_id: int = 200081  # <|image_end|>
+  image_marker_id: int = 200090  # <|image|>: precedes the global (or only) tile
+  tile_x_separator_id: int = 200084
+  tile_y_separator_id: int = 200085
+
+  def __post_init__(self):
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size",
+                 "num_channels", "projector_input_dim", "projector_output_dim", "vision_output_dim", "max_tiles"):
+      _check(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
+    _check(self.hidden_size % self.num_heads == 0, "model.vision.hidden_size",
+           f"{self.hidden_size} not divisible by num_heads ({self.num_heads})")
+    _check(self.head_dim % 4 == 0, "model.vision.num_heads",
+           f"head_dim {self.head_dim} must be divisible by 4 (2D RoPE: x and y halves of complex pairs)")
+    _check(self.image_size % self.patch_size == 0, "model.vision.image_size",
+           f"{self.image_size} not divisible by patch_size ({self.patch_size})")
+    side, r = self.image_size // self.patch_size, self.pixel_shuffle_ratio
+    _check(0 < r <= 1 and (side * r).is_integer() and (self.hidden_size / r**2).is_integer(),
+           "model.vision.pixel_shuffle_ratio",
+           f"{r} must divide the patch grid side ({side}) and the hidden size into whole numbers")
+    _check(self.intermediate_size == int(self.hidden_size / r**2), "model.vision.intermediate_size",
+           f"must equal hidden_size / pixel_shuffle_ratio² = {int(self.hidden_size / r**2)} "
+           f"(HF feeds the pixel-shuffled features to an adapter of that width), got {self.intermediate_size}")
+    _check(self.projector_input_dim == self.projector_output_dim == self.vision_output_dim,
+           "model.vision.projector_output_dim",
+           "projector_input_dim, projector_output_dim and vision_output_dim must be equal "
+           f"(got {self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim})")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patches_per_side(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens_per_tile(self) -> int:
+    """Image features (`<|patch|>` tokens) per tile after the pixel shuffle (144 for Scout)."""
+    return int(self.patches_per_side * self.pixel_shuffle_ratio) ** 2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
   """The Llama 4 text decoder. Defaults are Llama 4 Scout's released values (SPEC §4)."""
 
@@ -97,6 +163,7 @@ class ModelConfig:
   remat_policy: str = "none"
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
+  vision: VisionConfig | None = None  # early-fusion vision encoder (None: text only)
 
   def __post_init__(self):
     pos = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -131,6 +198,13 @@ class ModelConfig:
                           ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
       _check(getattr(self, name) in allowed, f"model.{name}",
              f"must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.vision is not None:
+      v = self.vision
+      # The layout ids (start/end, marker, separators) are checked where prompts are built: HF
+      # config.json does not carry the separators, so tiny test vocabularies may not hold them.
+      for name in ("image_token_id",):
+        _check(0 <= getattr(v, name) < self.vocab_size, f"model.vision.{name}",
+               f"{getattr(v, name)} is outside the vocabulary [0, {self.vocab_size})")
 
   # --- Layer pattern -------------------------------------------------------------------------
   def is_moe_layer(self, i: int) -> bool:
@@ -208,11 +282,16 @@ class DataConfig:
   shuffle_seed: int = 0
   worker_count: int = 0  # grain multiprocessing workers (0: in-process)
   prefetch: int = 2  # batches prefetched ahead of the step
+  # Multimodal (model.vision set): see behemoth_jax/data/multimodal.py.
+  max_tiles_per_row: int = 8  # image tiles a packed row may hold (pixel_values is [B, this, 3, S, S])
+  video_frames: int = 8  # frames sampled from each video, evenly spread over the clip
 
   def __post_init__(self):
     _check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
     _check(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
     _check(self.worker_count >= 0 and self.prefetch >= 0, "data.worker_count", "must be >= 0")
+    _check(self.max_tiles_per_row >= 1, "data.max_tiles_per_row", f"must be >= 1, got {self.max_tiles_per_row}")
+    _check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
 
 
 @dataclass(frozen=True)
@@ -250,12 +329,36 @@ class TrainConfig:
     _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
 
 
+DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+  """Distillation from a frozen teacher (README "Distillation"): loss = (1 − w)·CE + w·τ²·KL."""
+
+  teacher: str | None = None  # orbax checkpoint of the teacher (a step dir or a train.py run dir)
+  teacher_config: str | None = None  # the teacher's YAML config (its model section); default: the student's
+  topk: int = 0  # > 0: offline targets — data.source is a JSONL from `generate --score K` (K >= topk)
+  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · teacher's p(label))
+  alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    _check(self.weight in DISTILL_WEIGHTS, "distill.weight", f"must be one of {DISTILL_WEIGHTS}, got {self.weight!r}")
+    _check(0 <= self.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
+    _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+    _check(self.topk >= 0, "distill.topk", f"must be >= 0, got {self.topk}")
+    _check(not (self.topk and self.teacher), "distill.topk",
+           "offline top-k targets and an online teacher (distill.teacher) exclude each other")
+
+
 @dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   parallel: ParallelConfig = field(default_factory=ParallelConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   data: DataConfig = field(default_factory=DataConfig)
+  distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -297,6 +400,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     (elem, _) = typing.get_args(tp)
     return tuple(_coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value))
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{name}: expected a number, got {value!r}")
     return float(value)
@@ -393,8 +501,13 @@ _HF_DEFAULTS = dict(
 
 
 def from_hf_config(hf: dict, **overrides: Any) -> ModelConfig:
-  """Any valid HF Llama4 text config (or a multimodal config's `text_config`) → ModelConfig."""
+  """Any valid HF Llama4 config → ModelConfig. A multimodal `Llama4Config` (model_type llama4) gives
+  its `text_config` plus `vision` from `vision_config` and the image token ids."""
+  vision = None
   if hf.get("model_type") == "llama4" or "text_config" in hf:
+    # HF's vision class defaults do not fit together (vision_output_dim 7680 vs projector 4096), so a
+    # wrapper without vision_config is read as text only.
+    vision = _vision_from_hf(hf) if hf.get("vision_config") else None
     hf = hf.get("text_config") or {}
   mt = hf.get("model_type", "llama4_text")
   _check(mt == "llama4_text", "model_type", f"expected llama4_text, got {mt!r}")
@@ -446,12 +559,65 @@ def from_hf_config(hf: dict, **overrides: Any) -> ModelConfig:
       bos_token_id=c.get("bos_token_id") if c.get("bos_token_id") is not None else 200000,
       eos_token_ids=eos, pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else 200018,
   )
+  fields["vision"] = vision
   fields.update(overrides)
   return ModelConfig(**fields)
 
 
+# HF Llama4VisionConfig class defaults (they differ from the released values: SPEC §4).
+_HF_VISION_DEFAULTS = dict(
+    hidden_size=768, hidden_act="gelu", num_hidden_layers=34, num_attention_heads=16, num_channels=3,
+    intermediate_size=5632, vision_output_dim=7680, image_size=448, patch_size=14, norm_eps=1e-5,
+    pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
+    multi_modal_projector_bias=False, initializer_range=0.02, rope_theta=10000.0,
+)
+
+
+def _vision_from_hf(top: dict) -> VisionConfig:
+  v = {**_HF_VISION_DEFAULTS, **{k: x for k, x in (top.get("vision_config") or {}).items() if x is not None}}
+  _check(v["hidden_act"] == "gelu", "vision_config.hidden_act",
+         f"only exact gelu is supported, got {v['hidden_act']!r}")
+  _check(not v["multi_modal_projector_bias"], "vision_config.multi_modal_projector_bias",
+         "projector biases are not part of Llama 4")
+  for name in ("image_size", "patch_size"):
+    if isinstance(v[name], (list, tuple)):
+      _check(len(set(v[name])) == 1, f"vision_config.{name}", f"non-square {v[name]} is not supported")
+      v[name] = v[name][0]
+  theta = (v.get("rope_parameters") or {}).get("rope_theta", v["rope_theta"])
+  ids = {k: top[hf_key] for k, hf_key in (("image_token_id", "image_token_index"), ("boi_token_id", "boi_token_index"),
+                                          ("eoi_token_id", "eoi_token_index")) if top.get(hf_key) is not None}
+  return VisionConfig(
+      hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+      intermediate_size=v["intermediate_size"], image_size=v["image_size"], patch_size=v["patch_size"],
+      num_channels=v["num_channels"], norm_eps=float(v["norm_eps"]),
+      pixel_shuffle_ratio=float(v["pixel_shuffle_ratio"]),
+      projector_input_dim=v["projector_input_dim"], projector_output_dim=v["projector_output_dim"],
+      vision_output_dim=v["vision_output_dim"], rope_theta=float(theta),
+      initializer_range=float(v["initializer_range"]), **ids)
+
+
 def to_hf_config(cfg: ModelConfig) -> dict:
-  """ModelConfig → HF `Llama4TextConfig` dict (explicit layer lists, v5 `rope_parameters`)."""
+  """ModelConfig → HF `Llama4TextConfig` dict (explicit layer lists, v5 `rope_parameters`), or with
+  `cfg.vision` a multimodal `Llama4Config` dict (text_config + vision_config + image token ids)."""
+  text = _to_hf_text_config(cfg)
+  if cfg.vision is None:
+    return text
+  v = cfg.vision
+  text.pop("architectures")
+  vision = dict(
+      model_type="llama4_vision_model", hidden_size=v.hidden_size, hidden_act="gelu", num_hidden_layers=v.num_layers,
+      num_attention_heads=v.num_heads, num_channels=v.num_channels, intermediate_size=v.intermediate_size,
+      vision_output_dim=v.vision_output_dim, image_size=v.image_size, patch_size=v.patch_size, norm_eps=v.norm_eps,
+      vision_feature_select_strategy="default", initializer_range=v.initializer_range,
+      pixel_shuffle_ratio=v.pixel_shuffle_ratio, projector_input_dim=v.projector_input_dim,
+      projector_output_dim=v.projector_output_dim, multi_modal_projector_bias=False,
+      rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta})
+  return dict(model_type="llama4", architectures=["Llama4ForConditionalGeneration"], text_config=text,
+              vision_config=vision, image_token_index=v.image_token_id, boi_token_index=v.boi_token_id,
+              eoi_token_index=v.eoi_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def _to_hf_text_config(cfg: ModelConfig) -> dict:
   _check(cfg.shared_intermediate_size == cfg.intermediate_size, "model.shared_intermediate_size",
          "HF Llama4 has one width for routed and shared experts; cannot export differing widths")
   _check(not cfg.learned_pos_embedding, "model.learned_pos_embedding", "HF Llama4 has no text position table")

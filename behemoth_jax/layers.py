@@ -27,6 +27,35 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+REMAT_POLICIES = {
+    "full": None,  # save nothing but the block inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn, policy: str):
+  return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def stack_modules(factory, n: int, key: jax.Array) -> nnx.Module:
+  """n independently initialised `factory(rngs)` modules, parameters stacked on a leading `layers` axis
+  (the carry of a `jax.lax.scan` over layers)."""
+  graphdefs = []
+
+  def make(k):
+    graphdef, state = nnx.split(factory(nnx.Rngs(params=k)))
+    graphdefs.append(graphdef)  # traced once; the structure is the same for every copy
+    return state
+
+  states = jax.vmap(make)(jax.random.split(key, n))
+  module = nnx.merge(graphdefs[0], states)
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("out_sharding", (ax.LAYERS, *var.get_metadata("out_sharding")))
+  return module
+
+
 def matmul(eq: str, x: jax.Array, w: jax.Array, fp8: bool) -> jax.Array:
   """A weight matmul in x's dtype, or in fp8 (e4m3 forward, e5m2 gradients) when the policy says so."""
   if fp8:

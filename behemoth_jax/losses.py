@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from behemoth_jax.config import DISTILL_WEIGHTS
 from behemoth_jax.moe import MoEStats
 
 
@@ -62,3 +63,46 @@ def load_balancing_loss(stats: MoEStats) -> jax.Array:
 def router_z_loss(stats: MoEStats) -> jax.Array:
   """Mean over MoE layers of mean logsumexp(router logits)² (keeps router logits small)."""
   return jnp.mean(stats.z) if stats.z.shape[0] else jnp.zeros((), jnp.float32)
+
+
+
+
+def distillation_terms(student_logits_BTV: jax.Array, teacher_logp_BTK: jax.Array, targets_BT: jax.Array,
+                       temperature: float, teacher_ids_BTK: jax.Array | None = None):
+  """Per-token (hard CE, soft KL, teacher probability of the label), all float32 [B, T].
+
+  Teacher: log-probs over the whole vocabulary (online: `teacher_ids_BTK` None, K = V) or its top-k
+  (offline records: `teacher_ids_BTK` the token ids). Soft targets are the teacher's distribution at
+  temperature τ, softmax(log p_T / τ), renormalised over the top-k when sparse; the KL is scaled by τ²
+  so its gradients keep their size as τ changes (Hinton et al. 2015).
+  """
+  s = student_logits_BTV.astype(jnp.float32)
+  logp_s = jax.nn.log_softmax(s, axis=-1)
+  ce = -jnp.take_along_axis(logp_s, targets_BT[..., None], axis=-1)[..., 0]
+  t_logp = jax.lax.stop_gradient(teacher_logp_BTK.astype(jnp.float32))
+  tau_s = jax.nn.log_softmax(s / temperature, axis=-1)
+  tau_t = jax.nn.log_softmax(t_logp / temperature, axis=-1)
+  if teacher_ids_BTK is None:
+    label_p = jnp.exp(jnp.take_along_axis(t_logp, targets_BT[..., None], axis=-1)[..., 0])
+  else:
+    tau_s = jnp.take_along_axis(tau_s, teacher_ids_BTK, axis=-1)
+    label_p = jnp.sum(jnp.where(teacher_ids_BTK == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
+  kl = temperature**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
+  return ce, kl, label_p
+
+
+def soft_weight(kind: str, alpha: float, label_p_BT: jax.Array, progress: jax.Array) -> jax.Array:
+  """Weight w of the soft term per token; the loss is (1 − w)·CE + w·KL.
+
+  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic (default): α·p_T(label) — the
+  teacher is followed where it agrees with the data, the label where the teacher is unsure or wrong.
+  """
+  if kind == "none":
+    return jnp.zeros_like(label_p_BT)
+  if kind == "fixed":
+    return jnp.full_like(label_p_BT, alpha)
+  if kind == "scheduled":
+    return jnp.full_like(label_p_BT, alpha) * (1.0 - progress)
+  if kind == "dynamic":
+    return alpha * label_p_BT
+  raise ValueError(f"distill.weight: must be one of {DISTILL_WEIGHTS}, got {kind!r}")

@@ -1,6 +1,7 @@
 """Parameter counts without allocation: `python -m behemoth_jax.params CONFIG.yaml [key=value ...]`.
 
-Counts come from the abstract model (`nnx.eval_shape`), so they are the shapes the model really
+Multimodal: add `model.vision={}` (Scout/Maverick's vision tower) to count the vision tower and
+projector too. Counts come from the abstract model (`nnx.eval_shape`), so they are the shapes the model really
 builds. Active per token = everything except the routed experts a token does not use:
 total − routed · (1 − k/E).
 """
@@ -18,12 +19,16 @@ from behemoth_jax.config import ConfigError, ModelConfig, load_config
 from behemoth_jax.transformer import abstract_model
 
 COMPONENTS = ("embedding", "lm_head", "attention", "norms", "router", "routed_experts", "shared_experts",
-              "dense_mlp", "position_table")
+              "dense_mlp", "position_table", "vision_tower", "projector")
 
 
 def component_of(path: tuple) -> str:
   names = [str(p) for p in path]
   leaf = names[-1]
+  if names[0] == "vision":
+    return "vision_tower"
+  if leaf == "projector_PD":
+    return "projector"
   if names[0] == "embed":
     return "embedding"
   if leaf == "lm_head_DV":

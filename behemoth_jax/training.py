@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from behemoth_jax.config import Config, ModelConfig, TrainConfig
 from behemoth_jax.flops import analytic_forward_flops
-from behemoth_jax.losses import chunked_cross_entropy, load_balancing_loss, router_z_loss
+from behemoth_jax.losses import (chunked_cross_entropy, distillation_terms, load_balancing_loss, router_z_loss,
+                                 soft_weight)
 from behemoth_jax.transformer import create_model
 from sharding.api import abstract_sharded_model
 
@@ -64,37 +65,66 @@ def make_init(cfg: Config, tx, param_shardings, mesh: Mesh):
   return jax.jit(init, out_shardings={"params": param_shardings, "opt_state": None, "step": replicated})
 
 
-def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens: jax.Array):
+def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens: jax.Array, distill=None,
+                   teacher_params=None, progress=None):
   """Loss of one micro-batch: its cross-entropy over the whole batch's token count, plus 1/grad_accum
-  of the auxiliary losses, so summing over micro-batches gives the full-batch loss."""
+  of the auxiliary losses, so summing over micro-batches gives the full-batch loss.
+
+  With `distill` = (DistillConfig, teacher graphdef): (1 − w)·CE + w·τ²·KL per token against the
+  frozen teacher's logits, computed in the same step, or (graphdef None) against the batch's offline
+  teacher top-k. The student's full logits are materialised for the KL.
+  """
   model = nnx.merge(graphdef, params)
-  h, stats = model.forward(model.embed_tokens(batch["inputs"]), batch["positions"], batch["segment_ids"])
-  nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
+  h, stats = model.forward(model.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"],
+                           batch["segment_ids"])
+  extra = {}
+  if distill is None:
+    nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
+  else:
+    dc, teacher_graphdef = distill
+    if teacher_graphdef is None:  # offline: the teacher's top-k from the batch
+      t_logp, t_ids = batch["teacher_topk_logp"], batch["teacher_topk_ids"]
+    else:
+      teacher = nnx.merge(teacher_graphdef, teacher_params)
+      th, _ = teacher.forward(teacher.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"],
+                              batch["segment_ids"])
+      t_logp, t_ids = jax.nn.log_softmax(teacher.logits(th), axis=-1), None
+    ce, kl, label_p = distillation_terms(model.logits(h), t_logp, batch["targets"], dc.temperature, t_ids)
+    w = soft_weight(dc.weight, dc.alpha, label_p, progress)
+    m = batch["loss_mask"].astype(jnp.float32)
+    nll = jnp.sum(((1 - w) * ce + w * kl) * m)
+    extra = {"hard_ce": jnp.sum(ce * m) / total_tokens, "soft_kl": jnp.sum(kl * m) / total_tokens,
+             "soft_weight": jnp.sum(w * m) / total_tokens}
   ce = nll / total_tokens
   aux = tc.moe_aux_loss * load_balancing_loss(stats) + tc.router_z_loss * router_z_loss(stats)
-  return ce + aux / tc.grad_accum, (ce, stats)
+  return ce + aux / tc.grad_accum, (ce, stats, extra)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule: optax.Schedule):
-  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule: optax.Schedule,
+                    distill=None):
+  """`train_step(state, batch[, teacher_params])`; with `distill` (DistillConfig, teacher graphdef)
+  the teacher's parameters are the third argument (frozen: no gradient, no optimizer state)."""
+  def train_step(state: State, batch: dict, teacher_params=None) -> tuple[State, dict]:
     params, n = state["params"], tc.grad_accum
     total = jnp.maximum(batch["loss_mask"].sum(), 1.0)
-    grad_fn = jax.value_and_grad(lambda p, mb: loss_and_stats(graphdef, p, mb, tc, total), has_aux=True)
+    progress = state["step"].astype(jnp.float32) / max(tc.steps, 1)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: loss_and_stats(graphdef, p, mb, tc, total, distill, teacher_params, progress), has_aux=True)
     micro = jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), batch)
-    (loss, (ce, stats)), grads = grad_fn(params, jax.tree.map(lambda a: a[0], micro))
+    (loss, (ce, stats, extra)), grads = grad_fn(params, jax.tree.map(lambda a: a[0], micro))
     if n > 1:
       def body(acc, mb):
-        (l, (c, s)), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, acc, (g, l, c, s)), None
+        (l, (c, s, e)), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, l, c, s, e)), None
 
       rest = jax.tree.map(lambda a: a[1:], micro)
-      (grads, loss, ce, stats), _ = jax.lax.scan(body, (grads, loss, ce, stats), rest)
+      (grads, loss, ce, stats, extra), _ = jax.lax.scan(body, (grads, loss, ce, stats, extra), rest)
       stats = jax.tree.map(lambda a: a / n, stats)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": total, "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
-               "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z}
+               "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z, **extra}
     return new_state, metrics
 
   return train_step
@@ -104,7 +134,8 @@ def make_eval_step(graphdef, tc: TrainConfig):
   def eval_step(params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(Σ nll, Σ tokens) on one batch."""
     model = nnx.merge(graphdef, params)
-    h, _ = model.forward(model.embed_tokens(batch["inputs"]), batch["positions"], batch["segment_ids"])
+    h, _ = model.forward(model.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"],
+                             batch["segment_ids"])
     nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
     return nll, batch["loss_mask"].sum()
 

@@ -12,23 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from behemoth_jax.attention import Attention, Positions, segment_positions
+from behemoth_jax.attention import Attention, KVCache, Positions, segment_positions
 from behemoth_jax.config import LayerKind, ModelConfig
-from behemoth_jax.layers import Embed, RMSNorm, SwiGLU, dtype_of, param
+from behemoth_jax.layers import Embed, RMSNorm, SwiGLU, dtype_of, param, remat, stack_modules
 from behemoth_jax.moe import MoE, MoEStats
 from behemoth_jax.rope import inv_frequencies, rope_angles
+from behemoth_jax.vision import VisionEncoder, fuse_image_features
 from sharding import axes as ax
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing but the block inputs
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat(fn, policy: str):
-  return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
-
 
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
@@ -44,6 +34,13 @@ class Block(nnx.Module):
     y, stats = y if isinstance(self.ffn, MoE) else (y, None)
     return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats
 
+  def cached(self, x_BTD: jax.Array, pos: Positions, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
+    a, cache = self.attn.cached(self.input_norm(x_BTD), pos, cache, prefill)
+    x_BTD = x_BTD + a
+    y = self.ffn(self.post_attn_norm(x_BTD))
+    y = y[0] if isinstance(self.ffn, MoE) else y
+    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache
+
 
 class Cycle(nnx.Module):
   """P consecutive layers: the unit of the layer scan."""
@@ -58,22 +55,12 @@ class Cycle(nnx.Module):
       stats.append(s)
     return x_BTD, tuple(stats)
 
-
-def _stacked_cycles(cfg: ModelConfig, kinds: tuple[LayerKind, ...], n: int, key: jax.Array) -> Cycle:
-  """n independently initialised cycles whose parameters are stacked on a leading `layers` axis."""
-  graphdefs = []
-
-  def make(k):
-    graphdef, state = nnx.split(Cycle(cfg, kinds, nnx.Rngs(params=k)))
-    graphdefs.append(graphdef)  # traced once; the structure is the same for every cycle
-    return state
-
-  states = jax.vmap(make)(jax.random.split(key, n))
-  cycles = nnx.merge(graphdefs[0], states)
-  for _, var in nnx.iter_graph(cycles):
-    if isinstance(var, nnx.Variable):
-      var.set_metadata("out_sharding", (ax.LAYERS, *var.get_metadata("out_sharding")))
-  return cycles
+  def cached(self, x_BTD, pos, caches: tuple[KVCache, ...], prefill: bool):
+    out = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x_BTD, cache = block.cached(x_BTD, pos, cache, prefill)
+      out.append(cache)
+    return x_BTD, tuple(out)
 
 
 class Decoder(nnx.Module):
@@ -84,7 +71,8 @@ class Decoder(nnx.Module):
     self.remat_policy = cfg.remat_policy
     self.num_experts = cfg.num_experts
     first_tail = self.num_cycles * p
-    self.cycles = _stacked_cycles(cfg, kinds[:p], self.num_cycles, rngs.params()) if self.num_cycles else None
+    self.cycles = (stack_modules(lambda r: Cycle(cfg, kinds[:p], r), self.num_cycles, rngs.params())
+                   if self.num_cycles else None)
     self.tail = nnx.List([Block(cfg, kinds[i], rngs) for i in range(first_tail, cfg.num_layers)])
 
   def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats]:
@@ -110,9 +98,26 @@ class Decoder(nnx.Module):
       return x_BTD, MoEStats(jnp.zeros((0, e)), jnp.zeros((0, e)), jnp.zeros((0,)))
     return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer])
 
+  def cached(self, x_BTD: jax.Array, pos: Positions, caches: dict, prefill: bool):
+    """Decoder pass with KV caches ({"cycles": per-block caches stacked over cycles, "tail": [...]})."""
+    out = {"cycles": None, "tail": []}
+    if self.cycles is not None:
+      graphdef, stacked = nnx.split(self.cycles)
 
-class Llama4Text(nnx.Module):
-  """Llama4ForCausalLM's math: embed → decoder → RMSNorm → untied lm_head, float32 logits."""
+      def body(x, xs):
+        state, cache = xs
+        return nnx.merge(graphdef, state).cached(x, pos, cache, prefill)
+
+      x_BTD, out["cycles"] = jax.lax.scan(body, x_BTD, (stacked, caches["cycles"]))
+    for block, cache in zip(self.tail, caches["tail"], strict=True):
+      x_BTD, cache = block.cached(x_BTD, pos, cache, prefill)
+      out["tail"].append(cache)
+    return x_BTD, out
+
+
+class Llama4(nnx.Module):
+  """Llama4ForCausalLM's math (embed → decoder → RMSNorm → untied lm_head, float32 logits), and with
+  `cfg.vision` Llama4ForConditionalGeneration's: image features replace `<|patch|>` embeddings."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, v, pd, std = cfg.hidden_size, cfg.vocab_size, cfg.param_dtype, cfg.initializer_range
@@ -123,6 +128,10 @@ class Llama4Text(nnx.Module):
     self.decoder = Decoder(cfg, rngs)
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.lm_head_DV = None if cfg.tie_word_embeddings else param(rngs, (d, v), (ax.EMBED, ax.VOCAB), pd, std)
+    vc = cfg.vision
+    self.vision = None if vc is None else VisionEncoder(vc, pd, cfg.remat_policy, rngs)
+    self.projector_PD = (None if vc is None else
+                         param(rngs, (vc.vision_output_dim, d), (ax.MLP, ax.EMBED), pd, vc.initializer_range))
 
   def positions(self, batch: int, length: int, positions_BT: jax.Array | None = None,
                 segment_ids_BT: jax.Array | None = None) -> Positions:
@@ -138,6 +147,31 @@ class Llama4Text(nnx.Module):
   def embed_tokens(self, input_ids_BT: jax.Array) -> jax.Array:
     return self.embed(input_ids_BT, dtype_of(self.cfg.dtype))
 
+  def image_features(self, pixel_values: jax.Array) -> jax.Array:
+    """Tiles [N, C, H, W] → projected features [N, tokens_per_tile, D] (or [B, K, ...] → [B, K·tpt, D])."""
+    if self.vision is None:
+      raise ValueError("pixel_values: this model has no vision encoder (model.vision is not set)")
+    lead = pixel_values.shape[:-3]
+    feats = self.vision(pixel_values.reshape(-1, *pixel_values.shape[-3:]), dtype_of(self.cfg.dtype))
+    feats = jnp.einsum("NSP,PD->NSD", feats, self.projector_PD[...].astype(feats.dtype))
+    return feats.reshape(-1, feats.shape[-1]) if len(lead) == 1 else feats.reshape(lead[0], -1, feats.shape[-1])
+
+  def embed_inputs(self, input_ids_BT: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with image features fused in (early fusion).
+
+    pixel_values: float32 tiles [N, C, H, W] in prompt order over the whole batch (HF's layout), or
+    [B, K, C, H, W]: K tile slots per row, used by that row's image tokens in order (padding slots unused).
+    """
+    x = self.embed_tokens(input_ids_BT)
+    if pixel_values is None:
+      return x
+    if pixel_values.ndim not in (4, 5):
+      raise ValueError(f"pixel_values: expected [tiles, C, H, W] or [batch, tiles, C, H, W], got shape "
+                       f"{tuple(pixel_values.shape)}")
+    if pixel_values.ndim == 5 and pixel_values.shape[0] != input_ids_BT.shape[0]:
+      raise ValueError(f"pixel_values: batch {pixel_values.shape[0]} != input_ids batch {input_ids_BT.shape[0]}")
+    return fuse_image_features(x, input_ids_BT, self.image_features(pixel_values), self.cfg.vision.image_token_id)
+
   def forward(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
     """Input embeddings [B, T, D] → (final-normed hidden states [B, T, D], router statistics)."""
@@ -148,6 +182,34 @@ class Llama4Text(nnx.Module):
     x_BTD = ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
     h_BTD, stats = self.decoder(x_BTD, pos)
     return self.final_norm(h_BTD), stats
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """Empty KV caches for `max_len` tokens (prompt + generated): chunked layers hold one chunk."""
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+
+    def layer(kind: LayerKind) -> KVCache:
+      chunk = cfg.attention_chunk_size if kind.chunked else None
+      return KVCache.create(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dt, chunk)
+
+    dec = self.decoder
+    cycles = None
+    if dec.cycles is not None:
+      p = len(dec.cycles.blocks)
+      one = tuple(layer(cfg.layer_kind(j)) for j in range(p))
+      cycles = jax.tree.map(lambda a: jnp.broadcast_to(a, (dec.num_cycles, *a.shape)), one)
+    first = dec.num_cycles * (len(dec.cycles.blocks) if dec.cycles is not None else 0)
+    return {"cycles": cycles, "tail": [layer(cfg.layer_kind(first + i)) for i in range(len(dec.tail))]}
+
+  def cached_forward(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+                     caches: dict, prefill: bool) -> tuple[jax.Array, dict]:
+    """Prefill (prompt → caches) or one decode step; returns final-normed hidden states and caches."""
+    b, t, _ = x_BTD.shape
+    pos = self.positions(b, t, positions_BT, segment_ids_BT)
+    if self.pos_table_PD is not None:
+      x_BTD = x_BTD + jnp.take(self.pos_table_PD[...], pos.positions_BT, axis=0).astype(x_BTD.dtype)
+    h, caches = self.decoder.cached(x_BTD, pos, caches, prefill)
+    return self.final_norm(h), caches
 
   def hidden_states(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
                     segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -164,17 +226,18 @@ class Llama4Text(nnx.Module):
     return ax.constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 
   def __call__(self, input_ids_BT: jax.Array, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """int32 token ids [B, T] → float32 logits [B, T, V]. Packed documents (segment ids) never
-    attend across a boundary; their positions restart at 0 unless given."""
-    h = self.hidden_states(self.embed_tokens(input_ids_BT), positions_BT, segment_ids_BT)
+               segment_ids_BT: jax.Array | None = None, pixel_values: jax.Array | None = None) -> jax.Array:
+    """int32 token ids [B, T] (+ image tiles, see `embed_inputs`) → float32 logits [B, T, V].
+    Packed documents (segment ids) never attend across a boundary; their positions restart at 0
+    unless given."""
+    h = self.hidden_states(self.embed_inputs(input_ids_BT, pixel_values), positions_BT, segment_ids_BT)
     return self.logits(h)
 
 
-def create_model(cfg: ModelConfig, seed: int = 0) -> Llama4Text:
-  return Llama4Text(cfg, rngs=nnx.Rngs(params=seed))
+def create_model(cfg: ModelConfig, seed: int = 0) -> Llama4:
+  return Llama4(cfg, rngs=nnx.Rngs(params=seed))
 
 
-def abstract_model(cfg: ModelConfig) -> Llama4Text:
+def abstract_model(cfg: ModelConfig) -> Llama4:
   """Shapes and dtypes only (no allocation): parameter counts, sharding plans, restore targets."""
   return nnx.eval_shape(lambda: create_model(cfg))

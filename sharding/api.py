@@ -12,11 +12,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from behemoth_jax.config import ModelConfig
-from behemoth_jax.transformer import Llama4Text, create_model
+from behemoth_jax.transformer import Llama4, create_model
 from sharding import axes as ax
 from sharding.expert import expert_parallel
 from sharding.mesh import ShardingError
-from sharding.rules import RULES
+from sharding.rules import BEST_EFFORT, RULES
 
 
 def logical_to_spec(logical: ax.Axes, mesh: Mesh, shape: tuple[int, ...] | None = None,
@@ -38,7 +38,7 @@ def logical_to_spec(logical: ax.Axes, mesh: Mesh, shape: tuple[int, ...] | None 
     if shape is not None:
       size = math.prod(mesh.shape[a] for a in mesh_axes)
       if shape[dim] % size:
-        if name is not None:
+        if name is not None and logical_name not in BEST_EFFORT:
           axes_txt = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
           raise ShardingError(f"{name}: dim {dim} ({logical_name}) of size {shape[dim]} is not divisible "
                               f"by mesh axes {axes_txt} (= {size})")
@@ -71,7 +71,7 @@ def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
   return graphdef, abs_state, shardings
 
 
-def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama4Text:
+def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama4:
   """Creates the model directly on its shards (never whole on one device)."""
   graphdef, _, shardings = abstract_sharded_model(cfg, mesh, seed)
   state = jax.jit(lambda: nnx.split(create_model(cfg, seed))[1], out_shardings=shardings)()

@@ -17,6 +17,7 @@ import jax
 # Weights.
 VOCAB = "vocab"
 EMBED = "embed"
+VISION_EMBED = "vision_embed"  # the vision tower's width (1408 for Llama 4: not a power of two)
 HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"

@@ -14,6 +14,9 @@ from sharding import axes as ax
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
+# Parameter axes whose mesh axes are dropped, last first, until they divide the dimension.
+BEST_EFFORT = frozenset({ax.VISION_EMBED})
+
 # Batch is split over every axis that does not split the model's width: each device sees its own tokens.
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -23,6 +26,9 @@ RULES: dict[str, tuple[str, ...]] = {
     # Non-expert weights also split D over context and expert devices, which would otherwise hold
     # copies; in expert tensors the experts dim comes first and takes `expert` (one use per tensor).
     ax.EMBED: ("fsdp", "context", "expert"),
+    # Like embed, but best effort: mesh axes that do not divide the width (1408 = 2^7 · 11) are dropped
+    # (the 0.85B-parameter vision tower is then partly replicated) instead of being an error.
+    ax.VISION_EMBED: ("fsdp", "context", "expert"),
     ax.HEADS: ("tensor",),
     ax.KV_HEADS: ("tensor",),
     ax.HEAD_DIM: (),

@@ -35,3 +35,35 @@ def save_hf(model, path) -> None:
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=28,
+              patch_size=7, pixel_shuffle_ratio=0.5, projector_input_dim=40, projector_output_dim=40,
+              vision_output_dim=40, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# Image-layout token ids inside the tiny vocabulary (97): <|patch|> 96, <|image_start|> 90, <|image_end|> 91.
+MM_IDS = dict(image_token_index=96, boi_token_index=90, eoi_token_index=91)
+
+
+def make_hf_mm_model(seed: int = 0, vision: dict | None = None, **text_overrides):
+  """A random tiny Llama4ForConditionalGeneration (float32, eager attention)."""
+  from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+  torch.manual_seed(seed)
+  cfg = Llama4Config(text_config={**BASE, **text_overrides}, vision_config={**VISION, **(vision or {})}, **MM_IDS)
+  cfg._attn_implementation = "eager"
+  cfg.text_config._attn_implementation = "eager"
+  cfg.vision_config._attn_implementation = "eager"
+  model = Llama4ForConditionalGeneration(cfg).eval().float()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+  return model
+
+
+def hf_mm_logits(model, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+  with torch.no_grad():
+    pv = None if pixel_values is None else torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
+    return model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long), pixel_values=pv).logits.float().numpy()

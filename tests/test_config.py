@@ -80,6 +80,16 @@ def test_hf_round_trip_matches_transformers():
     assert getattr(back, name) == getattr(ours, name), name
 
 
+def test_hf_multimodal_round_trip_matches_transformers():
+  from transformers import Llama4Config
+  ours = load_config(CONFIGS / "tiny_mm.yaml").model
+  hf = Llama4Config(**to_hf_config(ours)).to_dict()
+  back = from_hf_config(hf, param_dtype=ours.param_dtype, dtype=ours.dtype)
+  layout = ("image_marker_id", "tile_x_separator_id", "tile_y_separator_id", "max_tiles")  # not in HF's config
+  assert back.vision == dataclasses.replace(ours.vision, **{k: getattr(back.vision, k) for k in layout})
+  assert back.vision.image_token_id == 259 and back.vision.patch_size == 8 and back.vision.num_layers == 2
+
+
 def test_hf_defaults_and_multimodal_wrapper():
   cfg = from_hf_config({"model_type": "llama4", "text_config": {"num_hidden_layers": 6, "rope_scaling": {
       "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from behemoth_jax.config import load_config
-from behemoth_jax.losses import chunked_cross_entropy, load_balancing_loss, router_z_loss
+from behemoth_jax.losses import (chunked_cross_entropy, distillation_terms, load_balancing_loss, router_z_loss,
+                                 soft_weight)
 from behemoth_jax.moe import MoEStats
 from behemoth_jax.training import make_optimizer, make_schedule, make_train_step
 from behemoth_jax.transformer import create_model
@@ -63,3 +64,103 @@ def test_gradient_accumulation_equals_one_batch():
     np.testing.assert_allclose(metrics["grad_norm"], results[0][0]["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(results[0][1]), strict=True):
       np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_distillation_terms_match_numpy_and_topk_reduces_to_dense():
+  r = np.random.default_rng(1)
+  s = r.standard_normal((2, 3, 11)).astype(np.float32)
+  t = r.standard_normal((2, 3, 11)).astype(np.float32)
+  y = r.integers(0, 11, (2, 3))
+  tau = 2.0
+  t_logp = np.asarray(jax.nn.log_softmax(t, -1))
+  ce, kl, label_p = distillation_terms(jnp.asarray(s), jnp.asarray(t_logp), jnp.asarray(y), tau)
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  p_s, p_t = softmax(s / tau), softmax(t / tau)
+  np.testing.assert_allclose(kl, tau**2 * (p_t * (np.log(p_t) - np.log(p_s))).sum(-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ce, -np.log(np.take_along_axis(softmax(s), y[..., None], -1)[..., 0]), rtol=1e-5)
+  np.testing.assert_allclose(label_p, np.take_along_axis(softmax(t), y[..., None], -1)[..., 0], rtol=1e-5)
+  # top-k with k = V (any order) is the dense case; top-3 renormalises over its support
+  order = np.argsort(-t_logp, -1)
+  sparse = distillation_terms(jnp.asarray(s), jnp.asarray(np.take_along_axis(t_logp, order, -1)), jnp.asarray(y),
+                              tau, teacher_ids_BTK=jnp.asarray(order))
+  for a, b in zip(sparse, (ce, kl, label_p), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  k3 = order[..., :3]
+  _, kl3, _ = distillation_terms(jnp.asarray(s), jnp.asarray(np.take_along_axis(t_logp, k3, -1)), jnp.asarray(y),
+                                 tau, teacher_ids_BTK=jnp.asarray(k3))
+  q = softmax(np.take_along_axis(t_logp, k3, -1) / tau)
+  np.testing.assert_allclose(kl3, tau**2 * (q * (np.log(q) - np.log(np.take_along_axis(p_s, k3, -1)))).sum(-1),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_soft_weights():
+  p = jnp.asarray([[0.2, 0.9]])
+  assert np.allclose(soft_weight("none", 0.5, p, 0.3), 0)
+  assert np.allclose(soft_weight("fixed", 0.5, p, 0.3), 0.5)
+  assert np.allclose(soft_weight("scheduled", 0.5, p, 0.3), 0.35)
+  assert np.allclose(soft_weight("dynamic", 0.5, p, 0.3), [[0.1, 0.45]])
+
+
+def test_distillation_step_from_itself_has_zero_soft_loss_and_gradient():
+  """Teacher = student and w = 1: the KL and its gradient vanish; w = 0 gives the plain CE step."""
+  from behemoth_jax.config import DistillConfig
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "train.batch_size=2"])
+  graphdef, params = nnx.split(create_model(cfg.model, seed=0))
+  r = np.random.default_rng(0)
+  batch = jax.tree.map(jnp.asarray, {
+      "inputs": r.integers(0, 259, (2, 16)), "targets": r.integers(0, 259, (2, 16)),
+      "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1)),
+      "loss_mask": np.ones((2, 16), np.float32)})
+  tx = make_optimizer(cfg.train)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  soft = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="fixed", alpha=1.0),
+                                                                             graphdef))
+  _, m = jax.jit(soft)(state, batch, params)
+  assert abs(float(m["loss"])) < 1e-6 and float(m["grad_norm"]) < 1e-5 and float(m["hard_ce"]) > 1
+  hard = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="none"), graphdef))
+  plain = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train))
+  _, a = jax.jit(hard)(state, batch, params)
+  _, b = jax.jit(plain)(state, batch)
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+
+
+def test_offline_topk_targets_equal_the_online_teacher(tmp_path):
+  """Records written with the teacher's full top-V, read back through the pipeline, give the online loss."""
+  import json
+
+  from behemoth_jax.config import DistillConfig
+  from behemoth_jax.data import load_tokenizer, make_iterator
+  from behemoth_jax.generate import topk_logprobs
+  from behemoth_jax.training import loss_and_stats
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "model.vocab_size=264",
+                                         f"data.source={tmp_path}/s.jsonl",
+                                         "data.heldout_fraction=0.01", "data.prefetch=0"])
+  teacher = create_model(cfg.model, seed=1)
+  tok = load_tokenizer("bytes")
+  texts = ["the teacher writes this", "and this one too", "short"]
+  with open(tmp_path / "s.jsonl", "w") as f:
+    for text in texts:
+      ids = np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]]).astype(np.int32)
+      top_ids, top_lp = topk_logprobs(teacher, ids[None], 264)
+      f.write(json.dumps({"text": text, "ids": ids.tolist(), "topk_ids": top_ids[0].tolist(),
+                          "topk_logprobs": top_lp[0].tolist()}) + "\n")
+  it = make_iterator(cfg.data, tok, split="train", seq_len=32, batch_size=2, seed=0, process_index=0,
+                     process_count=1, teacher_topk=264)
+  batch = jax.tree.map(jnp.asarray, next(it))
+  it.close()
+  assert batch["teacher_topk_ids"].shape == (2, 32, 264)
+  graphdef, student = nnx.split(create_model(cfg.model, seed=2))
+  t_graphdef, t_params = nnx.split(teacher)
+  dc = DistillConfig(weight="dynamic", temperature=2.0)
+  total = batch["loss_mask"].sum()
+  offline = loss_and_stats(graphdef, student, batch, cfg.train, total, (dc, None), None, 0.0)
+  online = loss_and_stats(graphdef, student, batch, cfg.train, total, (dc, t_graphdef), t_params, 0.0)
+  np.testing.assert_allclose(offline[0], online[0], rtol=1e-4)
+  np.testing.assert_allclose(offline[1][2]["soft_kl"], online[1][2]["soft_kl"], rtol=1e-4)

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from behemoth_jax.config import ModelConfig, ParallelConfig, load_config
 from behemoth_jax.transformer import abstract_model, create_model
-from sharding.api import init_sharded, logical_to_spec, place, replication_report, use_mesh
+from sharding.api import init_sharded, logical_to_spec, place, replication_report, state_shardings, use_mesh
 from sharding.mesh import ShardingError, make_mesh
 from sharding.rules import MESH_AXES
 
@@ -111,3 +111,14 @@ def test_behemoth_replication_on_256_devices():
   assert report["replicated_fraction"] <= 0.02
   assert report["per_device_bytes"] <= 1.1 * report["ideal_per_device_bytes"]
   assert report["total_bytes"] == 2 * 1_978_326_335_488  # bf16
+
+
+def test_multimodal_scout_shards_on_256_devices():
+  """The vision width (1408 = 2^7·11) takes the mesh axes that divide it instead of failing."""
+  cfg = load_config("configs/scout.yaml", ["model.vision={}"]).model
+  mesh = AbstractMesh((1, 16, 16, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  state = nnx.state(abstract_model(cfg))
+  report = replication_report(state, mesh)
+  assert report["per_device_bytes"] <= 1.1 * report["ideal_per_device_bytes"]
+  shardings = dict(nnx.to_flat_state(state_shardings(state, mesh)))
+  assert shardings[("vision", "layers", "fc1_DF")].get_value().spec == PartitionSpec(None, "fsdp", None)

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config
 from behemoth_jax.convert.keymap import entries
-from behemoth_jax.transformer import Llama4Text, abstract_model
+from behemoth_jax.transformer import Llama4, abstract_model
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -91,7 +91,7 @@ def _text_prefix(hf_cfg: dict) -> str:
 
 
 def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None,
-            **config_overrides) -> Llama4Text:
+            **config_overrides) -> Llama4:
   """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
 
   Args:
@@ -120,7 +120,7 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     source.close()
 
 
-def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4Text:
+def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4:
   abstract = abstract_model(cfg)
   graphdef, abs_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(abs_state))

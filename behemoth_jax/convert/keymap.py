@@ -85,6 +85,57 @@ DENSE_RULES = (
 )
 
 
+# Vision tower (HF `vision_model.`), SPEC §5. Transforms read the vision config (`c.vision`).
+def _vheads_in(w, c):  # HF [N·H, Dv] → ours [Dv, N, H]
+  v = c.vision
+  return w.T.reshape(v.hidden_size, v.num_heads, v.head_dim)
+
+
+def _vbias_in(w, c):  # HF [N·H] → ours [N, H]
+  return w.reshape(c.vision.num_heads, -1)
+
+
+def _vbias_out(w, c):
+  return w.reshape(-1)
+
+
+def _vo_in(w, c):  # HF [Dv, N·H] → ours [N, H, Dv]
+  v = c.vision
+  return w.T.reshape(v.num_heads, v.head_dim, v.hidden_size)
+
+
+VISION_TOP_RULES = (
+    Rule(("patch_embed_PD",), "patch_embedding.linear.weight", _t, _t),
+    Rule(("class_embedding_D",), "class_embedding", _same, _same),
+    Rule(("pos_embedding_SD",), "positional_embedding_vlm", _same, _same),
+    Rule(("ln_pre", "weight_D"), "layernorm_pre.weight", _same, _same),
+    Rule(("ln_pre", "bias_D"), "layernorm_pre.bias", _same, _same),
+    Rule(("ln_post", "weight_D"), "layernorm_post.weight", _same, _same),
+    Rule(("ln_post", "bias_D"), "layernorm_post.bias", _same, _same),
+    Rule(("adapter_fc1_FP",), "vision_adapter.mlp.fc1.weight", _t, _t),
+    Rule(("adapter_fc2_PP",), "vision_adapter.mlp.fc2.weight", _t, _t),
+)
+VISION_LAYER_RULES = (
+    Rule(("ln1", "weight_D"), "input_layernorm.weight", _same, _same),
+    Rule(("ln1", "bias_D"), "input_layernorm.bias", _same, _same),
+    Rule(("ln2", "weight_D"), "post_attention_layernorm.weight", _same, _same),
+    Rule(("ln2", "bias_D"), "post_attention_layernorm.bias", _same, _same),
+    Rule(("wq_DNH",), "self_attn.q_proj.weight", _vheads_in, _heads_in_inv),
+    Rule(("wk_DNH",), "self_attn.k_proj.weight", _vheads_in, _heads_in_inv),
+    Rule(("wv_DNH",), "self_attn.v_proj.weight", _vheads_in, _heads_in_inv),
+    Rule(("bq_NH",), "self_attn.q_proj.bias", _vbias_in, _vbias_out),
+    Rule(("bk_NH",), "self_attn.k_proj.bias", _vbias_in, _vbias_out),
+    Rule(("bv_NH",), "self_attn.v_proj.bias", _vbias_in, _vbias_out),
+    Rule(("wo_NHD",), "self_attn.o_proj.weight", _vo_in, _o_in_inv),
+    Rule(("bo_D",), "self_attn.o_proj.bias", _same, _same),
+    Rule(("fc1_DF",), "mlp.fc1.weight", _t, _t),
+    Rule(("fc1_b_F",), "mlp.fc1.bias", _same, _same),
+    Rule(("fc2_FD",), "mlp.fc2.weight", _t, _t),
+    Rule(("fc2_b_D",), "mlp.fc2.bias", _same, _same),
+)
+PROJECTOR = Rule(("projector_PD",), "multi_modal_projector.linear_1.weight", _t, _t)
+
+
 def block_rules(kind: LayerKind) -> tuple[Rule, ...]:
   return ATTN_RULES + (MOE_RULES if kind.moe else DENSE_RULES)
 
@@ -108,7 +159,8 @@ class Entry:
 
 
 def entries(cfg: ModelConfig, num_cycles: int, prefix: str = "") -> Iterator[Entry]:
-  """Every (HF tensor, our leaf) pair of a text model; `prefix` e.g. 'language_model.'."""
+  """Every (HF tensor, our leaf) pair; `prefix` ('language_model.' for the multimodal class) applies
+  to the text part."""
   for rule in TOP_RULES:
     yield Entry(prefix + rule.hf, rule.ours, None, rule)
   if not cfg.tie_word_embeddings:
@@ -117,3 +169,15 @@ def entries(cfg: ModelConfig, num_cycles: int, prefix: str = "") -> Iterator[Ent
     where, stack = layer_location(cfg, num_cycles, i)
     for rule in block_rules(kind):
       yield Entry(f"{prefix}model.layers.{i}.{rule.hf}", where + rule.ours, stack, rule)
+  if cfg.vision is not None:
+    yield from vision_entries(cfg)
+
+
+def vision_entries(cfg: ModelConfig) -> Iterator[Entry]:
+  """The vision tower and projector of a multimodal model (HF names are not prefixed)."""
+  for rule in VISION_TOP_RULES:
+    yield Entry("vision_model." + rule.hf, ("vision", *rule.ours), None, rule)
+  for i in range(cfg.vision.num_layers):
+    for rule in VISION_LAYER_RULES:
+      yield Entry(f"vision_model.model.layers.{i}.{rule.hf}", ("vision", "layers", *rule.ours), i, rule)
+  yield Entry(PROJECTOR.hf, PROJECTOR.ours, None, PROJECTOR)

@@ -106,6 +106,31 @@ class _ReadAndTokenize(grain.transforms.Map):
     return tokens
 
 
+class _ReadScored(_ReadAndTokenize):
+  """Record of `generate --score` → {doc: ids, topk_ids / topk_logp: [len, k]} (offline distillation)."""
+
+  def __init__(self, corpus: Corpus, tokenizer: Tokenizer, k: int):
+    super().__init__(corpus, tokenizer)
+    self.k = k
+
+  def map(self, index: Any) -> dict[str, np.ndarray] | None:
+    rec, where = self.corpus.record(int(index)), self.corpus.where(int(index))
+    try:
+      ids = np.asarray(rec["ids"], np.int32)
+      top_ids = np.asarray(rec["topk_ids"], np.int32)
+      top_lp = np.asarray(rec["topk_logprobs"], np.float32)
+    except KeyError as e:
+      raise DataError(f"{where}: missing field {e.args[0]!r} (write records with `generate --score K`)") from None
+    if top_ids.shape != top_lp.shape or top_ids.ndim != 2 or len(top_ids) != len(ids) or top_ids.shape[1] < self.k:
+      raise DataError(f"{where}: topk_ids {top_ids.shape} / topk_logprobs {top_lp.shape} must be [len(ids) = "
+                      f"{len(ids)}, >= distill.topk = {self.k}]")
+    if len(ids) < MIN_TOKENS:
+      with self._lock:
+        self.skipped += 1
+      return None
+    return {"doc": ids, "topk_ids": top_ids[:, :self.k], "topk_logp": top_lp[:, :self.k]}
+
+
 def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray | None:
   """[BOS] + tokens + [EOS] as int32 (without a special the tokenizer lacks); None if too short."""
   tokens = tokenizer.encode(text)
@@ -132,12 +157,16 @@ class _SplitIntoPieces(grain.experimental.FlatMapTransform):
   def __init__(self, seq_len: int):
     self.seq_len = seq_len
 
-  def flat_map(self, doc: np.ndarray) -> list[dict[str, np.ndarray]]:
+  def flat_map(self, doc: np.ndarray | dict) -> list[dict[str, np.ndarray]]:
+    extra = {}
+    if isinstance(doc, dict):  # scored record: the teacher's top-k for each input position
+      extra = {"teacher_topk_ids": doc["topk_ids"][:-1], "teacher_topk_logp": doc["topk_logp"][:-1]}
+      doc = doc["doc"]
     inputs, targets = doc[:-1], doc[1:]
     positions = np.arange(len(inputs), dtype=np.int32)
     t = self.seq_len
-    return [{"inputs": inputs[s:s + t], "targets": targets[s:s + t], "positions": positions[s:s + t]}
-            for s in range(0, len(inputs), t)]
+    return [{"inputs": inputs[s:s + t], "targets": targets[s:s + t], "positions": positions[s:s + t],
+             **{k: v[s:s + t] for k, v in extra.items()}} for s in range(0, len(inputs), t)]
 
 
 class _Finalize(grain.transforms.Map):
@@ -150,7 +179,9 @@ class _Finalize(grain.transforms.Map):
     segment_ids_BT = batch["inputs_segment_ids"].astype(np.int32)
     real_BT = segment_ids_BT > 0
     # Rows added by batch_and_pad are all zeros; set every padding slot to the pad id alike.
+    extra = {k: batch[k] for k in ("teacher_topk_ids", "teacher_topk_logp") if k in batch}
     return {
+        **extra,
         "inputs": np.where(real_BT, batch["inputs"], self.pad_id).astype(np.int32),
         "targets": np.where(real_BT, batch["targets"], self.pad_id).astype(np.int32),
         "segment_ids": segment_ids_BT,
@@ -238,8 +269,11 @@ def _noop() -> None:
 
 def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: int, batch_size: int,
                   seed: int, process_index: int, process_count: int,
-                  num_epochs: int | None = None) -> DataIterator:
+                  num_epochs: int | None = None, teacher_topk: int = 0) -> DataIterator:
   """Batches of `split` for process `process_index` of `process_count` (see the module docstring).
+
+  `teacher_topk` > 0: the source is a JSONL written by `generate --score`; records give the token ids
+  (not re-tokenized) and batches add teacher_topk_ids int32 / teacher_topk_logp float32 [B, T, k].
 
   `batch_size` is per process. `seed` drives the train shuffle and packing-row order (callers pass
   data_cfg.shuffle_seed or one derived from it). `num_epochs=None` repeats forever; with a number, the
@@ -266,7 +300,11 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   _check_usable(corpus, tokenizer, ids_N[start:end], split)
 
   seed = int(seed) % 2**32  # grain's shuffle takes 32-bit seeds
-  reader = _ReadAndTokenize(corpus, tokenizer)
+
+  def topk_struct(value):
+    return {"teacher_topk_ids": value, "teacher_topk_logp": value} if teacher_topk else {}
+
+  reader = _ReadScored(corpus, tokenizer, teacher_topk) if teacher_topk else _ReadAndTokenize(corpus, tokenizer)
   ds = document_order(ids_N[start:end], shuffle=split == "train", seed=seed, num_epochs=num_epochs)
   ds = ds.map(reader).filter(_IsUsable())
   read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64)
@@ -274,13 +312,13 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   it = grain.experimental.FlatMapIterDataset(it, _SplitIntoPieces(seq_len))
   it = grain.experimental.FirstFitPackIterDataset(
       it,
-      length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len},
+      length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len, **topk_struct(seq_len)},
       num_packing_bins=max(batch_size, MIN_PACKING_BINS),
       seed=seed,
       shuffle_bins=split == "train",
       # Our own positions (continuing through long documents) are packed as given, not re-derived.
       meta_features=("positions",),
-      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0},
+      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0, **topk_struct(0)},
   )
   # A last partial batch (finite epochs) is filled with empty rows, not dropped: eval sees every document.
   pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
@@ -297,6 +335,7 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   fingerprint = dict(num_documents=len(corpus), heldout_fraction=data_cfg.heldout_fraction, split=split,
                      seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
                      process_count=process_count, num_epochs=num_epochs, worker_count=data_cfg.worker_count,
+                     **({"teacher_topk": teacher_topk} if teacher_topk else {}),
                      tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.bos_id}:"
                                f"{tokenizer.eos_id}")
   return DataIterator(it, fingerprint, reader, num_documents=end - start)

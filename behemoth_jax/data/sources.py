@@ -152,6 +152,22 @@ class _JsonlFile(_FileDocs):
     where = self.where(i)
     return self._from_json(self._decode(data, where), where)
 
+  def record(self, i: int) -> dict:
+    """The whole JSON object of line i (offline distillation records)."""
+    if self._fd is None:
+      with self._lock:
+        if self._fd is None:
+          self._fd = os.open(self.path, os.O_RDONLY)
+    start, end = int(self.starts_N[i]), int(self.ends_N[i])
+    where = self.where(i)
+    try:
+      obj = json.loads(self._decode(os.pread(self._fd, end - start, start), where))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+      raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
   def __del__(self):
     if getattr(self, "_fd", None) is not None:
       os.close(self._fd)
@@ -319,6 +335,13 @@ class Corpus:
       return self._texts[int(i)]
     f, j = self._locate(i)
     return self.files[f][j]
+
+  def record(self, i: int) -> dict:
+    """The JSON object of document i (JSONL sources only)."""
+    f, j = (None, None) if self._texts is not None else self._locate(i)
+    if f is None or not hasattr(self.files[f], "record"):
+      raise DataError(f"{self.name}: records with fields are only read from .jsonl files")
+    return self.files[f].record(j)
 
   def where(self, i: int) -> str:
     """The file (and line / record) of document i, for messages."""
