@@ -1,0 +1,140 @@
+"""Generation: greedy decoding vs transformers `generate`, caches vs full forward, sampling, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from behemoth_jax.convert import load_hf
+from behemoth_jax.generate import Generator, Sampling, decode_logits, main, prefill_logits, sample
+from hf_utils import MM_IDS, make_hf_mm_model, make_hf_model, save_hf
+
+CONFIGS = {
+    # 8 layers (scanned cycles), chunk 5: the 13-token prompt spans 3 chunks, decoding crosses 2 more
+    "scout_like": dict(num_hidden_layers=8),
+    # interleave 2, no qk-norm, chunk 3, 6 layers (cycle + tail)
+    "maverick_like": dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=6, attention_chunk_size=3),
+    # top-2, irregular layer lists, MQA
+    "irregular_top2": dict(num_hidden_layers=5, moe_layers=[0, 2, 3], no_rope_layers=[1, 0, 1, 1, 0],
+                           num_experts_per_tok=2, num_key_value_heads=1),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  out = {}
+  for i, (name, overrides) in enumerate(CONFIGS.items()):
+    hf = make_hf_model(seed=20 + i, **overrides)
+    path = tmp_path_factory.mktemp(name)
+    save_hf(hf, path)
+    out[name] = (hf, load_hf(path, dtype="float32"))
+  return out
+
+
+def _hf_greedy(hf, prompt, n, **kw):
+  with torch.no_grad():
+    out = hf.generate(torch.as_tensor(np.asarray(prompt)[None]), max_new_tokens=n, do_sample=False, eos_token_id=2,
+                      pad_token_id=0, **kw)
+  return out[0, len(prompt):].numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_padded_batch_equals_hf_generate_per_prompt(models, name):
+  """A left-padded batch (true positions) decodes each row exactly as HF decodes it alone."""
+  hf, ours = models[name]
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, 97, n) for n in (13, 4, 9)]
+  got = Generator(ours, stop_ids=(2,), pad_id=0, bucket=8)(prompts, 12)
+  for prompt, row in zip(prompts, got, strict=True):
+    want = _hf_greedy(hf, prompt, 12)
+    assert list(row) == list(want[:len(row)]), (len(prompt), row, want)
+
+
+@pytest.mark.parametrize("name", ["scout_like", "maverick_like"])
+def test_incremental_decode_equals_full_forward(models, name):
+  _, ours = models[name]
+  ids = np.random.default_rng(2).integers(3, 97, (2, 19))
+  full = np.asarray(ours(ids))
+  logits, caches, pos = prefill_logits(ours, ids[:, :7], max_len=19)
+  errs = [np.abs(np.asarray(logits) - full[:, 6]).max()]
+  for t in range(7, 19):
+    logits, caches = decode_logits(ours, caches, ids[:, t], pos + (t - 6))
+    errs.append(np.abs(np.asarray(logits) - full[:, t]).max())
+  assert max(errs) <= 1e-4, errs
+
+
+def test_chunked_cache_size_is_independent_of_length(models):
+  _, ours = models["scout_like"]  # chunk 5; layers 3 and 7 global
+  short, long = ours.init_cache(2, 40), ours.init_cache(2, 4000)
+  for s, l, kind in zip(short["cycles"], long["cycles"], range(4), strict=True):
+    if kind == 3:  # the global (NoPE) layer of the cycle keeps every token
+      assert s.k_BSKH.shape[2] == 40 and l.k_BSKH.shape[2] == 4000
+    else:
+      assert s.k_BSKH.shape == l.k_BSKH.shape == (2, 2, 5, 2, 10)  # [cycles, B, chunk, K, H]
+      assert s.pos_BS.shape == l.pos_BS.shape
+
+
+def test_multimodal_prompt_equals_hf_generate(tmp_path):
+  hf = make_hf_mm_model(seed=3)
+  save_hf(hf, tmp_path)
+  ours = load_hf(tmp_path, dtype="float32")
+  rng = np.random.default_rng(3)
+  patch, tpt = MM_IDS["image_token_index"], ours.cfg.vision.tokens_per_tile
+  prompt = np.concatenate([rng.integers(3, 88, 3), [90], [patch] * tpt, [91], rng.integers(3, 88, 4)])
+  pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32)
+  got = Generator(ours, stop_ids=(2,), pad_id=0, bucket=4)([prompt], 8, pixel_values=pixels)[0]
+  want = _hf_greedy(hf, prompt, 8, pixel_values=torch.as_tensor(pixels))
+  assert list(got) == list(want[:len(got)])
+
+
+def test_sampling_rules():
+  import jax
+
+  logits = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32))
+  key = jax.random.key(0)
+  greedy = np.asarray(sample(logits, key, Sampling()))
+  assert (np.asarray(sample(logits, key, Sampling(temperature=1.0, top_k=1))) == greedy).all()
+  assert (np.asarray(sample(logits, key, Sampling(temperature=1.0, top_p=1e-6))) == greedy).all()
+  top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  draws = np.stack([np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=2.0, top_k=3)))
+                    for s in range(64)])
+  assert all(set(draws[:, b]) <= set(top3[b]) for b in range(4)) and len(set(draws[:, 0])) > 1
+  # top-p 0.5 keeps the smallest prefix of the sorted distribution whose mass reaches 0.5
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  draws = np.stack([np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=1.0, top_p=0.5)))
+                    for s in range(64)])
+  for b in range(4):
+    order = np.argsort(-probs[b])
+    keep = order[:np.searchsorted(np.cumsum(probs[b][order]), 0.5) + 1]
+    assert set(draws[:, b]) <= set(keep)
+
+
+def test_cli_generate_and_score(tmp_path):
+  hf = make_hf_model(seed=4, vocab_size=272, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+  save_hf(hf, tmp_path / "hf")
+  (tmp_path / "cfg.yaml").write_text("model: {dtype: float32, param_dtype: float32}\n")
+  (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n{"prompt": "a longer prompt"}\n')
+  common = ["--config", str(tmp_path / "cfg.yaml"), "--hf", str(tmp_path / "hf")]
+  assert main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+               "--max-new-tokens", "5"]) == 0
+  rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+  want = _hf_greedy_bytes(hf, "hello", 5)
+  assert rows[0]["prompt"] == "hello" and rows[0]["completion_ids"] == want[:len(rows[0]["completion_ids"])]
+  # an existing output is refused with one line
+  assert main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+  (tmp_path / "t.jsonl").write_text('{"text": "score me"}\n')
+  assert main([*common, "--prompts", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s.jsonl"),
+               "--score", "3"]) == 0
+  rec = json.loads((tmp_path / "s.jsonl").read_text())
+  ids = np.asarray(rec["ids"])[None]
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(torch.as_tensor(ids)).logits, -1)[0].numpy()
+  np.testing.assert_allclose(np.asarray(rec["topk_logprobs"]), -np.sort(-logp, axis=-1)[:, :3], atol=1e-4)
+
+
+def _hf_greedy_bytes(hf, text, n):
+  prompt = [256, *text.encode()]
+  with torch.no_grad():
+    out = hf.generate(torch.as_tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=257, pad_token_id=258)
+  return out[0, len(prompt):].tolist()
