@@ -339,7 +339,7 @@ class DistillConfig:
   teacher: str | None = None  # orbax checkpoint of the teacher (a step dir or a train.py run dir)
   teacher_config: str | None = None  # the teacher's YAML config (its model section); default: the student's
   topk: int = 0  # > 0: offline targets — data.source is a JSONL from `generate --score K` (K >= topk)
-  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · teacher's p(label))
+  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − Σ p_teacher²))
   alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
   temperature: float = 1.0
 

@@ -49,7 +49,9 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     drop_sorted = jnp.cumsum(probs, axis=-1) - probs > s.top_p  # keep the smallest set reaching top_p
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  # One key per row: a row's draw does not depend on which other rows share the batch (or its padding).
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0]))
+  return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, logits).astype(jnp.int32)
 
 
 def left_pad(prompts: list[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -108,26 +110,45 @@ def _generate(graphdef, params, ids_BT, mask_BT, pixel_values, *, max_new: int, 
 
 
 class Generator:
-  """Compiled prefill + decode loop for one model (recompiles per prompt length bucket and batch)."""
+  """Compiled prefill + decode loop for one model (recompiles per prompt length bucket and batch).
+
+  With `mesh`, the model's parameters are placed by the sharding rules and generation runs on the
+  mesh (the batch is padded with empty rows to a multiple of the token-sharding axes)."""
 
   def __init__(self, model, *, stop_ids: tuple[int, ...], pad_id: int, sampling: Sampling = Sampling(),
-               bucket: int = 64):
+               bucket: int = 64, mesh=None):
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.stop_ids, self.pad_id, self.sampling, self.bucket = tuple(stop_ids), pad_id, sampling, bucket
+    self.mesh, self.rows_multiple = mesh, 1
+    if mesh is not None:
+      from sharding.api import place
+      from sharding.rules import BATCH_AXES
+
+      self.params = place(self.params, mesh)
+      self.rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     self._jit = {}
 
   def __call__(self, prompts: list[np.ndarray], max_new_tokens: int,
                pixel_values: np.ndarray | None = None) -> list[np.ndarray]:
     """Completions (without the prompt, cut after the first stop token) for left-padded `prompts`."""
-    ids, mask = left_pad([np.asarray(p, np.int32) for p in prompts], self.pad_id, self.bucket)
+    n = len(prompts)
+    rows = [np.asarray(p, np.int32) for p in prompts]
+    rows += [np.asarray([self.pad_id], np.int32)] * ((-n) % self.rows_multiple)  # filler rows, dropped below
+    ids, mask = left_pad(rows, self.pad_id, self.bucket)
+    mask[n:] = 0
     fn = self._jit.get(max_new_tokens)
     if fn is None:
       fn = self._jit[max_new_tokens] = jax.jit(partial(
           _generate, self.graphdef, max_new=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
           sampling=self.sampling))
-    out, _ = fn(self.params, ids, mask, pixel_values)
-    out = np.asarray(out)
+    if self.mesh is None:
+      out, _ = fn(self.params, ids, mask, pixel_values)
+    else:
+      from sharding.api import use_mesh
+      with use_mesh(self.mesh):
+        out, _ = fn(self.params, ids, mask, pixel_values)
+    out = np.asarray(out)[:n]
     results = []
     for row in out:
       hits = np.nonzero(np.isin(row, self.stop_ids))[0]
@@ -231,9 +252,17 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  mesh = None
+  if jax.device_count() > 1:  # a multi-device host: generate on the config's mesh
+    from sharding.mesh import ShardingError, make_mesh
+    try:
+      mesh = make_mesh(cfg.parallel)
+    except ShardingError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   stop = tuple(model.cfg.eos_token_ids) or ((tok.eos_id,) if tok.eos_id is not None else ())
   gen = Generator(model, stop_ids=stop, pad_id=tok.pad_id,
-                  sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+                  sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed), mesh=mesh)
   tmp = out.with_name(out.name + ".tmp")
   new_tokens, t0 = 0, time.perf_counter()
   bar = tqdm(total=len(records), unit="prompt", dynamic_ncols=True)

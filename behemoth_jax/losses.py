@@ -69,7 +69,7 @@ def router_z_loss(stats: MoEStats) -> jax.Array:
 
 def distillation_terms(student_logits_BTV: jax.Array, teacher_logp_BTK: jax.Array, targets_BT: jax.Array,
                        temperature: float, teacher_ids_BTK: jax.Array | None = None):
-  """Per-token (hard CE, soft KL, teacher probability of the label), all float32 [B, T].
+  """Per-token (hard CE, soft KL, teacher margin max_v p_T(v) − p_T(label)), all float32 [B, T].
 
   Teacher: log-probs over the whole vocabulary (online: `teacher_ids_BTK` None, K = V) or its top-k
   (offline records: `teacher_ids_BTK` the token ids). Soft targets are the teacher's distribution at
@@ -87,22 +87,25 @@ def distillation_terms(student_logits_BTV: jax.Array, teacher_logp_BTK: jax.Arra
   else:
     tau_s = jnp.take_along_axis(tau_s, teacher_ids_BTK, axis=-1)
     label_p = jnp.sum(jnp.where(teacher_ids_BTK == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
+  # How far the teacher's favourite is ahead of the observed label (0 when it ranks the label top-1).
+  margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
   kl = temperature**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
-  return ce, kl, label_p
+  return ce, kl, margin
 
 
-def soft_weight(kind: str, alpha: float, label_p_BT: jax.Array, progress: jax.Array) -> jax.Array:
+def soft_weight(kind: str, alpha: float, margin_BT: jax.Array, progress: jax.Array) -> jax.Array:
   """Weight w of the soft term per token; the loss is (1 − w)·CE + w·KL.
 
-  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic (default): α·p_T(label) — the
-  teacher is followed where it agrees with the data, the label where the teacher is unsure or wrong.
+  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic (default):
+  α·(1 − (max_v p_T(v) − p_T(label))): the teacher's full distribution wherever it ranks the observed
+  token first, giving way to the label by as much as the teacher's favourite beats it.
   """
   if kind == "none":
-    return jnp.zeros_like(label_p_BT)
+    return jnp.zeros_like(margin_BT)
   if kind == "fixed":
-    return jnp.full_like(label_p_BT, alpha)
+    return jnp.full_like(margin_BT, alpha)
   if kind == "scheduled":
-    return jnp.full_like(label_p_BT, alpha) * (1.0 - progress)
+    return jnp.full_like(margin_BT, alpha) * (1.0 - progress)
   if kind == "dynamic":
-    return alpha * label_p_BT
+    return alpha * (1.0 - margin_BT)
   raise ValueError(f"distill.weight: must be one of {DISTILL_WEIGHTS}, got {kind!r}")

@@ -89,8 +89,8 @@ def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens:
       th, _ = teacher.forward(teacher.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"],
                               batch["segment_ids"])
       t_logp, t_ids = jax.nn.log_softmax(teacher.logits(th), axis=-1), None
-    ce, kl, label_p = distillation_terms(model.logits(h), t_logp, batch["targets"], dc.temperature, t_ids)
-    w = soft_weight(dc.weight, dc.alpha, label_p, progress)
+    ce, kl, margin = distillation_terms(model.logits(h), t_logp, batch["targets"], dc.temperature, t_ids)
+    w = soft_weight(dc.weight, dc.alpha, margin, progress)
     m = batch["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(((1 - w) * ce + w * kl) * m)
     extra = {"hard_ce": jnp.sum(ce * m) / total_tokens, "soft_kl": jnp.sum(kl * m) / total_tokens,

@@ -138,3 +138,21 @@ def _hf_greedy_bytes(hf, text, n):
   with torch.no_grad():
     out = hf.generate(torch.as_tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=257, pad_token_id=258)
   return out[0, len(prompt):].tolist()
+
+
+def test_generation_on_a_mesh_equals_one_device():
+  """Parameters sharded fsdp 4 × expert 2 (experts exchanged by all-to-all), batch padded to 8 rows."""
+  from behemoth_jax.config import ParallelConfig, load_config
+  from behemoth_jax.transformer import create_model
+  from sharding.mesh import make_mesh
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=4", "model.attention_chunk_size=8"]).model
+  model = create_model(cfg, seed=5)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, 256, n) for n in (11, 3, 20)]
+  sampling = Sampling(temperature=0.7, top_k=20, seed=3)
+  want = Generator(model, stop_ids=(257,), pad_id=258, sampling=sampling, bucket=8)(prompts, 10)
+  mesh = make_mesh(ParallelConfig(fsdp=4, expert=2))
+  got = Generator(model, stop_ids=(257,), pad_id=258, sampling=sampling, bucket=8, mesh=mesh)(prompts, 10)
+  for a, b in zip(got, want, strict=True):
+    assert list(a) == list(b)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 import train
 from behemoth_jax.config import load_config
@@ -168,3 +169,29 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert proc.returncode == 0, log[-2000:]
   saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved >= 3 and f"saved step {saved}" in log
+
+
+def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
+  from behemoth_jax import generate
+  from behemoth_jax.checkpoint import restore_params
+
+  teacher, student = tmp_path / "teacher", tmp_path / "student"
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, "train.steps=2", f"train.out_dir={teacher}"]) == 0
+  small = ["model.num_layers=2", "model.hidden_size=64", "model.head_dim=16"]
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, *small, "train.steps=2", f"distill.teacher={teacher}",
+                     "distill.teacher_config=configs/tiny.yaml", f"train.out_dir={student}"]) == 0
+  rec = _metrics(student)[2]
+  assert rec["soft_kl"] > 0 and 0 < rec["soft_weight"] < 1 and rec["hard_ce"] > 0
+  assert train.main(["--config", "configs/tiny.yaml", *SMALL, f"distill.teacher={tmp_path / 'nope'}",
+                     f"train.out_dir={tmp_path / 'x'}"]) == 2
+  assert "distill.teacher:" in capsys.readouterr().err
+  # The generate CLI on the teacher's run directory (latest step; 8 devices: on the config's mesh)
+  (tmp_path / "p.jsonl").write_text('{"prompt": "def "}\n')
+  assert generate.main(["--config", "configs/tiny.yaml", "--ckpt", str(teacher), "--prompts",
+                        str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "6"]) == 0
+  got = json.loads((tmp_path / "o.jsonl").read_text())["completion_ids"]
+  cfg = load_config("configs/tiny.yaml")
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(cfg.model)))
+  params = restore_params(teacher, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
+  want = generate.Generator(nnx.merge(graphdef, params), stop_ids=(257,), pad_id=258)([[256, *b"def "]], 6)[0]
+  assert got == want.tolist()
