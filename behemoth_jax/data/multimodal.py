@@ -34,43 +34,37 @@ from behemoth_jax.data.errors import DataError
 from behemoth_jax.data.images import (best_canvas, check_layout_ids, image_prompt_ids, preprocess_image,
                                       preprocess_video, video_frames, video_prompt_ids)
 from behemoth_jax.data.pipeline import SPLITS, DataIterator, split_indices
+from behemoth_jax.data.sources import _JsonlFile
 from behemoth_jax.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 
 
 class _Records:
-  """JSON records of a JSONL or ArrayRecord file."""
+  """JSON records of a JSONL file (line-indexed, read on demand) or an ArrayRecord file."""
 
   def __init__(self, path: str, fmt: str):
     self.path, self.root = path, Path(path).parent
-    if fmt == "jsonl":
-      try:
-        lines = Path(path).read_bytes().splitlines()
-      except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-      self._raw = [(i, line) for i, line in enumerate(lines) if line.strip()]
-      self._where = [f"{path}: line {i + 1}" for i, _ in self._raw]
-      self._raw = [line for _, line in self._raw]
-    else:
+    self._jsonl = _JsonlFile(path, "text") if fmt == "jsonl" else None
+    if self._jsonl is None:
       try:
         self._raw = grain.sources.ArrayRecordDataSource([path])
       except Exception as e:  # array_record raises RuntimeError / ValueError for non-ArrayRecord files
         raise DataError(f"{path}: not a valid ArrayRecord file ({e})") from None
-      self._where = None
-    if len(self._raw) == 0:
-      raise DataError(f"{path}: empty file (no records)")
+      if len(self._raw) == 0:
+        raise DataError(f"{path}: empty file (no records)")
 
   def __len__(self) -> int:
-    return len(self._raw)
+    return len(self._jsonl if self._jsonl is not None else self._raw)
 
   def where(self, i: int) -> str:
-    return self._where[i] if self._where is not None else f"{self.path}: record {i}"
+    return self._jsonl.where(i) if self._jsonl is not None else f"{self.path}: record {i}"
 
   def __getitem__(self, i: int) -> dict:
-    raw = self._raw[i]
+    if self._jsonl is not None:
+      return self._jsonl.record(i)
     try:
-      obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+      obj = json.loads(self._raw[i].decode("utf-8"))
     except UnicodeDecodeError as e:
       raise DataError(f"{self.where(i)}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:

@@ -141,27 +141,26 @@ class _JsonlFile(_FileDocs):
   def where(self, i: int) -> str:
     return f"{self.path}:{int(self.lines_N[i])}"
 
-  def __getitem__(self, i: int) -> str:
+  def _line(self, i: int) -> tuple[str, str]:
+    """(text of line i, where) — decoded, not parsed."""
     if self._fd is None:
       with self._lock:
         if self._fd is None:
           self._fd = os.open(self.path, os.O_RDONLY)
     start, end = int(self.starts_N[i]), int(self.ends_N[i])
     # pread: no shared file position, so concurrent reads from grain's threads cannot interfere.
-    data = os.pread(self._fd, end - start, start)
     where = self.where(i)
-    return self._from_json(self._decode(data, where), where)
+    return self._decode(os.pread(self._fd, end - start, start), where), where
+
+  def __getitem__(self, i: int) -> str:
+    text, where = self._line(i)
+    return self._from_json(text, where)
 
   def record(self, i: int) -> dict:
-    """The whole JSON object of line i (offline distillation records)."""
-    if self._fd is None:
-      with self._lock:
-        if self._fd is None:
-          self._fd = os.open(self.path, os.O_RDONLY)
-    start, end = int(self.starts_N[i]), int(self.ends_N[i])
-    where = self.where(i)
+    """The whole JSON object of line i (multimodal and offline-distillation records)."""
+    text, where = self._line(i)
     try:
-      obj = json.loads(self._decode(os.pread(self._fd, end - start, start), where))
+      obj = json.loads(text)
     except json.JSONDecodeError as e:
       raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
