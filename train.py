@@ -65,7 +65,10 @@ def run(cfg, args) -> int:
   from jax.sharding import NamedSharding
   from tqdm import tqdm
 
-  from behemoth_jax.checkpoint import Checkpointer, restore_params
+  import yaml
+
+  from behemoth_jax.checkpoint import CONFIG_NAME, Checkpointer, restore_params
+  from behemoth_jax.config import to_dict
   from behemoth_jax.data import load_tokenizer
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
   from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer,
@@ -103,6 +106,9 @@ def run(cfg, args) -> int:
   ckpt = Checkpointer(out / "checkpoints", every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                       use_async=tc.async_checkpoints)
   writer = MetricsWriter(out, enabled=lead)
+  if lead:  # the run's config, for generation and export (behemoth-convert to-hf) of its checkpoints
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 

@@ -79,3 +79,21 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
   restored = ocp.PyTreeCheckpointer().restore(path.absolute(), args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return restored["params"]
+
+
+CONFIG_NAME = "config.yaml"
+
+
+def save_params(path: str | Path, params) -> None:
+  """Parameters alone as a checkpoint `restore_params` (and train.init_from) reads: PATH/state."""
+  ocp.PyTreeCheckpointer().save(Path(path).absolute() / "state", {"params": params})
+
+
+def find_config(path: str | Path) -> Path | None:
+  """The config.yaml written beside a checkpoint (behemoth-convert) or in its run directory (train.py):
+  PATH or up to three levels above it."""
+  path = Path(path).absolute()
+  for p in [path, *list(path.parents)[:3]]:
+    if (p / CONFIG_NAME).is_file():
+      return p / CONFIG_NAME
+  return None

@@ -1,6 +1,6 @@
 """Generation with KV caches: jitted prefill + a jitted decode loop; sampling; a CLI for synthetic data.
 
-`python -m behemoth_jax.generate --config CFG.yaml --ckpt RUN_OR_CKPT --prompts prompts.jsonl --out out.jsonl`
+`python -m behemoth_jax.generate --ckpt RUN_OR_CKPT --prompts prompts.jsonl --out out.jsonl [--config CFG.yaml]`
 
 Caches (attention.KVCache): chunked (RoPE) layers keep one chunk of keys in a ring — O(chunk) memory
 however long the generation — and global layers keep every token. Batches are left-padded; every row
@@ -177,10 +177,16 @@ def topk_logprobs(model, ids_BT: np.ndarray, k: int, segment_ids_BT: np.ndarray 
 
 
 # --- CLI ------------------------------------------------------------------------------------------
-def load_model(config: str, ckpt: str | None, hf: str | None, overrides: list[str]):
-  """(model, config) from our YAML config + an orbax checkpoint, or from a Hugging Face directory."""
-  from behemoth_jax.config import load_config
+def load_model(config: str | None, ckpt: str | None, hf: str | None, overrides: list[str]):
+  """(model, config) from an orbax checkpoint (config: given, or the config.yaml beside it) or from a
+  Hugging Face directory (its config.json; `config` then only supplies dtypes and the tokenizer)."""
+  from behemoth_jax.checkpoint import find_config
+  from behemoth_jax.config import ConfigError, load_config
 
+  if config is None and ckpt is not None:
+    config = find_config(ckpt)
+    if config is None:
+      raise ConfigError(f"--config: none given and no config.yaml beside {ckpt}")
   cfg = load_config(config, overrides)
   if hf:
     from behemoth_jax.convert import load_hf
@@ -219,7 +225,8 @@ def read_prompts(path: str, field: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m behemoth_jax.generate", description=__doc__.splitlines()[0])
-  p.add_argument("--config", required=True, help="YAML config of the model (and data.tokenizer)")
+  p.add_argument("--config", help="YAML config of the model and data.tokenizer (default: the config.yaml "
+                                   "beside --ckpt; with --hf: dtypes and tokenizer only)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--ckpt", help="orbax checkpoint: a step directory or a train.py run directory (latest step)")
   src.add_argument("--hf", help="Hugging Face save_pretrained directory instead")
@@ -248,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     field = args.field or ("text" if args.score else "prompt")
     records = read_prompts(args.prompts, field)
     model, cfg = load_model(args.config, args.ckpt, args.hf, args.overrides)
-    tok = load_tokenizer(cfg.data.tokenizer)
+    tok_path = cfg.data.tokenizer
+    if args.hf and args.config is None and (Path(args.hf) / "tokenizer.json").is_file():
+      tok_path = str(Path(args.hf) / "tokenizer.json")
+    tok = load_tokenizer(tok_path)
   except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import ExitStack
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config
 from behemoth_jax.convert.keymap import entries
+from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 from behemoth_jax.transformer import Llama4, abstract_model
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -45,7 +45,6 @@ class SafetensorsDir:
         hint = f" (found {bad[0]}: pickled checkpoints are never loaded; re-save with safetensors)" if bad else ""
         raise ConversionError(f"{path}: no .safetensors files{hint}")
       weight_map = None
-    self._stack = ExitStack()
     self._files = {}
     self.file_of: dict[str, str] = {}
     for name in files:
@@ -53,9 +52,9 @@ class SafetensorsDir:
       if not fp.is_file():
         raise ConversionError(f"{fp}: listed in model.safetensors.index.json but missing")
       try:
-        handle = self._stack.enter_context(safe_open(str(fp), framework="np"))
-      except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ConversionError(f"{fp}: not a readable safetensors file ({e})") from None
+        handle = SafetensorsFile(fp)
+      except SafetensorsError as e:
+        raise ConversionError(str(e)) from None
       self._files[name] = handle
       for key in handle.keys():
         self.file_of[key] = name
@@ -70,10 +69,11 @@ class SafetensorsDir:
   def get(self, name: str) -> np.ndarray:
     if name not in self.file_of:
       raise ConversionError(f"{name}: missing from checkpoint {self.path}")
-    return self._files[self.file_of[name]].get_tensor(name)
+    return self._files[self.file_of[name]].get(name)
 
   def close(self) -> None:
-    self._stack.close()
+    for handle in self._files.values():
+      handle.close()
 
 
 def read_config(path: Path) -> dict:
@@ -90,7 +90,7 @@ def _text_prefix(hf_cfg: dict) -> str:
   return ""
 
 
-def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None,
+def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None, progress: bool = False,
             **config_overrides) -> Llama4:
   """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
 
@@ -98,6 +98,7 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     path: directory with config.json and model*.safetensors (+ index when sharded).
     dtype: parameter dtype ("float32", "bfloat16", "float16").
     compute_dtype: activation dtype; defaults to `dtype`.
+    progress: show a progress bar (bytes read, bytes/s).
     config_overrides: ModelConfig fields to set (e.g. scan_layers=False, moe_impl="dense").
   Returns:
     The model; `model(input_ids_BT)` gives float32 logits [B, T, V].
@@ -115,12 +116,12 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     raise ConversionError(f"{path / 'config.json'}: {e}") from None
   source = SafetensorsDir(path)
   try:
-    return _assemble(cfg, source, _text_prefix(hf_cfg))
+    return _assemble(cfg, source, _text_prefix(hf_cfg), progress)
   finally:
     source.close()
 
 
-def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4:
+def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> Llama4:
   abstract = abstract_model(cfg)
   graphdef, abs_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(abs_state))
@@ -133,27 +134,37 @@ def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4:
   assert not unfilled, f"model leaves with no HF source: {unfilled[:3]}"
   consumed: set[str] = set()
   values = {}
-  for leaf, leaf_entries in by_leaf.items():
-    target = flat[leaf].get_value()
-    stacked = leaf_entries[0].stack is not None
-    per_layer_shape = target.shape[1:] if stacked else target.shape
-    host = np.empty(target.shape, np.dtype(target.dtype))
-    for entry in leaf_entries:
-      raw = source.get(entry.hf_name)
-      if raw.dtype.name not in SUPPORTED_DTYPES:
-        raise ConversionError(f"{entry.hf_name}: unsupported dtype {raw.dtype.name}")
-      if entry.rule.part is not None and raw.shape[-1] % entry.rule.part[1]:
-        raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
-      value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
-      if value is None or value.shape != per_layer_shape:
-        raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
-                              f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
-      if stacked:
-        host[entry.stack] = value
-      else:
-        host[...] = value
-      consumed.add(entry.hf_name)
-    values[leaf] = jnp.asarray(host)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {source.path}")
+  try:
+    for leaf, leaf_entries in by_leaf.items():
+      target = flat[leaf].get_value()
+      stacked = leaf_entries[0].stack is not None
+      per_layer_shape = target.shape[1:] if stacked else target.shape
+      host = np.empty(target.shape, np.dtype(target.dtype))
+      for entry in leaf_entries:
+        raw = source.get(entry.hf_name)
+        if raw.dtype.name not in SUPPORTED_DTYPES:
+          raise ConversionError(f"{entry.hf_name}: unsupported dtype {raw.dtype.name}")
+        if entry.rule.part is not None and raw.shape[-1] % entry.rule.part[1]:
+          raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
+        value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
+        if value is None or value.shape != per_layer_shape:
+          raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
+                                f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
+        if stacked:
+          host[entry.stack] = value
+        else:
+          host[...] = value
+        consumed.add(entry.hf_name)
+        if bar is not None:
+          bar.update(raw.nbytes // (entry.rule.part[1] if entry.rule.part else 1))
+      values[leaf] = jnp.asarray(host)
+  finally:
+    if bar is not None:
+      bar.close()
   unexpected = sorted(source.keys() - consumed)
   if unexpected:
     raise ConversionError(f"{unexpected[0]}: unexpected tensor in checkpoint "
@@ -163,10 +174,37 @@ def _assemble(cfg: ModelConfig, source: SafetensorsDir, prefix: str) -> Llama4:
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+class _StateDictSource:
+  """A torch state dict (name → tensor) read like a checkpoint directory."""
+
+  def __init__(self, state_dict: dict):
+    self.sd = state_dict
+    self.path = "state_dict"
+
+  def keys(self) -> set[str]:
+    return set(self.sd)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.sd:
+      raise ConversionError(f"{name}: missing from the state dict")
+    t = self.sd[name].detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret the bits
+      import ml_dtypes
+      import torch
+      return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def from_torch_state_dict(state_dict: dict, config: ModelConfig) -> Llama4:
+  """Our model from an in-memory HF Llama4 state dict (`hf_model.state_dict()`) and our config
+  (e.g. `from_hf_config(hf_model.config.to_dict(), param_dtype=...)`)."""
+  prefix = "language_model." if config.vision is not None else ""
+  return _assemble(config, _StateDictSource(state_dict), prefix)
+
+
 def _expected_hf_shape(entry, cfg, ours_shape) -> tuple[int, ...]:
-  """The HF shape that would map to `ours_shape` (inverse transform applied to a dummy)."""
-  dummy = np.zeros(ours_shape, np.int8)
-  shape = entry.rule.to_hf(dummy, cfg).shape
+  """The HF shape that would map to `ours_shape` (the inverse transform traced on shapes only)."""
+  shape = jax.eval_shape(lambda a: entry.rule.to_hf(a, cfg), jax.ShapeDtypeStruct(ours_shape, np.float32)).shape
   if entry.rule.part is not None:
     shape = (*shape[:-1], shape[-1] * entry.rule.part[1])
   return tuple(shape)

@@ -1,0 +1,136 @@
+"""behemoth-convert: Hugging Face (PyTorch safetensors) checkpoints to and from behemoth-jax checkpoints.
+
+  behemoth-convert from-hf HF_DIR OUT_DIR [--dtype bfloat16] [--mesh fsdp=8,expert=2]
+      → OUT_DIR/state (orbax: parameters) + OUT_DIR/config.yaml; train.py loads it with
+        train.init_from=OUT_DIR, generation with --ckpt OUT_DIR.
+  behemoth-convert to-hf CKPT OUT_DIR [--config C.yaml] [--max-shard-size 5GB] [--dtype bfloat16]
+      CKPT: a from-hf output, a train.py run directory (its latest step; optimizer state is left
+      behind) or a step directory. The config is read from --config or the config.yaml beside CKPT.
+      → config.json, generation_config.json, model-000NN-of-000MM.safetensors (+ index), loadable by
+        transformers: Llama4ForCausalLM (text) or Llama4ForConditionalGeneration (with vision).
+Both write to a temporary directory renamed at the end; an existing OUT_DIR needs --overwrite.
+Errors are one line naming the tensor, field or file, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def _parse_mesh(text: str | None):
+  from behemoth_jax.config import ConfigError, ParallelConfig
+
+  if not text:
+    return None
+  sizes = {}
+  for part in text.split(","):
+    key, _, value = part.partition("=")
+    if key not in ("data", "fsdp", "expert", "tensor", "context") or not value.lstrip("-").isdigit():
+      raise ConfigError(f"--mesh: cannot read {part!r} (e.g. fsdp=8,expert=2)")
+    sizes[key] = int(value)
+  return ParallelConfig(**{"fsdp": 1, **sizes})
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def from_hf(args) -> str:
+  import yaml
+
+  from behemoth_jax.checkpoint import CONFIG_NAME, save_params
+  from behemoth_jax.config import Config, to_dict
+  from behemoth_jax.convert.hf import load_hf
+
+  out = Path(args.out_dir)
+  _check_out(out, args.overwrite)
+  parallel = _parse_mesh(args.mesh)
+  model = load_hf(args.hf_dir, dtype=args.dtype, progress=True)
+  from flax import nnx
+
+  params = nnx.state(model, nnx.Param)
+  if parallel is not None:
+    from sharding.api import place
+    from sharding.mesh import make_mesh
+    params = place(params, make_mesh(parallel))
+  tmp = out.with_name(out.name + ".tmp-convert")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    save_params(tmp, params)
+    cfg = Config(model=model.cfg, **({"parallel": parallel} if parallel else {}))
+    (tmp / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if out.exists():
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  return f"wrote {out} (parameters + {CONFIG_NAME}); train with train.init_from={out}"
+
+
+def to_hf(args) -> str:
+  import jax
+  from flax import nnx
+
+  from behemoth_jax.checkpoint import find_config, restore_params
+  from behemoth_jax.config import load_config
+  from behemoth_jax.convert.export import save_hf
+  from behemoth_jax.transformer import create_model
+
+  out = Path(args.out_dir)
+  _check_out(out, args.overwrite)
+  config = args.config or find_config(args.ckpt)
+  if config is None:
+    raise FileNotFoundError(f"{args.ckpt}: no config.yaml beside the checkpoint; pass --config")
+  cfg = load_config(config).model
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+  params = restore_params(args.ckpt, target, what="CKPT")
+  save_hf(nnx.merge(graphdef, params), out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+          overwrite=args.overwrite, progress=True)
+  arch = "Llama4ForConditionalGeneration" if cfg.vision is not None else "Llama4ForCausalLM"
+  return f"wrote {out} ({arch}); load with transformers {arch}.from_pretrained({str(out)!r})"
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="behemoth-convert", description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="\n".join(__doc__.splitlines()[1:]))
+  sub = p.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("from-hf", help="Hugging Face directory → orbax checkpoint + config.yaml")
+  a.add_argument("hf_dir")
+  a.add_argument("out_dir")
+  a.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                 help="parameter dtype (default: %(default)s)")
+  a.add_argument("--mesh", help="place the parameters on a mesh before saving, e.g. fsdp=8,expert=2")
+  a.add_argument("--overwrite", action="store_true")
+  b = sub.add_parser("to-hf", help="our checkpoint → Hugging Face directory (safetensors shards)")
+  b.add_argument("ckpt")
+  b.add_argument("out_dir")
+  b.add_argument("--config", help="our YAML config (default: the config.yaml beside CKPT)")
+  b.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default: %(default)s)")
+  b.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: the checkpoint's")
+  b.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  from behemoth_jax.config import ConfigError
+  from behemoth_jax.convert.hf import ConversionError
+  from sharding.mesh import ShardingError
+
+  t0 = time.perf_counter()
+  try:
+    message = from_hf(args) if args.command == "from-hf" else to_hf(args)
+  except (ConversionError, ConfigError, ShardingError, FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{message} [{time.perf_counter() - t0:.1f}s]")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,165 @@
+"""Our model → Hugging Face: safetensors shards + index + config.json + generation_config.json, and
+in-memory torch state dicts.
+
+Tensors are produced one at a time from the key table (convert/keymap.py: each rule's `to_hf`; the
+fused expert `gate_up_proj` is the concatenation of our gate and up leaves) and streamed into the
+shard files, so the only extra host memory is the leaves in use (one stacked leaf, two for gate_up)
+and one tensor. The directory is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from behemoth_jax.config import ModelConfig, to_hf_config
+from behemoth_jax.convert.keymap import Entry, entries
+from behemoth_jax.convert.safetensors_io import write_safetensors
+
+
+def _prefix(cfg: ModelConfig) -> str:
+  return "language_model." if cfg.vision is not None else ""
+
+
+def tensor_groups(cfg: ModelConfig, num_cycles: int) -> list[tuple[str, list[Entry]]]:
+  """(HF name, its entries) in a leaf-major order: each stacked leaf is visited once, layer by layer."""
+  groups: dict[str, list[Entry]] = OrderedDict()
+  for e in entries(cfg, num_cycles, _prefix(cfg)):
+    groups.setdefault(e.hf_name, []).append(e)
+  for ents in groups.values():
+    ents.sort(key=lambda e: e.rule.part[0] if e.rule.part else 0)
+  leaf_order = {}
+  for ents in groups.values():
+    leaf_order.setdefault(ents[0].leaf, len(leaf_order))
+  return sorted(groups.items(), key=lambda kv: (leaf_order[kv[1][0].leaf], kv[1][0].stack or 0))
+
+
+def hf_shape(group: list[Entry], cfg: ModelConfig, leaf_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
+  """The HF tensor's shape, from our leaf's (no data touched)."""
+  per_layer = leaf_shape[1:] if group[0].stack is not None else leaf_shape
+  out = jax.eval_shape(lambda a: group[0].rule.to_hf(a, cfg), jax.ShapeDtypeStruct(per_layer, dtype)).shape
+  return (*out[:-1], out[-1] * len(group)) if len(group) > 1 else tuple(out)
+
+
+def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, numpy tensor) pairs of `model`, one tensor alive at a time (see the module docstring)."""
+  cfg = model.cfg
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  groups = tensor_groups(cfg, model.decoder.num_cycles)
+  last_use = {}
+  for i, (_, ents) in enumerate(groups):
+    for e in ents:
+      last_use[e.leaf] = i
+  host: dict = {}
+  for i, (name, ents) in enumerate(groups):
+    parts = []
+    for e in ents:
+      if e.leaf not in host:
+        host[e.leaf] = np.asarray(jax.device_get(flat[e.leaf].get_value()))
+      value = host[e.leaf] if e.stack is None else host[e.leaf][e.stack]
+      parts.append(e.rule.to_hf(value, cfg))
+    tensor = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    if dtype is not None:
+      tensor = tensor.astype(dtype)
+    for e in ents:
+      if last_use[e.leaf] == i:
+        host.pop(e.leaf, None)
+    yield name, np.ascontiguousarray(tensor)
+
+
+def to_torch_state_dict(model, dtype: str | None = None) -> dict:
+  """HF-named torch tensors (CPU) for `model.load_state_dict` of transformers' Llama4 classes."""
+  import torch
+
+  out = {}
+  for name, t in iter_hf_tensors(model, dtype):
+    if t.dtype.name == "bfloat16":
+      out[name] = torch.from_numpy(t.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+      out[name] = torch.from_numpy(t.copy())
+  return out
+
+
+def parse_size(text: str | int) -> int:
+  """'5GB', '500MB', '2GiB', 1000 → bytes (decimal units as HF uses them; *iB binary)."""
+  if isinstance(text, int):
+    return text
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"max_shard_size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
+  unit = m.group(2).upper().rstrip("B")
+  scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+           "TI": 2**40}[unit]
+  return int(float(m.group(1)) * scale)
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+  return {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id}
+
+
+def save_hf(model, path: str | Path, max_shard_size: str | int = "5GB", dtype: str | None = None,
+            overwrite: bool = False, progress: bool = False) -> Path:
+  """Writes a directory `transformers` loads with from_pretrained: Llama4ForCausalLM for a text model,
+  Llama4ForConditionalGeneration with `cfg.vision`. Returns the directory."""
+  cfg = model.cfg
+  path = Path(path)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+  limit = parse_size(max_shard_size)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  plan = []
+  for name, ents in tensor_groups(cfg, model.decoder.num_cycles):
+    leaf = flat[ents[0].leaf].get_value()
+    out_dtype = np.dtype(dtype) if dtype else np.dtype(leaf.dtype)
+    plan.append((name, hf_shape(ents, cfg, tuple(leaf.shape), leaf.dtype), out_dtype))
+  shards, size = [[]], 0
+  for item in plan:
+    nbytes = int(np.prod(item[1], dtype=np.int64)) * item[2].itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+  n = len(shards)
+  names = (["model.safetensors"] if n == 1 else
+           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  tmp = path.with_name(path.name + ".tmp-export")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in plan)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {path.name}")
+  try:
+    tensors = iter_hf_tensors(model, dtype)
+    for fname, shard in zip(names, shards, strict=True):
+      write_safetensors(tmp / fname, ((next(tensors)) for _ in shard), shard, metadata={"format": "pt"},
+                        on_bytes=bar.update if bar else None)
+    if n > 1:
+      weight_map = {name: fname for fname, shard in zip(names, shards, strict=True) for name, _, _ in shard}
+      (tmp / "model.safetensors.index.json").write_text(
+          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or plan[0][2].name)
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+  if path.exists():
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  return path

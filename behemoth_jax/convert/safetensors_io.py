@@ -1,0 +1,114 @@
+"""Memory-mapped safetensors reading and streaming writing, with bfloat16.
+
+Why not the `safetensors` package alone: its numpy API has no bfloat16 (the dtype of every released
+Llama 4 checkpoint: `safe_open(framework="np").get_tensor` raises on BF16), and `save_file` needs all
+of a file's tensors in memory at once. The format is small and fixed (https://github.com/huggingface/
+safetensors#format): 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes. Reading
+maps the file (a tensor costs pages only when touched); writing plans the header from shapes and
+dtypes, then streams tensors one at a time. Files written here load with `safetensors` and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+class SafetensorsError(ValueError):
+  """Not a readable safetensors file; the message names the file."""
+
+
+class SafetensorsFile:
+  """One .safetensors file, memory-mapped: `get(name)` is a read-only view (no copy until used)."""
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+    try:
+      with self.path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+          raise SafetensorsError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+          raise SafetensorsError(f"{self.path}: not a safetensors file (header length {n} is implausible)")
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      raise SafetensorsError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{self.path}: not a safetensors file (header is not a JSON object)")
+    self.metadata = header.pop("__metadata__", None) or {}
+    self.header: dict[str, dict] = header
+    self._data_start = 8 + n
+    size = self.path.stat().st_size
+    for name, info in header.items():
+      begin, end = info["data_offsets"]
+      if info["dtype"] not in DTYPES:
+        raise SafetensorsError(f"{name}: unsupported dtype {info['dtype']} in {self.path}")
+      want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+      if end - begin != want or self._data_start + end > size:
+        raise SafetensorsError(f"{name}: truncated or inconsistent in {self.path} "
+                               f"(needs {want} bytes at [{begin}, {end}), file has {size - self._data_start})")
+    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.header[name]["shape"])
+
+  def dtype(self, name: str) -> np.dtype:
+    return DTYPES[self.header[name]["dtype"]]
+
+  def get(self, name: str) -> np.ndarray:
+    info = self.header[name]
+    begin, end = info["data_offsets"]
+    raw = self._map[self._data_start + begin:self._data_start + end]
+    return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+  def close(self) -> None:
+    self._map = None
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
+                      plan: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str] | None = None,
+                      on_bytes=None) -> None:
+  """Writes `plan`'s tensors (name, shape, dtype, in that order) as they come from `tensors`, each
+  written and dropped before the next is produced. A tensor that does not match its plan raises."""
+  header: dict = {"__metadata__": metadata} if metadata else {}
+  offset = 0
+  for name, shape, dtype in plan:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * ((-len(blob)) % 8)  # the reference writer aligns the data to 8 bytes
+  with Path(path).open("wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    expected = iter(plan)
+    for name, array in tensors:
+      want = next(expected)
+      array = np.ascontiguousarray(array)
+      if (name, tuple(array.shape), array.dtype) != (want[0], tuple(want[1]), np.dtype(want[2])):
+        raise ValueError(f"{name}: {array.shape} {array.dtype} does not match the planned "
+                         f"{want[0]} {tuple(want[1])} {np.dtype(want[2])}")
+      if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+      f.write(memoryview(array.reshape(-1).view(np.uint8)))
+      if on_bytes is not None:
+        on_bytes(array.nbytes)

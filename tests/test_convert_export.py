@@ -1,0 +1,102 @@
+"""Export to Hugging Face: bitwise round trips, transformers loading our directories, the CLI, state dicts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from behemoth_jax.config import from_hf_config
+from behemoth_jax.convert import from_torch_state_dict, load_hf, save_hf, to_torch_state_dict
+from behemoth_jax.convert.cli import main as convert
+from behemoth_jax.convert.safetensors_io import SafetensorsFile
+from hf_utils import make_hf_mm_model, make_hf_model
+from hf_utils import save_hf as hf_save_pretrained
+
+MODELS = {
+    "text_interleave1": lambda: make_hf_model(seed=30, num_hidden_layers=6),
+    "text_interleave2": lambda: make_hf_model(seed=31, num_hidden_layers=6, interleave_moe_layer_step=2),
+    "mm_interleave1": lambda: make_hf_mm_model(seed=32),
+    "mm_interleave2": lambda: make_hf_mm_model(seed=33, interleave_moe_layer_step=2, num_hidden_layers=4),
+}
+
+
+def _tensors(path):
+  out = {}
+  for f in sorted(path.glob("*.safetensors")):
+    sf = SafetensorsFile(f)
+    out.update({k: np.array(sf.get(k)) for k in sf.keys()})
+  return out
+
+
+def _logits(model, ids):
+  with torch.no_grad():
+    return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, name):
+  hf = MODELS[name]()
+  hf_save_pretrained(hf, tmp_path / "in")
+  ours = load_hf(tmp_path / "in", dtype="float32")
+  save_hf(ours, tmp_path / "out", max_shard_size="30KB")
+  a, b = _tensors(tmp_path / "in"), _tensors(tmp_path / "out")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(a)
+  back = type(hf).from_pretrained(tmp_path / "out").eval()
+  ids = np.random.default_rng(0).integers(0, 88, (2, 11))
+  assert np.abs(_logits(back, ids) - np.asarray(ours(ids))).max() <= 1e-4
+
+
+def test_bfloat16_round_trip_keeps_bits(tmp_path):
+  hf = make_hf_model(seed=34).to(torch.bfloat16)
+  hf_save_pretrained(hf, tmp_path / "in")
+  save_hf(load_hf(tmp_path / "in", dtype="bfloat16"), tmp_path / "out")
+  a, b = _tensors(tmp_path / "in"), _tensors(tmp_path / "out")
+  assert all(b[k].dtype.name == "bfloat16" and a[k].tobytes() == b[k].tobytes() for k in a)
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
+
+
+def test_torch_state_dicts_both_ways(tmp_path):
+  hf = make_hf_mm_model(seed=35)
+  cfg = from_hf_config(hf.config.to_dict(), param_dtype="float32", dtype="float32")
+  ours = from_torch_state_dict(hf.state_dict(), cfg)
+  ids = np.random.default_rng(1).integers(0, 88, (1, 9))
+  assert np.abs(np.asarray(ours(ids)) - _logits(hf, ids)).max() <= 1e-4
+  fresh = make_hf_mm_model(seed=36)
+  fresh.load_state_dict(to_torch_state_dict(ours), strict=True)
+  assert np.array_equal(_logits(fresh, ids), _logits(hf, ids))
+
+
+def test_cli_trained_checkpoint_to_hf_and_back(tmp_path, capsys):
+  """A train.py run (optimizer state and all) exports its parameters; transformers agrees with us;
+  from-hf of that export, then to-hf again, is bitwise the same directory."""
+  run = tmp_path / "run"
+  assert train.main(["--config", "configs/tiny.yaml", "train.seq_len=64", "train.steps=3", "train.eval_batches=1",
+                     "train.warmup_steps=1", f"train.out_dir={run}"]) == 0
+  assert convert(["to-hf", str(run), str(tmp_path / "hf"), "--max-shard-size", "2MB"]) == 0
+  from transformers import Llama4ForCausalLM
+
+  hf = Llama4ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  ours = load_hf(tmp_path / "hf", dtype="float32")
+  ids = np.random.default_rng(2).integers(0, 256, (2, 70))  # > one chunk of 64
+  assert np.abs(_logits(hf, ids) - np.asarray(ours(ids))).max() <= 1e-4
+  assert convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--dtype", "float32"]) == 0
+  assert convert(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2"), "--max-shard-size", "2MB"]) == 0
+  a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "hf2")
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  # refusals: one line, exit 2, nothing written
+  capsys.readouterr()
+  assert convert(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2")]) == 2
+  assert "hf2: already exists (pass --overwrite" in capsys.readouterr().err
+  (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+  first = sorted((tmp_path / "hf").glob("*.safetensors"))[0]
+  first.unlink()
+  assert convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "broken")]) == 2
+  errors = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in line]
+  assert len(errors) == 1 and "model.embed_tokens.weight: missing from checkpoint" in errors[0]
+  assert not (tmp_path / "broken").exists() and not list(tmp_path.glob("broken*"))
