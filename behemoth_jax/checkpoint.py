@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 
 class _JsonState:
@@ -61,10 +64,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(path: str | Path, abstract_params, what: str = "train.init_from"):
-  """Parameters only, from a checkpoint written by train.py or behemoth-convert: a run directory or
-  its checkpoints directory (latest step), a step directory, or its `state` item. Placed by
-  `abstract_params`. `what` names the setting in errors."""
+def params_dir(path: str | Path, what: str = "train.init_from") -> Path:
+  """The orbax item holding `params`: from a run directory or its checkpoints directory (latest step),
+  a step directory, or the item itself."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{what}: {path} not found")
@@ -75,10 +77,53 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
     path = path / str(steps[-1])
   if (path / "state").is_dir():
     path = path / "state"
+  return path.absolute()
+
+
+def restore_params(path: str | Path, abstract_params, what: str = "train.init_from"):
+  """Parameters only, from a checkpoint written by train.py or behemoth-convert (see `params_dir`),
+  placed by `abstract_params` (an nnx.State of ShapeDtypeStructs with shardings). A checkpoint saved
+  with one leaf per layer (behemoth-convert from-hf) is re-stacked for a scanned model, leaf by leaf."""
+  path = params_dir(path, what)
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  saved = getattr(meta, "item_metadata", meta).tree.get("params", {})  # StepMetadata or TreeMetadata
+  flat = dict(nnx.to_flat_state(abstract_params))
+  if any(k[:2] == ("decoder", "cycles") for k in flat) and "cycles" not in saved.get("decoder", {}):
+    return _restore_restacked(path, flat)
   target = {"params": abstract_params}
-  restored = ocp.PyTreeCheckpointer().restore(path.absolute(), args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return restored["params"]
+
+
+def restore_leaf(path: Path, leaf: tuple, shape: tuple[int, ...], dtype) -> np.ndarray:
+  """One parameter leaf of the params item at `path` (a `params_dir`), as a host array."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  var = nnx.Param(jax.ShapeDtypeStruct(shape, dtype, sharding=cpu))
+  sub = {"params": nnx.from_flat_state({leaf: var})}
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True))
+  return np.asarray(dict(nnx.to_flat_state(restored["params"]))[leaf].get_value())
+
+
+def _restore_restacked(path: Path, flat: dict):
+  """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j."""
+  blocks = sorted({k[3] for k in flat if k[:3] == ("decoder", "cycles", "blocks")})
+  n_cycles = next(v.get_value().shape[0] for k, v in flat.items() if k[:2] == ("decoder", "cycles"))
+  first_tail = n_cycles * len(blocks)
+  out = {}
+  for key, var in flat.items():
+    sds = var.get_value()
+    if key[:3] == ("decoder", "cycles", "blocks"):
+      j, rest = key[3], key[4:]
+      value = np.stack([restore_leaf(path, ("decoder", "tail", c * len(blocks) + j, *rest), sds.shape[1:], sds.dtype)
+                        for c in range(n_cycles)])
+    elif key[:2] == ("decoder", "tail"):
+      value = restore_leaf(path, ("decoder", "tail", first_tail + key[2], *key[3:]), sds.shape, sds.dtype)
+    else:
+      value = restore_leaf(path, key, sds.shape, sds.dtype)
+    out[key] = var.replace(jax.device_put(value, sds.sharding))
+  return nnx.from_flat_state(out)
 
 
 CONFIG_NAME = "config.yaml"

@@ -100,3 +100,40 @@ def test_cli_trained_checkpoint_to_hf_and_back(tmp_path, capsys):
   errors = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in line]
   assert len(errors) == 1 and "model.embed_tokens.weight: missing from checkpoint" in errors[0]
   assert not (tmp_path / "broken").exists() and not list(tmp_path.glob("broken*"))
+
+
+def test_from_hf_writes_layer_leaves_and_restores_restacked_on_a_mesh(tmp_path):
+  """10 layers: from-hf stores one leaf per layer; a scanned model (2 cycles of 4 + a tail of 2) on an
+  fsdp=8 mesh restores exactly load_hf's parameters."""
+  import jax
+  from flax import nnx
+
+  from behemoth_jax.checkpoint import restore_params
+  from behemoth_jax.config import ParallelConfig
+  from sharding.api import abstract_sharded_model
+  from sharding.mesh import make_mesh
+
+  hf_save_pretrained(make_hf_model(seed=37, num_hidden_layers=10), tmp_path / "hf")
+  assert convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--dtype", "float32"]) == 0
+  want = load_hf(tmp_path / "hf", dtype="float32")
+  assert want.decoder.num_cycles == 2
+  mesh = make_mesh(ParallelConfig(fsdp=8))
+  _, abstract, _ = abstract_sharded_model(want.cfg, mesh)
+  got = dict(nnx.to_flat_state(restore_params(tmp_path / "ours", abstract)))
+  for key, var in nnx.to_flat_state(nnx.state(want, nnx.Param)):
+    assert got[key].get_value().sharding == dict(nnx.to_flat_state(abstract))[key].get_value().sharding
+    np.testing.assert_array_equal(np.asarray(jax.device_get(got[key].get_value())), np.asarray(var.get_value()))
+
+
+def test_truncated_or_foreign_safetensors_are_named(tmp_path):
+  from behemoth_jax.convert import ConversionError
+
+  hf_save_pretrained(make_hf_model(seed=38, num_hidden_layers=2), tmp_path)
+  f = tmp_path / "model.safetensors"
+  data = f.read_bytes()
+  f.write_bytes(data[:-100])
+  with pytest.raises(ConversionError, match=r": truncated or inconsistent in .*model.safetensors"):
+    load_hf(tmp_path)
+  f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+  with pytest.raises(ConversionError, match="model.safetensors: not a safetensors file"):
+    load_hf(tmp_path)

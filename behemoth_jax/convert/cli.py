@@ -1,8 +1,9 @@
 """behemoth-convert: Hugging Face (PyTorch safetensors) checkpoints to and from behemoth-jax checkpoints.
 
-  behemoth-convert from-hf HF_DIR OUT_DIR [--dtype bfloat16] [--mesh fsdp=8,expert=2]
-      → OUT_DIR/state (orbax: parameters) + OUT_DIR/config.yaml; train.py loads it with
-        train.init_from=OUT_DIR, generation with --ckpt OUT_DIR.
+  behemoth-convert from-hf HF_DIR OUT_DIR [--dtype bfloat16]
+      → OUT_DIR/state (orbax: parameters, one leaf per layer, written leaf by leaf) +
+        OUT_DIR/config.yaml; train.py loads it with train.init_from=OUT_DIR (re-stacked for its
+        scanned layers and placed on its mesh), generation with --ckpt OUT_DIR.
   behemoth-convert to-hf CKPT OUT_DIR [--config C.yaml] [--max-shard-size 5GB] [--dtype bfloat16]
       CKPT: a from-hf output, a train.py run directory (its latest step; optimizer state is left
       behind) or a step directory. The config is read from --config or the config.yaml beside CKPT.
@@ -22,20 +23,6 @@ import time
 from pathlib import Path
 
 
-def _parse_mesh(text: str | None):
-  from behemoth_jax.config import ConfigError, ParallelConfig
-
-  if not text:
-    return None
-  sizes = {}
-  for part in text.split(","):
-    key, _, value = part.partition("=")
-    if key not in ("data", "fsdp", "expert", "tensor", "context") or not value.lstrip("-").isdigit():
-      raise ConfigError(f"--mesh: cannot read {part!r} (e.g. fsdp=8,expert=2)")
-    sizes[key] = int(value)
-  return ParallelConfig(**{"fsdp": 1, **sizes})
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -44,43 +31,33 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def from_hf(args) -> str:
   import yaml
 
-  from behemoth_jax.checkpoint import CONFIG_NAME, save_params
+  from behemoth_jax.checkpoint import CONFIG_NAME
   from behemoth_jax.config import Config, to_dict
-  from behemoth_jax.convert.hf import load_hf
+  from behemoth_jax.convert.hf import convert_hf_to_checkpoint
 
   out = Path(args.out_dir)
   _check_out(out, args.overwrite)
-  parallel = _parse_mesh(args.mesh)
-  model = load_hf(args.hf_dir, dtype=args.dtype, progress=True)
-  from flax import nnx
-
-  params = nnx.state(model, nnx.Param)
-  if parallel is not None:
-    from sharding.api import place
-    from sharding.mesh import make_mesh
-    params = place(params, make_mesh(parallel))
   tmp = out.with_name(out.name + ".tmp-convert")
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    save_params(tmp, params)
-    cfg = Config(model=model.cfg, **({"parallel": parallel} if parallel else {}))
-    (tmp / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = convert_hf_to_checkpoint(args.hf_dir, tmp, dtype=args.dtype, progress=True)
+    (tmp / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(Config(model=cfg)), sort_keys=False))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if out.exists():
     shutil.rmtree(out)
   os.replace(tmp, out)
-  return f"wrote {out} (parameters + {CONFIG_NAME}); train with train.init_from={out}"
+  return f"wrote {out} (parameters, one leaf per layer, + {CONFIG_NAME}); train with train.init_from={out}"
 
 
 def to_hf(args) -> str:
-  import jax
+  import numpy as np
   from flax import nnx
 
-  from behemoth_jax.checkpoint import find_config, restore_params
+  from behemoth_jax.checkpoint import find_config, params_dir, restore_leaf
   from behemoth_jax.config import load_config
-  from behemoth_jax.convert.export import save_hf
+  from behemoth_jax.convert.export import write_hf
   from behemoth_jax.transformer import create_model
 
   out = Path(args.out_dir)
@@ -89,11 +66,14 @@ def to_hf(args) -> str:
   if config is None:
     raise FileNotFoundError(f"{args.ckpt}: no config.yaml beside the checkpoint; pass --config")
   cfg = load_config(config).model
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-  params = restore_params(args.ckpt, target, what="CKPT")
-  save_hf(nnx.merge(graphdef, params), out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-          overwrite=args.overwrite, progress=True)
+  path = params_dir(args.ckpt, what="CKPT")
+  abstract = nnx.eval_shape(lambda: create_model(cfg))
+  flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
+  # One leaf restored at a time: host memory is about the largest leaf (per layer for from-hf output,
+  # all layers of one parameter for a scanned train.py checkpoint), not the model.
+  write_hf(cfg, abstract.decoder.num_cycles, shapes, lambda leaf: restore_leaf(path, leaf, *shapes[leaf]), out,
+           max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, progress=True)
   arch = "Llama4ForConditionalGeneration" if cfg.vision is not None else "Llama4ForCausalLM"
   return f"wrote {out} ({arch}); load with transformers {arch}.from_pretrained({str(out)!r})"
 
@@ -108,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
   a.add_argument("out_dir")
   a.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                  help="parameter dtype (default: %(default)s)")
-  a.add_argument("--mesh", help="place the parameters on a mesh before saving, e.g. fsdp=8,expert=2")
   a.add_argument("--overwrite", action="store_true")
   b = sub.add_parser("to-hf", help="our checkpoint → Hugging Face directory (safetensors shards)")
   b.add_argument("ckpt")

@@ -52,9 +52,15 @@ def hf_shape(group: list[Entry], cfg: ModelConfig, leaf_shape: tuple[int, ...], 
 
 def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, numpy tensor) pairs of `model`, one tensor alive at a time (see the module docstring)."""
-  cfg = model.cfg
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  groups = tensor_groups(cfg, model.decoder.num_cycles)
+  return _iter_hf_tensors(model.cfg, model.decoder.num_cycles,
+                          lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), dtype)
+
+
+def _iter_hf_tensors(cfg: ModelConfig, num_cycles: int, get_leaf, dtype: str | None):
+  """HF tensors from `get_leaf(path) -> host array`; each leaf is fetched once and dropped after its
+  last HF tensor (at most the two leaves of a gate_up pair are held)."""
+  groups = tensor_groups(cfg, num_cycles)
   last_use = {}
   for i, (_, ents) in enumerate(groups):
     for e in ents:
@@ -64,7 +70,7 @@ def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.n
     parts = []
     for e in ents:
       if e.leaf not in host:
-        host[e.leaf] = np.asarray(jax.device_get(flat[e.leaf].get_value()))
+        host[e.leaf] = get_leaf(e.leaf)
       value = host[e.leaf] if e.stack is None else host[e.leaf][e.stack]
       parts.append(e.rule.to_hf(value, cfg))
     tensor = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
@@ -74,6 +80,7 @@ def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.n
       if last_use[e.leaf] == i:
         host.pop(e.leaf, None)
     yield name, np.ascontiguousarray(tensor)
+    del tensor, parts
 
 
 def to_torch_state_dict(model, dtype: str | None = None) -> dict:
@@ -110,17 +117,27 @@ def save_hf(model, path: str | Path, max_shard_size: str | int = "5GB", dtype: s
             overwrite: bool = False, progress: bool = False) -> Path:
   """Writes a directory `transformers` loads with from_pretrained: Llama4ForCausalLM for a text model,
   Llama4ForConditionalGeneration with `cfg.vision`. Returns the directory."""
-  cfg = model.cfg
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
+  return write_hf(model.cfg, model.decoder.num_cycles, shapes,
+                  lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), path, max_shard_size, dtype,
+                  overwrite, progress)
+
+
+def write_hf(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, get_leaf, path: str | Path,
+             max_shard_size: str | int = "5GB", dtype: str | None = None, overwrite: bool = False,
+             progress: bool = False) -> Path:
+  """`save_hf` from any leaf source: `leaf_shapes` {path: (shape, dtype)}, `get_leaf(path)` → host array
+  (e.g. one leaf restored from a checkpoint at a time)."""
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
   limit = parse_size(max_shard_size)
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   plan = []
-  for name, ents in tensor_groups(cfg, model.decoder.num_cycles):
-    leaf = flat[ents[0].leaf].get_value()
-    out_dtype = np.dtype(dtype) if dtype else np.dtype(leaf.dtype)
-    plan.append((name, hf_shape(ents, cfg, tuple(leaf.shape), leaf.dtype), out_dtype))
+  for name, ents in tensor_groups(cfg, num_cycles):
+    shape, leaf_dtype = leaf_shapes[ents[0].leaf]
+    out_dtype = np.dtype(dtype) if dtype else leaf_dtype
+    plan.append((name, hf_shape(ents, cfg, shape, leaf_dtype), out_dtype))
   shards, size = [[]], 0
   for item in plan:
     nbytes = int(np.prod(item[1], dtype=np.int64)) * item[2].itemsize
@@ -141,7 +158,7 @@ def save_hf(model, path: str | Path, max_shard_size: str | int = "5GB", dtype: s
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {path.name}")
   try:
-    tensors = iter_hf_tensors(model, dtype)
+    tensors = _iter_hf_tensors(cfg, num_cycles, get_leaf, dtype)
     for fname, shard in zip(names, shards, strict=True):
       write_safetensors(tmp / fname, ((next(tensors)) for _ in shard), shard, metadata={"format": "pt"},
                         on_bytes=bar.update if bar else None)

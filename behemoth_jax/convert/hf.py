@@ -90,6 +90,21 @@ def _text_prefix(hf_cfg: dict) -> str:
   return ""
 
 
+def _config_of(path: Path, dtype: str, compute_dtype: str, overrides: dict) -> tuple[ModelConfig, str]:
+  """(our config, HF text-tensor prefix) of a Hugging Face directory."""
+  if dtype not in SUPPORTED_DTYPES:
+    raise ConversionError(f"dtype: unsupported {dtype!r} (valid: {', '.join(SUPPORTED_DTYPES)})")
+  hf_cfg = read_config(path)
+  arch = (hf_cfg.get("architectures") or ["Llama4ForCausalLM"])[0]
+  if not arch.startswith("Llama4"):
+    raise ConversionError(f"{path / 'config.json'}: architecture {arch!r} is not a Llama 4 model")
+  try:
+    cfg = from_hf_config(hf_cfg, param_dtype=dtype, dtype=compute_dtype, **overrides)
+  except ConfigError as e:
+    raise ConversionError(f"{path / 'config.json'}: {e}") from None
+  return cfg, _text_prefix(hf_cfg)
+
+
 def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None, progress: bool = False,
             **config_overrides) -> Llama4:
   """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
@@ -104,24 +119,16 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     The model; `model(input_ids_BT)` gives float32 logits [B, T, V].
   """
   path = Path(path)
-  if dtype not in SUPPORTED_DTYPES:
-    raise ConversionError(f"dtype: unsupported {dtype!r} (valid: {', '.join(SUPPORTED_DTYPES)})")
-  hf_cfg = read_config(path)
-  arch = (hf_cfg.get("architectures") or ["Llama4ForCausalLM"])[0]
-  if not arch.startswith("Llama4"):
-    raise ConversionError(f"{path / 'config.json'}: architecture {arch!r} is not a Llama 4 model")
-  try:
-    cfg = from_hf_config(hf_cfg, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
-  except ConfigError as e:
-    raise ConversionError(f"{path / 'config.json'}: {e}") from None
+  cfg, prefix = _config_of(path, dtype, compute_dtype or dtype, config_overrides)
   source = SafetensorsDir(path)
   try:
-    return _assemble(cfg, source, _text_prefix(hf_cfg), progress)
+    return _assemble(cfg, source, prefix, progress)
   finally:
     source.close()
 
 
-def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> Llama4:
+def _leaves_and_entries(cfg: ModelConfig, prefix: str):
+  """(graphdef, flat abstract leaves, {leaf: its entries}) of `cfg`'s model."""
   abstract = abstract_model(cfg)
   graphdef, abs_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(abs_state))
@@ -132,46 +139,101 @@ def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> 
   assert not unknown_leaves, f"key table names leaves the model lacks: {sorted(unknown_leaves)[:3]}"
   unfilled = sorted(set(flat) - set(by_leaf))
   assert not unfilled, f"model leaves with no HF source: {unfilled[:3]}"
-  consumed: set[str] = set()
-  values = {}
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {source.path}")
-  try:
-    for leaf, leaf_entries in by_leaf.items():
-      target = flat[leaf].get_value()
-      stacked = leaf_entries[0].stack is not None
-      per_layer_shape = target.shape[1:] if stacked else target.shape
-      host = np.empty(target.shape, np.dtype(target.dtype))
-      for entry in leaf_entries:
-        raw = source.get(entry.hf_name)
-        if raw.dtype.name not in SUPPORTED_DTYPES:
-          raise ConversionError(f"{entry.hf_name}: unsupported dtype {raw.dtype.name}")
-        if entry.rule.part is not None and raw.shape[-1] % entry.rule.part[1]:
-          raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
-        value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
-        if value is None or value.shape != per_layer_shape:
-          raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
-                                f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
-        if stacked:
-          host[entry.stack] = value
-        else:
-          host[...] = value
-        consumed.add(entry.hf_name)
-        if bar is not None:
-          bar.update(raw.nbytes // (entry.rule.part[1] if entry.rule.part else 1))
-      values[leaf] = jnp.asarray(host)
-  finally:
+  return graphdef, flat, by_leaf
+
+
+def _progress(progress: bool, what: str):
+  if not progress:
+    return None
+  from tqdm import tqdm
+  return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {what}")
+
+
+def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, bar=None) -> np.ndarray:
+  """One of our leaves (host numpy, the target's dtype) from its HF tensors, each checked."""
+  stacked = leaf_entries[0].stack is not None
+  per_layer_shape = target.shape[1:] if stacked else target.shape
+  host = np.empty(target.shape, np.dtype(target.dtype))
+  for entry in leaf_entries:
+    raw = source.get(entry.hf_name)
+    if raw.dtype.name not in SUPPORTED_DTYPES:
+      raise ConversionError(f"{entry.hf_name}: unsupported dtype {raw.dtype.name}")
+    if entry.rule.part is not None and raw.shape[-1] % entry.rule.part[1]:
+      raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
+    value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
+    if value is None or value.shape != per_layer_shape:
+      raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
+                            f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
+    if stacked:
+      host[entry.stack] = value
+    else:
+      host[...] = value
     if bar is not None:
-      bar.close()
+      bar.update(raw.nbytes // (entry.rule.part[1] if entry.rule.part else 1))
+  return host
+
+
+def _check_all_consumed(source, by_leaf) -> None:
+  consumed = {e.hf_name for ents in by_leaf.values() for e in ents}
   unexpected = sorted(source.keys() - consumed)
   if unexpected:
     raise ConversionError(f"{unexpected[0]}: unexpected tensor in checkpoint "
                           f"({len(unexpected)} unexpected; is the config right?)")
-  for leaf, var in flat.items():
-    var.set_value(values[leaf])
+
+
+def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> Llama4:
+  graphdef, flat, by_leaf = _leaves_and_entries(cfg, prefix)
+  _check_all_consumed(source, by_leaf)
+  bar = _progress(progress, source.path)
+  try:
+    for leaf, leaf_entries in by_leaf.items():
+      flat[leaf].set_value(jnp.asarray(_leaf_value(cfg, source, leaf_entries, flat[leaf].get_value(), bar)))
+  finally:
+    if bar is not None:
+      bar.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = "bfloat16",
+                             progress: bool = False, buffer_bytes: int = 256 << 20) -> ModelConfig:
+  """Streams a Hugging Face directory into an orbax parameter checkpoint at `out` (`out/state`),
+  one leaf at a time (orbax partial saves), in the unscanned layout (one leaf per layer), so host
+  memory stays near one tensor whatever the model size. Returns the model config (scan_layers False);
+  `checkpoint.restore_params` re-stacks the layers for a scanned model."""
+  import orbax.checkpoint.experimental.v1 as ocp1
+
+  path = Path(path)
+  cfg, prefix = _config_of(path, dtype, dtype, {"scan_layers": False})
+  source = SafetensorsDir(path)
+  try:
+    _, flat, by_leaf = _leaves_and_entries(cfg, prefix)
+    _check_all_consumed(source, by_leaf)
+    bar = _progress(progress, path)
+    pending: dict = {}
+
+    def flush():
+      if pending:
+        ocp1.partial.save(Path(out).absolute(), {"params": nnx.from_flat_state(dict(pending))})
+        pending.clear()
+
+    try:
+      for leaf, leaf_entries in by_leaf.items():
+        var = flat[leaf]
+        value = _leaf_value(cfg, source, leaf_entries, var.get_value(), bar)
+        # Leaves are saved in batches of up to `buffer_bytes` (each orbax partial save costs a
+        # metadata round trip); one leaf larger than that is saved alone.
+        if pending and sum(v.get_value().nbytes for v in pending.values()) + value.nbytes > buffer_bytes:
+          flush()
+        pending[leaf] = var.replace(value)
+        del value
+      flush()
+    finally:
+      if bar is not None:
+        bar.close()
+    ocp1.partial.finalize(Path(out).absolute())
+  finally:
+    source.close()
+  return cfg
 
 
 class _StateDictSource:

@@ -5,13 +5,15 @@ Llama 4 checkpoint: `safe_open(framework="np").get_tensor` raises on BF16), and 
 of a file's tensors in memory at once. The format is small and fixed (https://github.com/huggingface/
 safetensors#format): 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes. Reading
-maps the file (a tensor costs pages only when touched); writing plans the header from shapes and
+is one positioned read per tensor into a fresh buffer (a memory map would keep every touched page
+resident, so host memory would grow to the file size); writing plans the header from shapes and
 dtypes, then streams tensors one at a time. Files written here load with `safetensors` and transformers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,7 +36,7 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile:
-  """One .safetensors file, memory-mapped: `get(name)` is a read-only view (no copy until used)."""
+  """One .safetensors file: the header at open, `get(name)` reads one tensor (a new array)."""
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
@@ -63,7 +65,7 @@ class SafetensorsFile:
       if end - begin != want or self._data_start + end > size:
         raise SafetensorsError(f"{name}: truncated or inconsistent in {self.path} "
                                f"(needs {want} bytes at [{begin}, {end}), file has {size - self._data_start})")
-    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+    self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
   def keys(self) -> list[str]:
     return list(self.header)
@@ -77,11 +79,25 @@ class SafetensorsFile:
   def get(self, name: str) -> np.ndarray:
     info = self.header[name]
     begin, end = info["data_offsets"]
-    raw = self._map[self._data_start + begin:self._data_start + end]
-    return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    out = np.empty(end - begin, np.uint8)
+    view, done = memoryview(out), 0
+    while done < end - begin:  # pread may return less than asked for large reads
+      n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+      if n <= 0:
+        raise SafetensorsError(f"{name}: unexpected end of {self.path}")
+      done += n
+    return out.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
   def close(self) -> None:
-    self._map = None
+    fd, self._fd = getattr(self, "_fd", None), None
+    if fd is not None:
+      os.close(fd)
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 — interpreter teardown may have cleared `os` already
+      pass
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
