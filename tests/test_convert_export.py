@@ -137,3 +137,21 @@ def test_truncated_or_foreign_safetensors_are_named(tmp_path):
   f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
   with pytest.raises(ConversionError, match="model.safetensors: not a safetensors file"):
     load_hf(tmp_path)
+
+
+def test_load_hf_onto_a_mesh(tmp_path):
+  import jax
+
+  from behemoth_jax.config import ParallelConfig
+  from sharding.api import use_mesh
+  from sharding.mesh import make_mesh
+
+  hf = make_hf_model(seed=39, num_hidden_layers=4)
+  hf_save_pretrained(hf, tmp_path)
+  mesh = make_mesh(ParallelConfig(fsdp=8))
+  ours = load_hf(tmp_path, dtype="float32", mesh=mesh)
+  assert ours.embed.table_VD[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  ids = np.random.default_rng(3).integers(0, 97, (8, 9))
+  with use_mesh(mesh):
+    got = np.asarray(jax.jit(lambda m, i: m(i))(ours, ids))
+  assert np.abs(got - _logits(hf, ids)).max() <= 1e-4

@@ -1,5 +1,7 @@
 """Image tiling, video frame sampling and the multimodal input pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -117,6 +119,25 @@ def test_jsonl_images_videos_and_text_records(tmp_path):
     texts = bytes(int(t) for t in targets[(mask > 0) & (targets < 256)]).decode()
     tiles = sum(per_example[t] * texts.count(t) for t in per_example)
     assert (batch["inputs"][b] == vc.image_token_id).sum() == vc.tokens_per_tile * tiles
+
+
+def test_arrayrecord_of_json_records(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "grey.png")
+  w = ArrayRecordWriter(str(tmp_path / "mm.array_record"), "group_size:1")
+  for i in range(12):
+    w.write(json.dumps({"text": f"picture {i}", "image": "grey.png"}).encode())
+  w.close()
+  cfg = _mm_cfg(tmp_path, tmp_path / "mm.array_record", heldout_fraction=0.5)
+  batch = next(_iterator(cfg, "heldout", batch=2))
+  vc = cfg.model.vision
+  row = batch["inputs"][0]
+  assert (row == vc.image_token_id).sum() == vc.tokens_per_tile * (row == vc.boi_token_id).sum() > 0
+  # the tile is the grey picture: (200/255 − 0.5)/0.5 in every used slot
+  used = int((row == vc.boi_token_id).sum())
+  np.testing.assert_allclose(batch["pixel_values"][0, :used], normalize(np.full((1, 1, 3), 200, np.uint8))[0, 0, 0],
+                             atol=1e-6)
 
 
 def test_example_too_big_for_a_row_names_the_limits(tmp_path):

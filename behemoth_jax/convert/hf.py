@@ -106,7 +106,7 @@ def _config_of(path: Path, dtype: str, compute_dtype: str, overrides: dict) -> t
 
 
 def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None, progress: bool = False,
-            **config_overrides) -> Llama4:
+            mesh=None, **config_overrides) -> Llama4:
   """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
 
   Args:
@@ -114,6 +114,8 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     dtype: parameter dtype ("float32", "bfloat16", "float16").
     compute_dtype: activation dtype; defaults to `dtype`.
     progress: show a progress bar (bytes read, bytes/s).
+    mesh: place every parameter on this `jax.sharding.Mesh` by the sharding rules (run the model
+      inside `sharding.api.use_mesh(mesh)`).
     config_overrides: ModelConfig fields to set (e.g. scan_layers=False, moe_impl="dense").
   Returns:
     The model; `model(input_ids_BT)` gives float32 logits [B, T, V].
@@ -122,9 +124,14 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
   cfg, prefix = _config_of(path, dtype, compute_dtype or dtype, config_overrides)
   source = SafetensorsDir(path)
   try:
-    return _assemble(cfg, source, prefix, progress)
+    model = _assemble(cfg, source, prefix, progress)
   finally:
     source.close()
+  if mesh is not None:
+    from sharding.api import place
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, place(state, mesh))
+  return model
 
 
 def _leaves_and_entries(cfg: ModelConfig, prefix: str):
