@@ -201,6 +201,16 @@ def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> 
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _release_freed_memory() -> None:
+  """glibc keeps freed large blocks in its arenas; without handing them back, a conversion's resident
+  memory creeps up with the number of tensors (measured: +0.35 GiB from 4 to 8 layers)."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
 def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = "bfloat16",
                              progress: bool = False, buffer_bytes: int = 256 << 20) -> ModelConfig:
   """Streams a Hugging Face directory into an orbax parameter checkpoint at `out` (`out/state`),
@@ -222,6 +232,7 @@ def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = "bf
       if pending:
         ocp1.partial.save(Path(out).absolute(), {"params": nnx.from_flat_state(dict(pending))})
         pending.clear()
+        _release_freed_memory()
 
     try:
       for leaf, leaf_entries in by_leaf.items():
