@@ -164,6 +164,7 @@ def run(cfg, args) -> int:
       if stop["signal"] is not None:
         ckpt.save(step + 1, state, train_iter, force=True)
         ckpt.close()
+        train_iter.close()
         if lead:
           print(f"received signal {stop['signal']}: saved step {step + 1} to {ckpt.directory}; exiting")
         return 0
@@ -173,6 +174,7 @@ def run(cfg, args) -> int:
       first_loss = record["loss"] if first_loss is None else first_loss
       ckpt.save(int(state["step"]), state, train_iter, force=True)
     ckpt.close()
+    train_iter.close()  # stop its prefetch threads before evaluation starts its own
     held = evaluate(cfg, graphdef, state["params"], tokenizer, to_global, data_args)
     writer.log_eval(int(state["step"]), held)
     accuracy = None

@@ -18,6 +18,8 @@ import jax
 VOCAB = "vocab"
 EMBED = "embed"
 VISION_EMBED = "vision_embed"  # the vision tower's width (1408 for Llama 4: not a power of two)
+VISION_HEADS = "vision_heads"
+VISION_MLP = "vision_mlp"
 HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"

@@ -15,7 +15,7 @@ from sharding import axes as ax
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # Parameter axes whose mesh axes are dropped, last first, until they divide the dimension.
-BEST_EFFORT = frozenset({ax.VISION_EMBED})
+BEST_EFFORT = frozenset({ax.VISION_EMBED, ax.VISION_HEADS, ax.VISION_MLP})
 
 # Batch is split over every axis that does not split the model's width: each device sees its own tokens.
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -29,6 +29,10 @@ RULES: dict[str, tuple[str, ...]] = {
     # Like embed, but best effort: mesh axes that do not divide the width (1408 = 2^7 · 11) are dropped
     # (the 0.85B-parameter vision tower is then partly replicated) instead of being an error.
     ax.VISION_EMBED: ("fsdp", "context", "expert"),
+    # The vision tower has no experts: its heads and MLP width take the expert axis when the width
+    # could not (one use per tensor, first dimension first).
+    ax.VISION_HEADS: ("tensor", "expert"),
+    ax.VISION_MLP: ("tensor", "expert"),
     ax.HEADS: ("tensor",),
     ax.KV_HEADS: ("tensor",),
     ax.HEAD_DIM: (),

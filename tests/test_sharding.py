@@ -121,4 +121,4 @@ def test_multimodal_scout_shards_on_256_devices():
   report = replication_report(state, mesh)
   assert report["per_device_bytes"] <= 1.1 * report["ideal_per_device_bytes"]
   shardings = dict(nnx.to_flat_state(state_shardings(state, mesh)))
-  assert shardings[("vision", "layers", "fc1_DF")].get_value().spec == PartitionSpec(None, "fsdp", None)
+  assert shardings[("vision", "layers", "fc1_DF")].get_value().spec == PartitionSpec(None, "fsdp", "expert")
