@@ -4,9 +4,7 @@ Loading is strict: YAML keys that are not fields, values of the wrong type, and 
 raise `ConfigError` with one line naming the field and the rule. `key=value` overrides use dotted
 paths (`model.hidden_size=64`) and YAML syntax for values (`model.moe_layers=[0,2]`).
 
-`from_hf_config` / `to_hf_config` map Hugging Face `Llama4TextConfig` / `Llama4Config` dicts
-(config.json) to `ModelConfig` and back. HF class defaults fill keys absent from config.json,
-because that is what `transformers` itself does with such a file.
+The mapping to and from Hugging Face config.json lives in behemoth_jax/convert/hf_config.py.
 """
 
 from __future__ import annotations
@@ -40,14 +38,14 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
   def __post_init__(self):
-    _check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
-    _check(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
-    _check(
+    check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+    check(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
+    check(
         self.high_freq_factor >= self.low_freq_factor,
         "rope_scaling.high_freq_factor",
         f"must be >= low_freq_factor ({self.high_freq_factor} < {self.low_freq_factor})",
     )
-    _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings", "must be > 0")
+    check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -83,21 +81,21 @@ class VisionConfig:
   def __post_init__(self):
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size",
                  "num_channels", "projector_input_dim", "projector_output_dim", "vision_output_dim", "max_tiles"):
-      _check(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
-    _check(self.hidden_size % self.num_heads == 0, "model.vision.hidden_size",
+      check(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
+    check(self.hidden_size % self.num_heads == 0, "model.vision.hidden_size",
            f"{self.hidden_size} not divisible by num_heads ({self.num_heads})")
-    _check(self.head_dim % 4 == 0, "model.vision.num_heads",
+    check(self.head_dim % 4 == 0, "model.vision.num_heads",
            f"head_dim {self.head_dim} must be divisible by 4 (2D RoPE: x and y halves of complex pairs)")
-    _check(self.image_size % self.patch_size == 0, "model.vision.image_size",
+    check(self.image_size % self.patch_size == 0, "model.vision.image_size",
            f"{self.image_size} not divisible by patch_size ({self.patch_size})")
     side, r = self.image_size // self.patch_size, self.pixel_shuffle_ratio
-    _check(0 < r <= 1 and (side * r).is_integer() and (self.hidden_size / r**2).is_integer(),
+    check(0 < r <= 1 and (side * r).is_integer() and (self.hidden_size / r**2).is_integer(),
            "model.vision.pixel_shuffle_ratio",
            f"{r} must divide the patch grid side ({side}) and the hidden size into whole numbers")
-    _check(self.intermediate_size == int(self.hidden_size / r**2), "model.vision.intermediate_size",
+    check(self.intermediate_size == int(self.hidden_size / r**2), "model.vision.intermediate_size",
            f"must equal hidden_size / pixel_shuffle_ratio² = {int(self.hidden_size / r**2)} "
            f"(HF feeds the pixel-shuffled features to an adapter of that width), got {self.intermediate_size}")
-    _check(self.projector_input_dim == self.projector_output_dim == self.vision_output_dim,
+    check(self.projector_input_dim == self.projector_output_dim == self.vision_output_dim,
            "model.vision.projector_output_dim",
            "projector_input_dim, projector_output_dim and vision_output_dim must be equal "
            f"(got {self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim})")
@@ -170,40 +168,40 @@ class ModelConfig:
            "intermediate_size", "intermediate_size_mlp", "num_experts", "num_experts_per_tok",
            "moe_layer_step", "max_position_embeddings")
     for name in pos:
-      _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+      check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
     if self.shared_intermediate_size is None:
       object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
-    _check(self.shared_intermediate_size > 0, "model.shared_intermediate_size", "must be > 0")
-    _check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
+    check(self.shared_intermediate_size > 0, "model.shared_intermediate_size", "must be > 0")
+    check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-    _check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
-    _check(self.num_experts_per_tok <= self.num_experts, "model.num_experts_per_tok",
+    check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+    check(self.num_experts_per_tok <= self.num_experts, "model.num_experts_per_tok",
            f"top-k ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})")
-    _check(self.attention_chunk_size is None or self.attention_chunk_size > 0,
+    check(self.attention_chunk_size is None or self.attention_chunk_size > 0,
            "model.attention_chunk_size", f"must be > 0 or null, got {self.attention_chunk_size}")
-    _check(self.nope_layer_interval >= 0, "model.nope_layer_interval", "must be >= 0")
-    _check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
-    _check(self.floor_scale > 0, "model.floor_scale", "must be > 0")
-    _check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
-    _check(self.moe_block_size >= 0, "model.moe_block_size", "must be >= 0 (0 = automatic)")
+    check(self.nope_layer_interval >= 0, "model.nope_layer_interval", "must be >= 0")
+    check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
+    check(self.floor_scale > 0, "model.floor_scale", "must be > 0")
+    check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+    check(self.moe_block_size >= 0, "model.moe_block_size", "must be >= 0 (0 = automatic)")
     for name in ("moe_layers", "nope_layers", "global_attn_layers"):
       layers = getattr(self, name)
       if layers is None:
         continue
       bad = [i for i in layers if not 0 <= i < self.num_layers]
-      _check(not bad, f"model.{name}", f"indices {bad} out of range [0, {self.num_layers})")
-      _check(len(set(layers)) == len(layers), f"model.{name}", "has duplicate layer indices")
+      check(not bad, f"model.{name}", f"indices {bad} out of range [0, {self.num_layers})")
+      check(len(set(layers)) == len(layers), f"model.{name}", "has duplicate layer indices")
       object.__setattr__(self, name, tuple(sorted(layers)))
     for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
                           ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
-      _check(getattr(self, name) in allowed, f"model.{name}",
+      check(getattr(self, name) in allowed, f"model.{name}",
              f"must be one of {allowed}, got {getattr(self, name)!r}")
     if self.vision is not None:
       v = self.vision
       # The layout ids (start/end, marker, separators) are checked where prompts are built: HF
       # config.json does not carry the separators, so tiny test vocabularies may not hold them.
       for name in ("image_token_id",):
-        _check(0 <= getattr(v, name) < self.vocab_size, f"model.vision.{name}",
+        check(0 <= getattr(v, name) < self.vocab_size, f"model.vision.{name}",
                f"{getattr(v, name)} is outside the vocabulary [0, {self.vocab_size})")
 
   # --- Layer pattern -------------------------------------------------------------------------
@@ -260,11 +258,11 @@ class ParallelConfig:
 
   def __post_init__(self):
     sizes = {k: getattr(self, k) for k in ("data", "fsdp", "expert", "tensor", "context")}
-    _check(self.num_slices >= 1, "parallel.num_slices", f"must be >= 1, got {self.num_slices}")
-    _check(self.dcn_axis in sizes, "parallel.dcn_axis", f"must be one of {tuple(sizes)}, got {self.dcn_axis!r}")
+    check(self.num_slices >= 1, "parallel.num_slices", f"must be >= 1, got {self.num_slices}")
+    check(self.dcn_axis in sizes, "parallel.dcn_axis", f"must be one of {tuple(sizes)}, got {self.dcn_axis!r}")
     for name, size in sizes.items():
-      _check(size == -1 or size >= 1, f"parallel.{name}", f"must be >= 1 or -1, got {size}")
-    _check(sum(s == -1 for s in sizes.values()) <= 1, "parallel", "at most one axis may be -1")
+      check(size == -1 or size >= 1, f"parallel.{name}", f"must be >= 1 or -1, got {size}")
+    check(sum(s == -1 for s in sizes.values()) <= 1, "parallel", "at most one axis may be -1")
 
 
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
@@ -287,11 +285,11 @@ class DataConfig:
   video_frames: int = 8  # frames sampled from each video, evenly spread over the clip
 
   def __post_init__(self):
-    _check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
-    _check(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
-    _check(self.worker_count >= 0 and self.prefetch >= 0, "data.worker_count", "must be >= 0")
-    _check(self.max_tiles_per_row >= 1, "data.max_tiles_per_row", f"must be >= 1, got {self.max_tiles_per_row}")
-    _check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
+    check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
+    check(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
+    check(self.worker_count >= 0 and self.prefetch >= 0, "data.worker_count", "must be >= 0")
+    check(self.max_tiles_per_row >= 1, "data.max_tiles_per_row", f"must be >= 1, got {self.max_tiles_per_row}")
+    check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
 
 
 @dataclass(frozen=True)
@@ -322,11 +320,11 @@ class TrainConfig:
   def __post_init__(self):
     for name in ("batch_size", "seq_len", "steps", "grad_accum", "ce_chunk", "eval_batches", "log_every",
                  "checkpoint_every", "keep_checkpoints"):
-      _check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
-    _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+      check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+    check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    check(self.batch_size % self.grad_accum == 0, "train.batch_size",
            f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-    _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")
@@ -344,11 +342,11 @@ class DistillConfig:
   temperature: float = 1.0
 
   def __post_init__(self):
-    _check(self.weight in DISTILL_WEIGHTS, "distill.weight", f"must be one of {DISTILL_WEIGHTS}, got {self.weight!r}")
-    _check(0 <= self.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
-    _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
-    _check(self.topk >= 0, "distill.topk", f"must be >= 0, got {self.topk}")
-    _check(not (self.topk and self.teacher), "distill.topk",
+    check(self.weight in DISTILL_WEIGHTS, "distill.weight", f"must be one of {DISTILL_WEIGHTS}, got {self.weight!r}")
+    check(0 <= self.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
+    check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+    check(self.topk >= 0, "distill.topk", f"must be >= 0, got {self.topk}")
+    check(not (self.topk and self.teacher), "distill.topk",
            "offline top-k targets and an online teacher (distill.teacher) exclude each other")
 
 
@@ -362,7 +360,8 @@ class Config:
 
 
 # --- Loading -----------------------------------------------------------------------------------
-def _check(ok: bool, name: str, rule: str) -> None:
+def check(ok: bool, name: str, rule: str) -> None:
+  """Raises ConfigError(f"{name}: {rule}") unless `ok`."""
   if not ok:
     raise ConfigError(f"{name}: {rule}")
 
@@ -485,163 +484,3 @@ def to_dict(cfg: Any) -> dict:
       return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
     return list(conv(x) for x in v) if isinstance(v, tuple) else v
   return conv(cfg)
-
-
-# --- Hugging Face mapping ----------------------------------------------------------------------
-# HF Llama4TextConfig class defaults, for keys a config.json leaves out.
-_HF_DEFAULTS = dict(
-    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
-    num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-    hidden_act="silu", max_position_embeddings=4096 * 32, initializer_range=0.02, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, num_experts_per_tok=1, num_local_experts=16, moe_layers=None,
-    interleave_moe_layer_step=1, use_qk_norm=True, no_rope_layers=None, no_rope_layer_interval=4,
-    attention_chunk_size=8192, layer_types=None, attn_temperature_tuning=True, floor_scale=8192,
-    attn_scale=0.1, attention_bias=False, router_jitter_noise=0.0, rope_theta=500000.0,
-)
-
-
-def from_hf_config(hf: dict, **overrides: Any) -> ModelConfig:
-  """Any valid HF Llama4 config → ModelConfig. A multimodal `Llama4Config` (model_type llama4) gives
-  its `text_config` plus `vision` from `vision_config` and the image token ids."""
-  vision = None
-  if hf.get("model_type") == "llama4" or "text_config" in hf:
-    # HF's vision class defaults do not fit together (vision_output_dim 7680 vs projector 4096), so a
-    # wrapper without vision_config is read as text only.
-    vision = _vision_from_hf(hf) if hf.get("vision_config") else None
-    hf = hf.get("text_config") or {}
-  mt = hf.get("model_type", "llama4_text")
-  _check(mt == "llama4_text", "model_type", f"expected llama4_text, got {mt!r}")
-  c = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k in ("attention_chunk_size",)}}
-  _check(c["hidden_act"] == "silu", "hidden_act", f"only silu is supported, got {c['hidden_act']!r}")
-  _check(not c["attention_bias"], "attention_bias", "attention biases are not part of Llama 4")
-  _check(not c["router_jitter_noise"], "router_jitter_noise", "router jitter is not supported")
-  n = c["num_hidden_layers"]
-  head_dim = c["head_dim"] or c["hidden_size"] // c["num_attention_heads"]
-  moe_layers = c["moe_layers"]
-  if moe_layers is None:
-    step = c["interleave_moe_layer_step"]
-    moe_layers = list(range(step - 1, n, step))
-  no_rope = c["no_rope_layers"] or [int((i + 1) % c["no_rope_layer_interval"] != 0) for i in range(n)]
-  _check(len(no_rope) >= n, "no_rope_layers", f"needs >= {n} entries, got {len(no_rope)}")
-  nope_layers = [i for i in range(n) if not no_rope[i]]
-  layer_types = c["layer_types"] or ["chunked_attention" if no_rope[i] else "full_attention" for i in range(n)]
-  global_layers = [i for i in range(n) if layer_types[i] != "chunked_attention"]
-
-  rope = dict(c.get("rope_parameters") or {})
-  if not rope:
-    rope = dict(c.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", c["rope_theta"])
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  scaling = None
-  if rope_type == "llama3":
-    scaling = RopeScaling(
-        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope.get("original_max_position_embeddings",
-                                                      c["max_position_embeddings"])))
-  else:
-    _check(rope_type == "default", "rope_parameters.rope_type", f"unsupported RoPE type {rope_type!r}")
-  eos = c.get("eos_token_id")
-  eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-  fields = dict(
-      vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=n,
-      num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-      head_dim=head_dim, intermediate_size=c["intermediate_size"],
-      intermediate_size_mlp=c["intermediate_size_mlp"], num_experts=c["num_local_experts"],
-      num_experts_per_tok=c["num_experts_per_tok"], moe_layers=tuple(moe_layers),
-      nope_layers=tuple(nope_layers), global_attn_layers=tuple(global_layers),
-      attention_chunk_size=c["attention_chunk_size"], use_qk_norm=bool(c["use_qk_norm"]),
-      rope_theta=float(rope.get("rope_theta", c["rope_theta"])), rope_scaling=scaling,
-      rms_norm_eps=float(c["rms_norm_eps"]), attn_temperature_tuning=bool(c["attn_temperature_tuning"]),
-      attn_scale=float(c["attn_scale"]), floor_scale=float(c["floor_scale"]),
-      max_position_embeddings=c["max_position_embeddings"],
-      tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=float(c["initializer_range"]),
-      bos_token_id=c.get("bos_token_id") if c.get("bos_token_id") is not None else 200000,
-      eos_token_ids=eos, pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else 200018,
-  )
-  fields["vision"] = vision
-  fields.update(overrides)
-  return ModelConfig(**fields)
-
-
-# HF Llama4VisionConfig class defaults (they differ from the released values: SPEC §4).
-_HF_VISION_DEFAULTS = dict(
-    hidden_size=768, hidden_act="gelu", num_hidden_layers=34, num_attention_heads=16, num_channels=3,
-    intermediate_size=5632, vision_output_dim=7680, image_size=448, patch_size=14, norm_eps=1e-5,
-    pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
-    multi_modal_projector_bias=False, initializer_range=0.02, rope_theta=10000.0,
-)
-
-
-def _vision_from_hf(top: dict) -> VisionConfig:
-  v = {**_HF_VISION_DEFAULTS, **{k: x for k, x in (top.get("vision_config") or {}).items() if x is not None}}
-  _check(v["hidden_act"] == "gelu", "vision_config.hidden_act",
-         f"only exact gelu is supported, got {v['hidden_act']!r}")
-  _check(not v["multi_modal_projector_bias"], "vision_config.multi_modal_projector_bias",
-         "projector biases are not part of Llama 4")
-  for name in ("image_size", "patch_size"):
-    if isinstance(v[name], (list, tuple)):
-      _check(len(set(v[name])) == 1, f"vision_config.{name}", f"non-square {v[name]} is not supported")
-      v[name] = v[name][0]
-  theta = (v.get("rope_parameters") or {}).get("rope_theta", v["rope_theta"])
-  ids = {k: top[hf_key] for k, hf_key in (("image_token_id", "image_token_index"), ("boi_token_id", "boi_token_index"),
-                                          ("eoi_token_id", "eoi_token_index")) if top.get(hf_key) is not None}
-  return VisionConfig(
-      hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-      intermediate_size=v["intermediate_size"], image_size=v["image_size"], patch_size=v["patch_size"],
-      num_channels=v["num_channels"], norm_eps=float(v["norm_eps"]),
-      pixel_shuffle_ratio=float(v["pixel_shuffle_ratio"]),
-      projector_input_dim=v["projector_input_dim"], projector_output_dim=v["projector_output_dim"],
-      vision_output_dim=v["vision_output_dim"], rope_theta=float(theta),
-      initializer_range=float(v["initializer_range"]), **ids)
-
-
-def to_hf_config(cfg: ModelConfig) -> dict:
-  """ModelConfig → HF `Llama4TextConfig` dict (explicit layer lists, v5 `rope_parameters`), or with
-  `cfg.vision` a multimodal `Llama4Config` dict (text_config + vision_config + image token ids)."""
-  text = _to_hf_text_config(cfg)
-  if cfg.vision is None:
-    return text
-  v = cfg.vision
-  text.pop("architectures")
-  vision = dict(
-      model_type="llama4_vision_model", hidden_size=v.hidden_size, hidden_act="gelu", num_hidden_layers=v.num_layers,
-      num_attention_heads=v.num_heads, num_channels=v.num_channels, intermediate_size=v.intermediate_size,
-      vision_output_dim=v.vision_output_dim, image_size=v.image_size, patch_size=v.patch_size, norm_eps=v.norm_eps,
-      vision_feature_select_strategy="default", initializer_range=v.initializer_range,
-      pixel_shuffle_ratio=v.pixel_shuffle_ratio, projector_input_dim=v.projector_input_dim,
-      projector_output_dim=v.projector_output_dim, multi_modal_projector_bias=False,
-      rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta})
-  return dict(model_type="llama4", architectures=["Llama4ForConditionalGeneration"], text_config=text,
-              vision_config=vision, image_token_index=v.image_token_id, boi_token_index=v.boi_token_id,
-              eoi_token_index=v.eoi_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
-
-
-def _to_hf_text_config(cfg: ModelConfig) -> dict:
-  _check(cfg.shared_intermediate_size == cfg.intermediate_size, "model.shared_intermediate_size",
-         "HF Llama4 has one width for routed and shared experts; cannot export differing widths")
-  _check(not cfg.learned_pos_embedding, "model.learned_pos_embedding", "HF Llama4 has no text position table")
-  n = cfg.num_layers
-  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling is not None:
-    rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
-  moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
-  step = moe_layers[1] - moe_layers[0] if len(moe_layers) > 1 else 1
-  return dict(
-      model_type="llama4_text", architectures=["Llama4ForCausalLM"], vocab_size=cfg.vocab_size,
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      intermediate_size_mlp=cfg.intermediate_size_mlp, num_hidden_layers=n,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings,
-      initializer_range=cfg.initializer_range, rms_norm_eps=cfg.rms_norm_eps,
-      bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id,
-      tie_word_embeddings=cfg.tie_word_embeddings, num_experts_per_tok=cfg.num_experts_per_tok,
-      num_local_experts=cfg.num_experts, moe_layers=moe_layers, interleave_moe_layer_step=step,
-      use_qk_norm=cfg.use_qk_norm, rope_parameters=rope,
-      no_rope_layers=[int(cfg.uses_rope(i)) for i in range(n)],
-      layer_types=["chunked_attention" if cfg.is_chunked_layer(i) else "full_attention" for i in range(n)],
-      attention_chunk_size=cfg.attention_chunk_size, attn_temperature_tuning=cfg.attn_temperature_tuning,
-      floor_scale=int(cfg.floor_scale) if float(cfg.floor_scale).is_integer() else cfg.floor_scale,
-      attn_scale=cfg.attn_scale, attention_bias=False, dtype=cfg.param_dtype,
-  )
-

@@ -43,7 +43,7 @@ def hf_config(layers: int, experts: int) -> dict:
 
 def write_synthetic(path: Path, layers: int, experts: int) -> tuple[int, int]:
   """(total bytes, largest tensor bytes); tensors are produced and written one at a time."""
-  from behemoth_jax.config import from_hf_config
+  from behemoth_jax.convert.hf_config import from_hf_config
   from behemoth_jax.convert.export import tensor_groups
   from behemoth_jax.convert.safetensors_io import write_safetensors
   from behemoth_jax.transformer import abstract_model

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config, load_config, to_dict, to_hf_config
+from behemoth_jax.config import ConfigError, ModelConfig, load_config, to_dict
+from behemoth_jax.convert.hf_config import from_hf_config, to_hf_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

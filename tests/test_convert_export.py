@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from behemoth_jax.config import from_hf_config
+from behemoth_jax.convert.hf_config import from_hf_config
 from behemoth_jax.convert import from_torch_state_dict, load_hf, save_hf, to_torch_state_dict
 from behemoth_jax.convert.cli import main as convert
 from behemoth_jax.convert.safetensors_io import SafetensorsFile

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from behemoth_jax.config import ModelConfig, to_hf_config
+from behemoth_jax.config import ModelConfig
+from behemoth_jax.convert.hf_config import to_hf_config
 from behemoth_jax.convert.keymap import Entry, entries
 from behemoth_jax.convert.safetensors_io import write_safetensors
 

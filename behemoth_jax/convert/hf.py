@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from behemoth_jax.config import ConfigError, ModelConfig, from_hf_config
+from behemoth_jax.config import ConfigError, ModelConfig
+from behemoth_jax.convert.hf_config import from_hf_config
 from behemoth_jax.convert.keymap import entries
 from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 from behemoth_jax.transformer import Llama4, abstract_model
