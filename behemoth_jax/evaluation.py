@@ -36,9 +36,10 @@ def caption_accuracy(graphdef, params, source: MMSource, heldout_fraction: float
   ids = split_indices(len(source), heldout_fraction, "heldout")[:num_examples]
   seqs, owners = [], []  # owners: (field, example, candidate index, true index)
   for i in ids:
+    media_ids, tiles, _ = source.encode_media(int(i))  # drawn and preprocessed once per example
     for field, (captions, true) in shapes.caption_candidates(shapes.attributes(int(i))).items():
       for c, text in enumerate(captions):
-        seqs.append(source.encode(int(i), text))
+        seqs.append(source.with_text(media_ids, tiles, text))
         owners.append((field, int(i), c, true))
   length = max(len(s["ids"]) - 1 for s in seqs)
   tiles = max(len(s["tiles"]) for s in seqs)

@@ -118,7 +118,6 @@ class Generator:
   def __init__(self, model, *, stop_ids: tuple[int, ...], pad_id: int, sampling: Sampling = Sampling(),
                bucket: int = 64, mesh=None):
     self.graphdef, self.params = nnx.split(model)
-    self.cfg = model.cfg
     self.stop_ids, self.pad_id, self.sampling, self.bucket = tuple(stop_ids), pad_id, sampling, bucket
     self.mesh, self.rows_multiple = mesh, 1
     if mesh is not None:

@@ -29,17 +29,17 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs, fp8=cfg.fp8)
 
   def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats | None]:
-    x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), pos)
-    y = self.ffn(self.post_attn_norm(x_BTD))
-    y, stats = y if isinstance(self.ffn, MoE) else (y, None)
-    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats
+    return self._after_attention(x_BTD, self.attn(self.input_norm(x_BTD), pos))
 
   def cached(self, x_BTD: jax.Array, pos: Positions, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
     a, cache = self.attn.cached(self.input_norm(x_BTD), pos, cache, prefill)
-    x_BTD = x_BTD + a
+    return self._after_attention(x_BTD, a)[0], cache
+
+  def _after_attention(self, x_BTD: jax.Array, attn_BTD: jax.Array) -> tuple[jax.Array, MoEStats | None]:
+    x_BTD = x_BTD + attn_BTD
     y = self.ffn(self.post_attn_norm(x_BTD))
-    y = y[0] if isinstance(self.ffn, MoE) else y
-    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), cache
+    y, stats = y if isinstance(self.ffn, MoE) else (y, None)
+    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats
 
 
 class Cycle(nnx.Module):
@@ -70,7 +70,7 @@ class Decoder(nnx.Module):
     self.num_cycles = n if n >= 2 else 0
     self.remat_policy = cfg.remat_policy
     self.num_experts = cfg.num_experts
-    first_tail = self.num_cycles * p
+    self.first_tail = first_tail = self.num_cycles * p  # index of the first unscanned layer
     self.cycles = (stack_modules(lambda r: Cycle(cfg, kinds[:p], r), self.num_cycles, rngs.params())
                    if self.num_cycles else None)
     self.tail = nnx.List([Block(cfg, kinds[i], rngs) for i in range(first_tail, cfg.num_layers)])
@@ -86,7 +86,7 @@ class Decoder(nnx.Module):
       for j, s in enumerate(cycle_stats):
         if s is not None:
           per_layer += [(c * p + j, jax.tree.map(lambda a: a[c], s)) for c in range(self.num_cycles)]
-    first = self.num_cycles * (len(self.cycles.blocks) if self.cycles is not None else 0)
+    first = self.first_tail
     for i, block in enumerate(self.tail):
       graphdef, state = nnx.split(block)
       x_BTD, s = remat(lambda x, st: nnx.merge(graphdef, st)(x, pos), self.remat_policy)(x_BTD, state)
@@ -198,8 +198,7 @@ class Llama4(nnx.Module):
       p = len(dec.cycles.blocks)
       one = tuple(layer(cfg.layer_kind(j)) for j in range(p))
       cycles = jax.tree.map(lambda a: jnp.broadcast_to(a, (dec.num_cycles, *a.shape)), one)
-    first = dec.num_cycles * (len(dec.cycles.blocks) if dec.cycles is not None else 0)
-    return {"cycles": cycles, "tail": [layer(cfg.layer_kind(first + i)) for i in range(len(dec.tail))]}
+    return {"cycles": cycles, "tail": [layer(cfg.layer_kind(dec.first_tail + i)) for i in range(len(dec.tail))]}
 
   def cached_forward(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
                      caches: dict, prefill: bool) -> tuple[jax.Array, dict]:

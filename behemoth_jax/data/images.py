@@ -148,7 +148,8 @@ def image_prompt_ids(vc: VisionConfig, grid: tuple[int, int]) -> np.ndarray:
 
 def video_frames(video: Any, *, num_frames: int | None = 8, fps: float | None = None,
                  source_fps: float | None = None) -> list[Image.Image]:
-  """Frames sampled in time order from an array [T, H, W, C], a directory of images, or a file of frames.
+  """Frames sampled in time order from an array [T, H, W, C], a list of frame files or images, a
+  directory of images, or a file of frames.
 
   num_frames: that many frames spread evenly over the clip (all frames if the clip has fewer).
   fps: instead, one frame every 1/fps seconds; frame times come from the file (GIF/APNG durations) or
@@ -180,9 +181,30 @@ def _name(video: Any) -> str:
   return str(video) if isinstance(video, (str, Path)) else f"video array {getattr(video, 'shape', '')}"
 
 
+def count_frames(video: Any) -> int:
+  """Frames in a video source without decoding them (the header of a file, the listing of a directory)."""
+  if isinstance(video, (list, tuple)):
+    return len(video)
+  if isinstance(video, (str, Path)):
+    path = Path(video)
+    if path.is_dir():
+      return sum(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+    try:
+      with Image.open(path) as im:
+        return getattr(im, "n_frames", 1)
+    except FileNotFoundError:
+      raise DataError(f"{path}: video file or directory not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+      raise DataError(f"{path}: not a file of frames Pillow can read ({e.__class__.__name__})") from None
+  return len(np.asarray(video))
+
+
 def _read_frames(video: Any, source_fps: float | None) -> tuple[list[Image.Image], np.ndarray | None]:
   """(frames, start time of each frame in seconds, or None when unknown)."""
   per_frame = None if source_fps is None else 1.0 / source_fps
+  if isinstance(video, (list, tuple)):  # frame files or images, in time order
+    frames = [load_image(f, where=f"video frame {i}") for i, f in enumerate(video)]
+    return frames, None if per_frame is None else np.arange(len(frames)) * per_frame
   if isinstance(video, (str, Path)):
     path = Path(video)
     if path.is_dir():

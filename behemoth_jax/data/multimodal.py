@@ -32,7 +32,7 @@ from behemoth_jax.config import VisionConfig
 from behemoth_jax.data import shapes
 from behemoth_jax.data.errors import DataError
 from behemoth_jax.data.images import (best_canvas, check_layout_ids, image_prompt_ids, preprocess_image,
-                                      preprocess_video, video_frames, video_prompt_ids)
+                                      count_frames, preprocess_video, video_prompt_ids)
 from behemoth_jax.data.pipeline import SPLITS, DataIterator, split_indices
 from behemoth_jax.data.sources import _JsonlFile
 from behemoth_jax.data.tokenizer import Tokenizer
@@ -134,11 +134,7 @@ class MMSource:
     return best_canvas(height, width, self.vc.image_size, self.vc.max_tiles)
 
   def _num_frames(self, video: Any) -> int:
-    if isinstance(video, list):
-      return min(len(video), self.frames)
-    if isinstance(video, str):
-      return len(video_frames(video, num_frames=self.frames))
-    return min(len(video), self.frames)
+    return min(count_frames(video), self.frames)  # what `video_frames(num_frames=...)` samples
 
   def sizes(self, i: int) -> tuple[int, int]:
     """(input tokens, tiles) of example i as packed: len(ids) - 1 and the tile count."""
@@ -160,30 +156,31 @@ class MMSource:
         tiles += n
     return tokens, tiles
 
-  def encode(self, i: int, text: str | None = None) -> dict[str, np.ndarray]:
-    """ids [n+1] (BOS … EOS), text_mask [n] over targets, tiles [k, 3, S, S]; `text` replaces the
-    example's own (caption scoring)."""
-    media, own_text = self._media(i)
-    text = own_text if text is None else text
-    vc, parts, tiles = self.vc, [], []
+  def encode_media(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(media token ids, tiles [k, 3, S, S], the example's text) of example i."""
+    media, text = self._media(i)
+    vc, parts, tiles = self.vc, [], [np.zeros((0, 3, self.vc.image_size, self.vc.image_size), np.float32)]
     for kind, src in media:
       if kind == "image":
         t, grid = preprocess_image(src, vc.image_size, vc.max_tiles)
         parts.append(image_prompt_ids(vc, grid))
       else:
-        if isinstance(src, list):
-          src = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in src])
         t = preprocess_video(src, vc.image_size, num_frames=self.frames)
         parts.append(video_prompt_ids(vc, len(t)))
-      tiles.append(t)
-    text_ids = self.tok.encode(text)
+      tiles.append(t.astype(np.float32))
     media_ids = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-    ids = np.concatenate([[self.tok.bos_id], media_ids, text_ids, [self.tok.eos_id]]).astype(np.int32)
+    return media_ids, np.concatenate(tiles), text
+
+  def with_text(self, media_ids: np.ndarray, tiles: np.ndarray, text: str) -> dict[str, np.ndarray]:
+    """ids [n+1] (BOS … EOS), text_mask [n] over targets (the text and EOS; the target of the last
+    media token is the first text token), tiles [k, 3, S, S]."""
+    ids = np.concatenate([[self.tok.bos_id], media_ids, self.tok.encode(text), [self.tok.eos_id]]).astype(np.int32)
     text_mask = np.zeros(len(ids) - 1, np.float32)
-    text_mask[len(media_ids):] = 1.0  # targets: the text and EOS (the target of the last media token is text)
-    size = (0, 3, vc.image_size, vc.image_size)
-    return {"ids": ids, "text_mask": text_mask,
-            "tiles": np.concatenate(tiles).astype(np.float32) if tiles else np.zeros(size, np.float32)}
+    text_mask[len(media_ids):] = 1.0
+    return {"ids": ids, "text_mask": text_mask, "tiles": tiles}
+
+  def encode(self, i: int) -> dict[str, np.ndarray]:
+    return self.with_text(*self.encode_media(i))
 
 
 def packing_plan(source: MMSource, ids_N: np.ndarray, seq_len: int, max_tiles: int, seed: int) -> list[tuple]:
