@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   sizes = [getattr(cfg.parallel, a) for a in ("data", "fsdp", "expert", "tensor", "context")]
   _fake_cpu_devices(args.local_devices or (math.prod(sizes) if -1 not in sizes else 8))
+  from behemoth_jax.checkpoint import CheckpointError
   from behemoth_jax.data import DataError
   from sharding.mesh import ShardingError
   try:
@@ -58,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, DataError, ShardingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except NonFinite as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+
+
+class NonFinite(RuntimeError):
+  """train.on_nonfinite=halt and a step's loss or gradient norm was NaN/Inf."""
 
 
 def run(cfg, args) -> int:
@@ -113,9 +124,8 @@ def run(cfg, args) -> int:
   signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
   with use_mesh(mesh):
-    latest = ckpt.latest_step()
+    state, latest = ckpt.restore_latest(abstract, train_iter, warn=lambda m: lead and print(m, file=sys.stderr))
     if latest is not None:
-      state = ckpt.restore(latest, abstract, train_iter)
       if lead:
         print(f"resumed from {ckpt.directory / str(latest)} (step {latest}) on mesh {dict(mesh.shape)}")
     else:
@@ -145,6 +155,23 @@ def run(cfg, args) -> int:
     bar = tqdm(range(first, last_step), initial=first, total=tc.steps, unit="step", disable=not lead,
                dynamic_ncols=True)
     pending, t_last, first_loss = None, time.perf_counter(), None
+    skipped = [int(state["skipped"])]
+
+    def check_finite(record: dict) -> None:
+      """Reports a skipped (non-finite) update; halts by train.on_nonfinite."""
+      if record["skipped"] <= skipped[0]:
+        return
+      skipped[0] = int(record["skipped"])
+      what = f"step {record['step']}: non-finite loss or gradients (loss {record['loss']}, " \
+             f"grad_norm {record['grad_norm']}); the update was skipped ({skipped[0]} so far)"
+      hint = "lower train.learning_rate, raise train.warmup_steps, or check the data of this step"
+      if tc.on_nonfinite == "halt":
+        ckpt.close()
+        raise NonFinite(f"{what}; halting (train.on_nonfinite=halt): {hint}; latest checkpoint: step "
+                        f"{ckpt.latest_step()}")
+      if lead:
+        tqdm.write(f"warning: {what}. Hint: {hint}", file=sys.stderr)
+
     for step in bar:
       if profile and step == profile[0]:
         jax.profiler.start_trace(str(out / "profile"))
@@ -155,6 +182,7 @@ def run(cfg, args) -> int:
                             flops=flops_per_step, peak=peak)
         t_last = now
         first_loss = record["loss"] if first_loss is None else first_loss
+        check_finite(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                         mfu=f"{record['mfu']:.1%}")
       pending = (step + 1, metrics)
@@ -172,6 +200,7 @@ def run(cfg, args) -> int:
       record = writer.log(pending[0], pending[1], seconds=time.perf_counter() - t_last, tokens=tokens_per_step,
                           flops=flops_per_step, peak=peak)
       first_loss = record["loss"] if first_loss is None else first_loss
+      check_finite(record)
       ckpt.save(int(state["step"]), state, train_iter, force=True)
     ckpt.close()
     train_iter.close()  # stop its prefetch threads before evaluation starts its own
@@ -186,7 +215,7 @@ def run(cfg, args) -> int:
     if lead:
       last = writer.last.get("loss")
       summary = {"first_loss": first_loss, "final_loss": last, "heldout_loss": held,
-                 "checkpoints": str(ckpt.directory)}
+                 "skipped_updates": skipped[0], "checkpoints": str(ckpt.directory)}
       if accuracy is not None:
         summary["caption_accuracy"] = accuracy
       (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,7 +7,11 @@ whose shardings are the *current* mesh's, so a run can resume on a different mes
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grain
@@ -33,22 +37,118 @@ class _JsonState:
     pass
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written, or none of the saved ones can be read; the message names the step."""
+
+
+MANIFEST = "checksums.json"  # beside orbax's files in each step directory: {relative path: [size, sha256]}
+
+
+def _hash_file(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"))
+
+
+def write_manifest(step_dir: Path) -> None:
+  """Size and sha256 of every file of a committed step. Orbax's files carry no checksum of the array
+  bytes: a flipped byte in a compressed chunk restores silently to wrong values (measured), so we keep
+  our own. Written to a temporary name and renamed, so a manifest is complete or absent."""
+  entries = {str(f.relative_to(step_dir)): [f.stat().st_size, _hash_file(f)] for f in _step_files(step_dir)}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(entries, indent=0))
+  os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify_manifest(step_dir: Path) -> None:
+  """Raises CheckpointError naming the first file whose size or checksum differs from the manifest.
+  A step without a manifest (killed after orbax's commit, before the manifest) is trusted to orbax."""
+  manifest = step_dir / MANIFEST
+  if not manifest.is_file():
+    return
+  try:
+    entries = json.loads(manifest.read_text())
+  except ValueError:
+    raise CheckpointError(f"{manifest}: unreadable manifest") from None
+  for rel, (size, digest) in entries.items():
+    f = step_dir / rel
+    if not f.is_file():
+      raise CheckpointError(f"{f}: missing")
+    if f.stat().st_size != size:
+      raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {size} (truncated?)")
+    if _hash_file(f) != digest:
+      raise CheckpointError(f"{f}: checksum differs from the manifest (corrupted)")
+
+
 class Checkpointer:
+  """Orbax CheckpointManager for (state, data iterator) plus integrity: each committed step gets a
+  checksum manifest (written in a background thread, off the training loop), and `restore_latest`
+  falls back to the newest step that verifies and restores, moving broken ones aside."""
+
   def __init__(self, directory: str | Path, *, every: int, keep: int, use_async: bool):
     self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                           enable_async_checkpointing=use_async, create=True)
+                                           enable_async_checkpointing=use_async, create=True,
+                                           cleanup_tmp_directories=True)  # a save killed half-way
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self.lead = jax.process_index() == 0
+    self._hasher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-manifest")
+    self._sealed = {s for s in self.manager.all_steps() if (self.directory / str(s) / MANIFEST).is_file()}
+    self._in_flight: int | None = None
+    self._manifests: list = []
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); async saves return after the device→host copy."""
-    if step in self.manager.all_steps():
+    """Saves if `step` is on the interval (or `force`); async saves return after the device→host copy.
+    A failed write raises CheckpointError naming the step and the steps still intact."""
+    if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_JsonState(data_iter))), force=force)
+    self._finish_in_flight()
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_JsonState(data_iter))),
+          force=force)
+    except Exception as e:
+      raise self._write_error(step, e) from e
+    self._in_flight = step if saved else None
+    return saved
+
+  def _finish_in_flight(self) -> None:
+    """Waits for the previous async write; its failure is raised as CheckpointError naming its step."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._in_flight, e) from e
+    self._in_flight = None
+    self._seal()
+
+  def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
+    intact = [s for s in self.manager.all_steps() if s != step]
+    return CheckpointError(f"writing checkpoint step {step} to {self.directory} failed ({_one_line(e)}); "
+                           f"intact checkpoints: steps {intact or 'none'}")
+
+  def _seal(self) -> None:
+    """Manifests for committed steps that lack one (lead process; background thread)."""
+    if not self.lead:
+      return
+    for s in self.manager.all_steps():
+      if s not in self._sealed:
+        self._sealed.add(s)
+        self._manifests.append(self._hasher.submit(self._write_manifest, s))
+
+  def _write_manifest(self, step: int) -> None:
+    try:
+      write_manifest(self.directory / str(step))
+    except FileNotFoundError:  # deleted meanwhile by max_to_keep
+      pass
 
   def restore(self, step: int, abstract_state, data_iter):
     """The state at `step`, placed by `abstract_state`'s shardings; `data_iter` is set in place."""
@@ -56,12 +156,75 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(_JsonState(data_iter))))
     return restored["state"]
 
+  def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    meta = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
+    meta = getattr(meta, "item_metadata", meta).tree  # StepMetadata or TreeMetadata
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)}
+
+  def _check_shapes(self, step: int, saved: dict, abstract_state) -> None:
+    """A checkpoint of another model (a changed config) is a configuration error, not corruption."""
+    for key, want in jax.tree_util.tree_leaves_with_path(abstract_state):
+      got = saved.get(jax.tree_util.keystr(key))
+      if got is not None and got != tuple(want.shape):
+        raise CheckpointError(f"{self.directory / str(step)}: {jax.tree_util.keystr(key)} has shape {got} but "
+                              f"the config needs {tuple(want.shape)} (another model's checkpoint? use another "
+                              f"train.out_dir)")
+
+  def restore_latest(self, abstract_state, data_iter, warn=print):
+    """(state, step) of the newest step that verifies and restores, or (None, None) with no steps.
+    Skipped unreadable newer steps are reported through `warn` and renamed `corrupt-STEP-TIME` (kept
+    for inspection, out of orbax's sight). When every step is unreadable nothing is moved and
+    CheckpointError names each step's problem; a checkpoint of another shape is an error at once."""
+    broken = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        verify_manifest(self.directory / str(step))
+        saved = self._saved_shapes(step)
+      except Exception as e:
+        broken.append((step, e))
+        continue
+      self._check_shapes(step, saved, abstract_state)
+      try:
+        state = self.restore(step, abstract_state, data_iter)
+      except Exception as e:
+        broken.append((step, e))
+        continue
+      for s, e in broken:
+        warn(f"warning: checkpoint step {s} is unreadable ({_one_line(e)}); using step {step}")
+      self._move_aside([s for s, _ in broken])
+      return state, step
+    if broken:
+      raise CheckpointError(f"no readable checkpoint in {self.directory}: " +
+                            "; ".join(f"step {s}: {_one_line(e)}" for s, e in broken))
+    return None, None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if self.lead:
+      for s in steps:
+        os.replace(self.directory / str(s), self.directory / f"corrupt-{s}-{int(time.time())}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoint-move-aside")
+    self.manager.reload()
+    self._sealed -= set(steps)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last write (raising CheckpointError if it failed) and the manifests."""
+    self._finish_in_flight()
+    for f in self._manifests:
+      f.result()
+    self._hasher.shutdown()
     self.manager.close()
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def params_dir(path: str | Path, what: str = "train.init_from") -> Path:

@@ -316,6 +316,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
   init_from: str | None = None  # orbax checkpoint (e.g. from behemoth-convert) for initial parameters
+  # A non-finite loss or gradient norm always skips that update (counted); "skip" logs it and goes on,
+  # "halt" stops the run with exit status 3 (the last checkpoint holds no skipped-over damage).
+  on_nonfinite: str = "skip"
 
   def __post_init__(self):
     for name in ("batch_size", "seq_len", "steps", "grad_accum", "ce_chunk", "eval_batches", "log_every",
@@ -325,6 +328,8 @@ class TrainConfig:
     check(self.batch_size % self.grad_accum == 0, "train.batch_size",
            f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
     check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    check(self.on_nonfinite in ("skip", "halt"), "train.on_nonfinite",
+          f"must be 'skip' or 'halt', got {self.on_nonfinite!r}")
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")

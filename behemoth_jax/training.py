@@ -23,7 +23,9 @@ from behemoth_jax.losses import (chunked_cross_entropy, distillation_terms, load
 from behemoth_jax.transformer import create_model
 from sharding.api import abstract_sharded_model
 
-State = dict[str, Any]  # {"params": nnx.State, "opt_state": optax state, "step": int32 scalar}
+# {"params": nnx.State, "opt_state": optax state, "step": int32 scalar, "skipped": int32 scalar (updates
+# skipped for a non-finite loss or gradient norm)}
+State = dict[str, Any]
 
 
 def make_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -60,9 +62,11 @@ def make_init(cfg: Config, tx, param_shardings, mesh: Mesh):
   def init() -> State:
     params = nnx.split(create_model(cfg.model, cfg.train.seed))[1]
     params = jax.lax.with_sharding_constraint(params, param_shardings)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    zero = jnp.zeros((), jnp.int32)
+    return {"params": params, "opt_state": tx.init(params), "step": zero, "skipped": zero}
 
-  return jax.jit(init, out_shardings={"params": param_shardings, "opt_state": None, "step": replicated})
+  return jax.jit(init, out_shardings={"params": param_shardings, "opt_state": None, "step": replicated,
+                                      "skipped": replicated})
 
 
 def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens: jax.Array, distill=None,
@@ -121,10 +125,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
       (grads, loss, ce, stats, extra), _ = jax.lax.scan(body, (grads, loss, ce, stats, extra), rest)
       stats = jax.tree.map(lambda a: a / n, stats)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss, "ce": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient skips the update: parameters and optimizer state stay bitwise as
+    # they were, the step (and the data) moves on, `skipped` counts it; train.py halts or logs by
+    # `train.on_nonfinite`. (optax.apply_if_finite gates on gradients only and applies the update
+    # anyway after max_consecutive_errors, so it is not used.)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {"params": keep(optax.apply_updates(params, updates), params),
+                 "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1,
+                 "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+    metrics = {"loss": loss, "ce": ce, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": total, "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
-               "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z, **extra}
+               "expert_load_max": stats.load_E.max(axis=-1, initial=0.0), "router_z": stats.z,
+               "skipped": new_state["skipped"], **extra}
     return new_state, metrics
 
   return train_step

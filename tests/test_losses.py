@@ -56,7 +56,8 @@ def test_gradient_accumulation_equals_one_batch():
     tc = cfg.train.__class__(**{**cfg.train.__dict__, "grad_accum": accum})  # aux losses: per micro-batch by design
     tx = make_optimizer(tc)
     step = jax.jit(make_train_step(graphdef, tx, tc, make_schedule(tc)))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32)}
     new, metrics = step(state, batch)
     results.append((metrics, new["params"]))
   for metrics, p in results[1:]:
