@@ -13,11 +13,13 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, load_config
 
 
@@ -28,13 +30,24 @@ def _fake_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+def _step_range(text: str) -> tuple[int, int]:
+  try:
+    start, end = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected START:END step numbers, got {text!r}") from None
+  if not 0 <= start < end:
+    raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+  return start, end
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
   p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=50")
   p.add_argument("--stop-after", type=int, metavar="STEP",
                  help="stop at this step of the schedule with a checkpoint (time-boxed jobs); resume later")
-  p.add_argument("--profile", metavar="START:END", help="write a jax profiler trace for steps [START, END)")
+  p.add_argument("--profile", metavar="START:END", type=_step_range,
+                 help="write a jax profiler trace for steps [START, END)")
   p.add_argument("--coordinator", help="multi-process: coordinator address host:port (jax.distributed)")
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
@@ -54,17 +67,15 @@ def main(argv: list[str] | None = None) -> int:
   from behemoth_jax.checkpoint import CheckpointError
   from behemoth_jax.data import DataError
   from sharding.mesh import ShardingError
+  out = Path(cfg.train.out_dir)
+  fresh = not out.exists()
   try:
     return run(cfg, args)
-  except (ConfigError, DataError, ShardingError) as e:
+  except (ConfigError, DataError, ShardingError, CheckpointError, NonFinite) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except NonFinite as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+    if fresh and args.process_id == 0 and not any(p.name.isdigit() for p in out.glob("checkpoints/*")):
+      shutil.rmtree(out, ignore_errors=True)  # this run created it and saved nothing: leave nothing behind
+    return 3 if isinstance(e, NonFinite) else 1 if isinstance(e, CheckpointError) else 2
 
 
 class NonFinite(RuntimeError):
@@ -72,13 +83,27 @@ class NonFinite(RuntimeError):
 
 
 def run(cfg, args) -> int:
+  """Trains; whatever way it ends, the data iterator's threads and the checkpointer are closed (a
+  pending write finishes), so an error exits with its one line and no teardown noise."""
+  closers = []
+  try:
+    return _run(cfg, args, closers)
+  finally:
+    for close in reversed(closers):
+      try:
+        close()
+      except Exception:  # already failing: the first error is the one reported
+        pass
+
+
+def _run(cfg, args, closers: list) -> int:
   import jax
   from jax.sharding import NamedSharding
   from tqdm import tqdm
 
   import yaml
 
-  from behemoth_jax.checkpoint import CONFIG_NAME, Checkpointer, restore_params
+  from behemoth_jax.checkpoint import CONFIG_NAME, Checkpointer, params_dir, restore_params
   from behemoth_jax.config import to_dict
   from behemoth_jax.data import load_tokenizer
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
@@ -100,11 +125,18 @@ def run(cfg, args) -> int:
   if tc.batch_size % nproc:
     raise ConfigError(f"train.batch_size: {tc.batch_size} not divisible by {nproc} processes")
   mesh = make_mesh(cfg.parallel)
-  tx, schedule = make_optimizer(tc), make_schedule(tc)
-  graphdef, abstract = state_shardings(cfg, mesh, tx)
+  for what, path in (("train.init_from", tc.init_from), ("distill.teacher", cfg.distill.teacher)):
+    if path:  # checked before anything is written or compiled
+      try:
+        params_dir(path, what)
+      except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
   data_args = dict(seq_len=tc.seq_len, batch_size=tc.batch_size // nproc, seed=dc.shuffle_seed,
                    process_index=jax.process_index(), process_count=nproc)
-  train_iter = data_iterator(cfg, tokenizer, "train", data_args)
+  train_iter = data_iterator(cfg, tokenizer, "train", data_args)  # bad data fails here, before compiling
+  closers.append(train_iter.close)
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = state_shardings(cfg, mesh, tx)
 
   def to_global(batch):
     out = {}
@@ -116,7 +148,9 @@ def run(cfg, args) -> int:
   out = Path(tc.out_dir)
   ckpt = Checkpointer(out / "checkpoints", every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                       use_async=tc.async_checkpoints)
+  closers.append(ckpt.close)
   writer = MetricsWriter(out, enabled=lead)
+  closers.append(writer.close)
   if lead:  # the run's config, for generation and export (behemoth-convert to-hf) of its checkpoints
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -150,7 +184,7 @@ def run(cfg, args) -> int:
     if lead:
       print(f"training {args.config}: {n_params:,} parameters on mesh {dict(mesh.shape)}, "
             f"{tc.steps} steps of {tokens_per_step:,} tokens; run directory {out.absolute()}")
-    profile = tuple(int(x) for x in args.profile.split(":")) if args.profile else None
+    profile = args.profile
     last_step = min(tc.steps, args.stop_after or tc.steps)
     bar = tqdm(range(first, last_step), initial=first, total=tc.steps, unit="step", disable=not lead,
                dynamic_ncols=True)

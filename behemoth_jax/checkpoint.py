@@ -102,6 +102,7 @@ class Checkpointer:
     self._sealed = {s for s in self.manager.all_steps() if (self.directory / str(s) / MANIFEST).is_file()}
     self._in_flight: int | None = None
     self._manifests: list = []
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -157,17 +158,16 @@ class Checkpointer:
     return restored["state"]
 
   def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    meta = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
-    meta = getattr(meta, "item_metadata", meta).tree  # StepMetadata or TreeMetadata
-    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)}
+    meta = _tree_metadata(self.directory / str(step) / "state")
+    return _shapes_by_key(meta)
 
   def _check_shapes(self, step: int, saved: dict, abstract_state) -> None:
     """A checkpoint of another model (a changed config) is a configuration error, not corruption."""
-    for key, want in jax.tree_util.tree_leaves_with_path(abstract_state):
-      got = saved.get(jax.tree_util.keystr(key))
-      if got is not None and got != tuple(want.shape):
-        raise CheckpointError(f"{self.directory / str(step)}: {jax.tree_util.keystr(key)} has shape {got} but "
-                              f"the config needs {tuple(want.shape)} (another model's checkpoint? use another "
+    for key, want in sorted(_shapes_by_key(abstract_state).items(), key=lambda kv: kv[0][0] != "params"):
+      got = saved.get(key)
+      if got is not None and got != want:
+        raise CheckpointError(f"{self.directory / str(step)}: {'/'.join(key)} has shape {got} but "
+                              f"the config needs {want} (another model's checkpoint? use another "
                               f"train.out_dir)")
 
   def restore_latest(self, abstract_state, data_iter, warn=print):
@@ -214,7 +214,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for the last write (raising CheckpointError if it failed) and the manifests."""
+    """Waits for the last write (raising CheckpointError if it failed) and the manifests. Idempotent."""
+    if self._closed:
+      return
+    self._closed = True
     self._finish_in_flight()
     for f in self._manifests:
       f.result()
@@ -225,6 +228,25 @@ class Checkpointer:
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _shapes_by_key(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Leaf shapes by path as strings, the same for saved metadata ({..., 'value': ArrayMetadata}) and an
+  in-memory state (nnx Variables, ShapeDtypeStructs)."""
+  def part(k):
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    key = tuple(part(k) for k in path)
+    out[key[:-1] if key and key[-1] == "value" else key] = tuple(leaf.shape)
+  return out
+
+
+def _tree_metadata(item_dir: Path) -> dict:
+  """The saved tree of ArrayMetadata (shapes, dtypes) of one item; the handler's reader, which unlike
+  the checkpointer's does not warn about the step-level metadata file of from-hf output."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(Path(item_dir))
+  return getattr(meta, "tree", meta)
 
 
 def params_dir(path: str | Path, what: str = "train.init_from") -> Path:
@@ -248,10 +270,17 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
   placed by `abstract_params` (an nnx.State of ShapeDtypeStructs with shardings). A checkpoint saved
   with one leaf per layer (behemoth-convert from-hf) is re-stacked for a scanned model, leaf by leaf."""
   path = params_dir(path, what)
-  meta = ocp.PyTreeCheckpointer().metadata(path)
-  saved = getattr(meta, "item_metadata", meta).tree.get("params", {})  # StepMetadata or TreeMetadata
+  saved = _tree_metadata(path).get("params", {})
   flat = dict(nnx.to_flat_state(abstract_params))
-  if any(k[:2] == ("decoder", "cycles") for k in flat) and "cycles" not in saved.get("decoder", {}):
+  shapes = _shapes_by_key(saved)
+  restack = any(k[:2] == ("decoder", "cycles") for k in flat) and "cycles" not in saved.get("decoder", {})
+  for key, var in flat.items():  # one line naming the parameter, not orbax's restore-args trace
+    got = shapes.get(tuple(map(str, _saved_key(key, flat) if restack else key)))
+    want = var.get_value().shape[1:] if restack and key[:2] == ("decoder", "cycles") else var.get_value().shape
+    if got is not None and got != tuple(want):
+      raise CheckpointError(f"{what}: {path}: parameter {'/'.join(map(str, key))} has shape {got} in the "
+                            f"checkpoint but the config needs {tuple(want)} (a checkpoint of another model?)")
+  if restack:
     return _restore_restacked(path, flat)
   target = {"params": abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
@@ -267,6 +296,17 @@ def restore_leaf(path: Path, leaf: tuple, shape: tuple[int, ...], dtype) -> np.n
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True))
   return np.asarray(dict(nnx.to_flat_state(restored["params"]))[leaf].get_value())
+
+
+def _saved_key(key: tuple, flat: dict) -> tuple:
+  """The per-layer checkpoint key holding (the first layer of) scanned parameter `key`."""
+  if key[:3] == ("decoder", "cycles", "blocks"):
+    return ("decoder", "tail", key[3], *key[4:])
+  if key[:2] == ("decoder", "tail"):
+    blocks = {k[3] for k in flat if k[:3] == ("decoder", "cycles", "blocks")}
+    n_cycles = next(v.get_value().shape[0] for k, v in flat.items() if k[:2] == ("decoder", "cycles"))
+    return ("decoder", "tail", n_cycles * len(blocks) + key[2], *key[3:])
+  return key
 
 
 def _restore_restacked(path: Path, flat: dict):

@@ -12,13 +12,14 @@ each record's text (offline distillation targets).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+from behemoth_jax.cli import ArgumentParser
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,7 @@ class Generator:
   def __init__(self, model, *, stop_ids: tuple[int, ...], pad_id: int, sampling: Sampling = Sampling(),
                bucket: int = 64, mesh=None):
     self.graphdef, self.params = nnx.split(model)
+    self.vocab_size = model.cfg.vocab_size
     self.stop_ids, self.pad_id, self.sampling, self.bucket = tuple(stop_ids), pad_id, sampling, bucket
     self.mesh, self.rows_multiple = mesh, 1
     if mesh is not None:
@@ -131,8 +133,14 @@ class Generator:
   def __call__(self, prompts: list[np.ndarray], max_new_tokens: int,
                pixel_values: np.ndarray | None = None) -> list[np.ndarray]:
     """Completions (without the prompt, cut after the first stop token) for left-padded `prompts`."""
+    from behemoth_jax.transformer import check_token_ids
+
     n = len(prompts)
     rows = [np.asarray(p, np.int32) for p in prompts]
+    for i, row in enumerate(rows):
+      if row.ndim != 1 or row.size == 0:
+        raise ValueError(f"prompts[{i}]: expected a non-empty 1-D list of token ids, got shape {row.shape}")
+      check_token_ids(row, self.vocab_size, f"prompts[{i}]")
     rows += [np.asarray([self.pad_id], np.int32)] * ((-n) % self.rows_multiple)  # filler rows, dropped below
     ids, mask = left_pad(rows, self.pad_id, self.bucket)
     mask[n:] = 0
@@ -223,7 +231,7 @@ def read_prompts(path: str, field: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m behemoth_jax.generate", description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m behemoth_jax.generate", description=__doc__.splitlines()[0])
   p.add_argument("--config", help="YAML config of the model and data.tokenizer (default: the config.yaml "
                                    "beside --ckpt; with --hf: dtypes and tokenizer only)")
   src = p.add_mutually_exclusive_group(required=True)
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   from tqdm import tqdm
 
+  from behemoth_jax.checkpoint import CheckpointError
   from behemoth_jax.config import ConfigError
   from behemoth_jax.data import DataError, load_tokenizer
 
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf and args.config is None and (Path(args.hf) / "tokenizer.json").is_file():
       tok_path = str(Path(args.hf) / "tokenizer.json")
     tok = load_tokenizer(tok_path)
-  except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+  except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   mesh = None

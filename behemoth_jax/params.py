@@ -8,13 +8,14 @@ total − routed · (1 − k/E).
 
 from __future__ import annotations
 
-import argparse
+
 import sys
 from collections import Counter
 
 import numpy as np
 from flax import nnx
 
+from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, ModelConfig, load_config
 from behemoth_jax.transformer import abstract_model
 
@@ -62,7 +63,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m behemoth_jax.params", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m behemoth_jax.params", description=__doc__.splitlines()[0])
   parser.add_argument("config", help="YAML config (e.g. configs/behemoth.yaml)")
   parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.num_layers=4")
   args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from behemoth_jax.attention import Attention, KVCache, Positions, segment_positions
@@ -161,7 +162,10 @@ class Llama4(nnx.Module):
 
     pixel_values: float32 tiles [N, C, H, W] in prompt order over the whole batch (HF's layout), or
     [B, K, C, H, W]: K tile slots per row, used by that row's image tokens in order (padding slots unused).
+    Concrete ids outside [0, vocab_size) raise ValueError (a gather would clamp them silently); traced
+    ids (inside jit) are the caller's to check, as the data pipeline and the tokenizer check do.
     """
+    check_token_ids(input_ids_BT, self.cfg.vocab_size)
     x = self.embed_tokens(input_ids_BT)
     if pixel_values is None:
       return x
@@ -231,6 +235,18 @@ class Llama4(nnx.Module):
     unless given."""
     h = self.hidden_states(self.embed_inputs(input_ids_BT, pixel_values), positions_BT, segment_ids_BT)
     return self.logits(h)
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "input_ids") -> None:
+  """ValueError naming the first id outside [0, vocab_size) and where it is; no-op on tracers."""
+  if isinstance(ids, jax.core.Tracer):
+    return
+  ids = np.asarray(ids)
+  bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    where = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{what}: token id {int(ids[where])} at {list(where)} is outside [0, {vocab_size}) "
+                     f"(model.vocab_size; {len(bad)} of {ids.size} ids are)")
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Llama4:

@@ -268,3 +268,12 @@ def test_nonfinite_loss_halts_or_is_counted_by_config(tmp_path, mode):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["skipped_updates"] == 3
     assert sum("the update was skipped" in x for x in r.stderr.splitlines()) == 3
+
+
+def test_resuming_with_another_models_config_is_one_line_and_moves_nothing(reference, tmp_path):
+  out = _copy_run(reference, tmp_path / "run", (14, 16))
+  r = _run(out, "model.hidden_size=32")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+  assert "has shape" in lines[0] and "the config needs" in lines[0] and "another train.out_dir" in lines[0]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["14", "16"]

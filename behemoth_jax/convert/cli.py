@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from behemoth_jax.cli import ArgumentParser
+
 
 def _check_out(out: Path, overwrite: bool) -> None:
   if out.exists() and not overwrite:
@@ -79,7 +81,7 @@ def to_hf(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="behemoth-convert", description=__doc__.splitlines()[0],
+  p = ArgumentParser(prog="behemoth-convert", description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="\n".join(__doc__.splitlines()[1:]))
   sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
   b.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: the checkpoint's")
   b.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
+  from behemoth_jax.checkpoint import CheckpointError
   from behemoth_jax.config import ConfigError
   from behemoth_jax.convert.hf import ConversionError
   from sharding.mesh import ShardingError
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.perf_counter()
   try:
     message = from_hf(args) if args.command == "from-hf" else to_hf(args)
-  except (ConversionError, ConfigError, ShardingError, FileExistsError, FileNotFoundError, ValueError) as e:
+  except (ConversionError, CheckpointError, ConfigError, ShardingError, FileExistsError, FileNotFoundError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"{message} [{time.perf_counter() - t0:.1f}s]")
