@@ -119,7 +119,8 @@ def test_distillation_step_from_itself_has_zero_soft_loss_and_gradient():
       "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1)),
       "loss_mask": np.ones((2, 16), np.float32)})
   tx = make_optimizer(cfg.train)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "skipped": jnp.zeros((), jnp.int32)}
   soft = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="fixed", alpha=1.0),
                                                                              graphdef))
   _, m = jax.jit(soft)(state, batch, params)
