@@ -12,6 +12,7 @@ query i sees key j iff `pos_i // C == pos_j // C` and j ≤ i (chunks aligned to
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -58,10 +59,14 @@ def _with_previous(x: jax.Array, fill) -> jax.Array:
 
 def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, chunk: int | None,
                      positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                     explicit_positions: bool = False) -> jax.Array:
+                     explicit_positions: bool = False, block: int = 0) -> jax.Array:
   """Causal GQA attention, local within position chunks of size `chunk` (None: global).
 
-  Returns [B, T, N, H] in q's dtype; scores and softmax in float32.
+  Returns [B, T, N, H] in q's dtype; scores and softmax in float32. With `block` > 0 and a key span
+  (chunk, or T for global layers) longer than it and divisible by it, keys are visited `block` at a
+  time with an online softmax and FlashAttention's recomputing backward: live scores are
+  queries × block, not queries × keys (what lets 8K-token chunks and 1M-token global layers fit).
+  Masked-out blocks are still computed (no block skipping), so causal layers do ~2x the needed FLOPs.
   """
   b, t, n, h = q_BTNH.shape
   kv = k_BTKH.shape[2]
@@ -82,22 +87,116 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
   if windowed:
     k, v = _with_previous(k, 0), _with_previous(v, 0)
     idx_k = jnp.concatenate([idx_q - c, idx_q], axis=1)
-  mask = (idx_k[:, None, :] <= idx_q[:, :, None]) & (idx_k[:, None, :] >= 0)  # [n, cq, s]
-  mask = mask[None]
+  pos_q = pos_k = seg_q = seg_k = None
   if pos_masked:
     pos_q = prep(positions_BT)
     pos_k = _with_previous(pos_q, 0) if windowed else pos_q
-    mask = mask & (pos_q[:, :, :, None] // chunk == pos_k[:, :, None, :] // chunk)
   if segment_ids_BT is not None:
     seg_q = prep(segment_ids_BT)
     seg_k = _with_previous(seg_q, -1) if windowed else seg_q
-    mask = mask & (seg_q[:, :, :, None] == seg_k[:, :, None, :])
-
-  scores = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-  scores = jnp.where(mask[:, :, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BcKGqs,BcsKH->BcqKGH", probs, v)
+  masks = _Masks(idx_q, idx_k, pos_q, pos_k, seg_q, seg_k, chunk if pos_masked else None)
+  s = k.shape[2]
+  if block and s > block and s % block == 0:
+    out = _flash(q, k, v, masks, block)
+  else:
+    scores = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(masks.block(0, s)[:, :, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BcKGqs,BcsKH->BcqKGH", probs, v)
   return out.reshape(b, nc * c, n, h)[:, :t]
+
+
+class _Masks(NamedTuple):
+  """What decides whether query i may see key j, kept factored so a key block's mask is built alone."""
+
+  idx_q: jax.Array  # [n, cq] sequence index of each query
+  idx_k: jax.Array  # [n, s]
+  pos_q: jax.Array | None  # [B, n, cq] positions (chunk membership by position), or None
+  pos_k: jax.Array | None
+  seg_q: jax.Array | None  # [B, n, cq] segment ids, or None
+  seg_k: jax.Array | None
+  chunk: int | None
+
+  def block(self, start: int | jax.Array, size: int) -> jax.Array:
+    """[B or 1, n, cq, size] for keys [start, start + size)."""
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+    idx_k = cut(self.idx_k)
+    mask = ((idx_k[:, None, :] <= self.idx_q[:, :, None]) & (idx_k[:, None, :] >= 0))[None]
+    if self.pos_q is not None:
+      mask = mask & (self.pos_q[..., None] // self.chunk == cut(self.pos_k)[:, :, None, :] // self.chunk)
+    if self.seg_q is not None:
+      mask = mask & (self.seg_q[..., None] == cut(self.seg_k)[:, :, None, :])
+    return mask
+
+
+def _block_scores(q, k_j, masks: _Masks, start, size: int) -> jax.Array:
+  """Masked float32 scores [B, n, K, G, cq, size] of one key block."""
+  s = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k_j, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  return jnp.where(masks.block(start, size)[:, :, None, None], s, _NEG)
+
+
+def _key_block(x, j, block: int):
+  return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=2)
+
+
+def _flash_forward(q, k, v, masks: _Masks, block: int):
+  """Online softmax over key blocks (a scan): O(queries · block) live scores instead of queries × keys.
+  Returns the output [B, n, cq, K, G, H] in q's dtype and the log-sum-exp [B, n, K, G, cq] (float32)."""
+  b, n, cq, kv, g, h = q.shape
+  m0 = jnp.full((b, n, kv, g, cq), _NEG, jnp.float32)
+  acc0 = jnp.zeros((b, n, kv, g, cq, h), jnp.float32)
+
+  def body(carry, j):
+    m, l, acc = carry
+    sc = _block_scores(q, _key_block(k, j, block), masks, j * block, block)
+    m_new = jnp.maximum(m, sc.max(axis=-1))
+    p = jnp.exp(sc - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    l = l * corr + p.sum(axis=-1)
+    pv = jnp.einsum("BcKGqs,BcsKH->BcKGqH", p.astype(v.dtype), _key_block(v, j, block),
+                    preferred_element_type=jnp.float32)
+    return (m_new, l, acc * corr[..., None] + pv), None
+
+  (m, l, acc), _ = jax.lax.scan(body, (m0, jnp.zeros_like(m0), acc0), jnp.arange(k.shape[2] // block))
+  out = (acc / l[..., None]).astype(q.dtype)  # l >= 1: the row maximum contributes exp(0)
+  return jnp.moveaxis(out, 4, 2), m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, masks: _Masks, block: int):
+  return _flash_forward(q, k, v, masks, block)[0]
+
+
+def _flash_fwd(q, k, v, masks, block):
+  out, lse = _flash_forward(q, k, v, masks, block)
+  return out, (q, k, v, masks, out, lse)
+
+
+def _flash_bwd(block, res, d_out):
+  """FlashAttention's backward: probabilities recomputed per key block from the saved log-sum-exp, so
+  memory stays O(queries · block); dK and dV of each block come out of the scan, dQ is its carry."""
+  q, k, v, masks, out, lse = res
+  d_out = jnp.moveaxis(d_out, 2, 4)  # [B, n, K, G, cq, H]
+  delta = jnp.sum(d_out.astype(jnp.float32) * jnp.moveaxis(out, 2, 4).astype(jnp.float32), axis=-1)
+  scale = q.shape[-1] ** -0.5
+
+  def body(dq, j):
+    k_j, v_j = _key_block(k, j, block), _key_block(v, j, block)
+    p = jnp.exp(_block_scores(q, k_j, masks, j * block, block) - lse[..., None])
+    dv = jnp.einsum("BcKGqs,BcKGqH->BcsKH", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("BcKGqH,BcsKH->BcKGqs", d_out, v_j, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = dq + jnp.einsum("BcKGqs,BcsKH->BcqKGH", ds, k_j, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("BcKGqs,BcqKGH->BcsKH", ds, q, preferred_element_type=jnp.float32)
+    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+  nb = k.shape[2] // block
+  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(nb))
+  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1], x.shape[2], nb * block, *x.shape[4:])
+  return dq.astype(q.dtype), unblock(dk), unblock(dv), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class Attention(nnx.Module):
@@ -137,7 +236,8 @@ class Attention(nnx.Module):
       v = ax.constrain(v, (ax.BATCH, None, ax.ACT_HEADS, None))
     return causal_attention(
         q, k, v, chunk=cfg.attention_chunk_size if self.kind.chunked else None,
-        positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit)
+        positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit,
+        block=cfg.attention_block)
 
   def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
     q, k, v = self._qkv(x_BTD, pos)

@@ -159,6 +159,9 @@ class ModelConfig:
   fp8: bool = False  # matmuls in fp8: e4m3 operands forward, e5m2 gradients, per-tensor scaling
   scan_layers: bool = True
   remat_policy: str = "none"
+  # Key block of the memory-efficient attention (online softmax, recomputing backward) used when a
+  # layer's key span (its chunk, or T for global layers) is longer; 0: always the dense path.
+  attention_block: int = 1024
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
   vision: VisionConfig | None = None  # early-fusion vision encoder (None: text only)
@@ -172,6 +175,7 @@ class ModelConfig:
     if self.shared_intermediate_size is None:
       object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
     check(self.shared_intermediate_size > 0, "model.shared_intermediate_size", "must be > 0")
+    check(self.attention_block >= 0, "model.attention_block", f"must be >= 0, got {self.attention_block}")
     check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
     check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")

@@ -46,17 +46,30 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation):
-  """(graphdef, abstract state with shardings): parameters follow the rules table; optimizer
-  moments follow their parameters (XLA propagation through tx.init, read off the compiled init)."""
-  graphdef, _, param_shardings = abstract_sharded_model(cfg.model, mesh, cfg.train.seed)
-  init = make_init(cfg, tx, param_shardings, mesh)
-  shardings = init.lower().compile().output_shardings
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(init),
-                          shardings)
+  """(graphdef, abstract state with shardings): parameters follow the rules table; optimizer leaves
+  follow `optimizer_shardings`."""
+  graphdef, abstract_params, param_shardings = abstract_sharded_model(cfg.model, mesh, cfg.train.seed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = {"params": param_shardings, "opt_state": optimizer_shardings(tx, abstract_opt, param_shardings, mesh),
+               "step": replicated, "skipped": replicated}
+  abstract = {"params": abstract_params, "opt_state": abstract_opt,
+              "step": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return graphdef, abstract
 
 
+def optimizer_shardings(tx, abstract_opt_state, param_shardings, mesh: Mesh):
+  """Every optimizer leaf that mirrors a parameter (Adam's moments) takes that parameter's sharding;
+  the rest (step counts) is replicated. Explicit, not left to XLA: compiled for TPU, propagation
+  through `tx.init` replicated the moments (Scout's init needed 41 GiB per chip instead of 1)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
 def make_init(cfg: Config, tx, param_shardings, mesh: Mesh):
+  """The jitted initial state, created on its shards (never whole on one device)."""
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def init() -> State:
@@ -65,8 +78,9 @@ def make_init(cfg: Config, tx, param_shardings, mesh: Mesh):
     zero = jnp.zeros((), jnp.int32)
     return {"params": params, "opt_state": tx.init(params), "step": zero, "skipped": zero}
 
-  return jax.jit(init, out_shardings={"params": param_shardings, "opt_state": None, "step": replicated,
-                                      "skipped": replicated})
+  abstract_opt = jax.eval_shape(lambda: tx.init(nnx.split(create_model(cfg.model, cfg.train.seed))[1]))
+  return jax.jit(init, out_shardings={"params": param_shardings, "step": replicated, "skipped": replicated,
+                                      "opt_state": optimizer_shardings(tx, abstract_opt, param_shardings, mesh)})
 
 
 def loss_and_stats(graphdef, params, batch: dict, tc: TrainConfig, total_tokens: jax.Array, distill=None,

@@ -42,7 +42,11 @@ def make_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
   shape = [sizes[a] for a in MESH_AXES]
   types = (AxisType.Auto,) * len(MESH_AXES)
   if parallel.num_slices == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # e.g. expert=16 on an 8x8x8 torus: split a physical axis between mesh axes
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return Mesh(np.asarray(grid), MESH_AXES, axis_types=types)
   i = MESH_AXES.index(parallel.dcn_axis)
   if shape[i] % parallel.num_slices:
     raise ShardingError(f"parallel.{parallel.dcn_axis}: size {shape[i]} not divisible by "
