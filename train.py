@@ -52,6 +52,11 @@ def parse_args(argv):
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
   p.add_argument("--local-devices", type=int, default=None, help="CPU only: fake devices in this process")
+  p.add_argument("--compile-topology", metavar="SLICE",
+                 help="only compile the train step for a TPU slice (v5p-1024, v4-128, v5e-256, v6e-64; needs "
+                      "libtpu: pip install -e '.[tpu]') and print per-chip memory and FLOPs; exit 1 if it does not fit")
+  p.add_argument("--num-slices", type=int, default=1, help="with --compile-topology: slices joined over DCN "
+                 "(parallel.dcn_axis spans them)")
   return p.parse_args(argv)
 
 
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.compile_topology:  # this process compiles for TPU; it never starts a TPU (or any accelerator) backend
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # libtpu stops probing for TPU VM metadata
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only processes may run side by side
   sizes = [getattr(cfg.parallel, a) for a in ("data", "fsdp", "expert", "tensor", "context")]
   _fake_cpu_devices(args.local_devices or (math.prod(sizes) if -1 not in sizes else 8))
   from behemoth_jax.checkpoint import CheckpointError
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
   out = Path(cfg.train.out_dir)
   fresh = not out.exists()
   try:
+    if args.compile_topology:
+      return compile_only(cfg, args)
     return run(cfg, args)
   except (ConfigError, DataError, ShardingError, CheckpointError, NonFinite) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -260,6 +272,58 @@ def _run(cfg, args, closers: list) -> int:
         words = ", ".join(f"{k} {accuracy[k]:.0%}" for k in ("colour", "shape", "direction") if k in accuracy)
         print(f"held-out caption accuracy ({accuracy['examples']} images and clips, {accuracy['clips']} clips): "
               f"{words} (chance: colour 17%, shape 25%, direction 25%)")
+  return 0
+
+
+def compile_only(cfg, args) -> int:
+  """--compile-topology: the train step compiled for a TPU slice on this machine; 0 if it fits."""
+  import dataclasses
+
+  import jax
+
+  from behemoth_jax import aot
+  from behemoth_jax.params import count_params
+  from behemoth_jax.training import analytic_train_flops, make_optimizer, make_schedule, make_train_step, \
+      state_shardings
+  from sharding.api import use_mesh
+  from sharding.mesh import make_mesh
+
+  topo = aot.parse_topology(args.compile_topology, args.num_slices)
+  if cfg.distill.teacher or cfg.distill.topk:
+    raise ConfigError("--compile-topology: distillation steps are not compiled here (compile the student alone)")
+  cfg = aot.for_tpu(cfg)
+  if topo.num_slices != cfg.parallel.num_slices:
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, num_slices=topo.num_slices))
+  mc, tc = cfg.model, cfg.train
+  t0 = time.perf_counter()
+  mesh = make_mesh(cfg.parallel, topo.devices)
+  print(f"compiling the train step of {args.config} for {topo.describe()}")
+  print(f"  mesh {dict((k, v) for k, v in mesh.shape.items())}; batch {tc.batch_size} x {tc.seq_len} tokens "
+        f"(grad_accum {tc.grad_accum}); dtypes: params {mc.param_dtype}, compute {mc.dtype}"
+        f"{', fp8 matmuls' if mc.fp8 else ''}; remat {mc.remat_policy}; moe {mc.moe_impl}")
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = state_shardings(cfg, mesh, tx)
+  step = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0,
+                 out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None))
+  with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
+    lowered = step.lower(abstract, aot.train_batch_specs(cfg, mesh))
+  mem, reason, _ = aot.compile_report(lowered, topo)
+  hbm = topo.chip.hbm_bytes
+  state = aot.per_device_bytes(abstract)
+  flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
+  chips = topo.chips * topo.num_slices
+  print(f"  parameters {count_params(mc)['total']:,}; train state (params + optimizer) per chip {aot.gib(state)}")
+  print(f"  FLOPs per step {flops:.4g} (analytic, 3 x forward), per chip {flops / chips:.4g}; at 100% of the "
+        f"bf16 peak ({topo.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s per chip) a step takes "
+        f"{flops / chips / topo.chip.peak_bf16_flops:.2f} s, at 50% {2 * flops / chips / topo.chip.peak_bf16_flops:.2f} s")
+  if mem is None:
+    print(f"  DOES NOT FIT on {topo.chip.device_kind}: {reason} [{time.perf_counter() - t0:.0f}s]")
+    return 1
+  print(f"  per chip: arguments {aot.gib(mem.arguments)}, outputs {aot.gib(mem.outputs)} "
+        f"({aot.gib(mem.aliased)} of them written over donated arguments), temporaries {aot.gib(mem.temporaries)}, "
+        f"code {aot.gib(mem.generated_code)}")
+  print(f"  peak {aot.gib(mem.total)} of {aot.gib(hbm)} HBM ({mem.total / hbm:.0%}; XLA's live-buffer peak): fits "
+        f"[{time.perf_counter() - t0:.0f}s]")
   return 0
 
 

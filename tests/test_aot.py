@@ -1,0 +1,94 @@
+"""Ahead-of-time compilation for TPU topologies (libtpu, no TPU) and the memory calculator against it.
+
+Skipped without libtpu (`pip install -e ".[test,tpu]"`, which the README's test command and CI do).
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+import train
+from behemoth_jax import aot
+from behemoth_jax.config import ConfigError, load_config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@pytest.mark.parametrize("name,chips,shape,kind", [
+    ("v5p-8", 4, (2, 2, 1), "TPU v5"), ("v5p-128", 64, (4, 4, 4), "TPU v5"), ("v5p-1024", 512, (8, 8, 8), "TPU v5"),
+    ("v4-16", 8, (2, 2, 2), "TPU v4"), ("v5e-16", 16, (4, 4), "TPU v5 lite"), ("v6e-8", 8, (2, 4), "TPU v6 lite")])
+def test_topology_names_give_the_slices_devices(name, chips, shape, kind):
+  topo = aot.parse_topology(name)
+  assert (topo.chips, topo.shape) == (chips, shape)
+  devices = topo.devices
+  assert len(devices) == chips and {d.device_kind for d in devices} == {kind}
+  two = aot.parse_topology(name, num_slices=2).devices
+  assert len(two) == 2 * chips and {d.slice_index for d in two} == {0, 1}
+
+
+def test_bad_topology_names_are_one_line():
+  for bad, msg in [("v5p-7", "must be even"), ("v7x-8", "not a TPU slice name"), ("v5p-24", "powers of two")]:
+    with pytest.raises(ConfigError, match=msg):
+      aot.parse_topology(bad)
+
+
+def _compile(capsys, config, *argv):
+  rc = train.main(["--config", config, *argv])
+  return rc, capsys.readouterr().out
+
+
+def _gib(out: str, label: str) -> float:
+  line = next(x for x in out.splitlines() if label in x)
+  return float(line.split(label)[1].split("GiB")[0].strip().split()[-1].replace(",", ""))
+
+
+def test_scout_train_step_compiles_for_a_v5p_slice(capsys):
+  """Scout's architecture (4 of its 48 layers: one RoPE/NoPE cycle) on 16 chips, fsdp x expert."""
+  rc, out = _compile(capsys, "configs/scout.yaml", "--compile-topology", "v5p-32", "parallel.fsdp=1",
+                     "parallel.expert=16", "model.num_layers=4", "train.seq_len=2048", "train.batch_size=16")
+  assert rc == 0, out
+  assert "16 chips (2x2x4 TPU v5)" in out and "'expert': 16" in out and "moe ragged" in out and "fits" in out
+
+
+def test_a_step_that_does_not_fit_exits_1_with_the_reason(capsys):
+  rc, out = _compile(capsys, "configs/tiny.yaml", "--compile-topology", "v5e-1", "parallel.fsdp=1",
+                     "parallel.expert=1", "model.vocab_size=262144", "model.hidden_size=8192", "model.head_dim=256",
+                     "model.num_heads=32", "model.num_kv_heads=8")
+  assert rc == 1 and "DOES NOT FIT on TPU v5 lite" in out and "the chip has 15.75 GiB" in out and "needs 84.55 GiB per chip" in out, out
+
+
+MID = ["model.vocab_size=32768", "model.hidden_size=1024", "model.num_heads=8", "model.head_dim=128",
+       "model.num_layers=8", "model.intermediate_size=2048", "model.intermediate_size_mlp=4096",
+       "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat_policy=full",
+       "model.attention_chunk_size=2048", "train.seq_len=4096", "parallel.fsdp=8", "parallel.expert=1",
+       "model.moe_layers=[]", "train.batch_size=8"]
+
+
+def test_calculator_against_compiled_memory(capsys):
+  """A dense 8-layer model on v5p-16: the compiled arguments are exactly the train state the
+  calculator counts, and its total is within 10% of XLA's. (Scout, Maverick and Behemoth at 8K tokens:
+  docs/SCALE.md, within 3%; those compiles take minutes each, so they are not in the suite.)"""
+  from behemoth_jax.memory import train_estimate
+  rc, out = _compile(capsys, "configs/tiny.yaml", "--compile-topology", "v5p-16", *MID)
+  assert rc == 0, out
+  est = train_estimate(load_config("configs/tiny.yaml", MID), 8)
+  assert abs(_gib(out, "arguments") * 2**30 - (est.params + est.optimizer)) < 0.01 * 2**30
+  compiled = _gib(out, "peak") * 2**30
+  assert abs(est.total / compiled - 1) <= 0.10, (est.total / 2**30, compiled / 2**30)
+
+
+def test_memory_serving_table_counts_weights_and_the_chunked_kv_ring():
+  from behemoth_jax.memory import kv_cache_bytes
+  cfg = load_config("configs/scout.yaml")
+  per_token_layer = 2 * 8 * 128 * 2
+  # 48 layers, every 4th global: 36 chunked layers keep one 8192-token chunk, 12 keep everything.
+  assert kv_cache_bytes(cfg, 1 << 20) == (36 * 8192 + 12 * (1 << 20)) * per_token_layer
+  assert kv_cache_bytes(cfg, 4096) == 48 * 4096 * per_token_layer
+  assert math.isclose(kv_cache_bytes(cfg, 8192, batch=3), 3 * kv_cache_bytes(cfg, 8192))
