@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.compile_topology:  # this process compiles for TPU; it never starts a TPU (or any accelerator) backend
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # libtpu stops probing for TPU VM metadata
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only processes may run side by side
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's own settings: aot.Topology.devices
   sizes = [getattr(cfg.parallel, a) for a in ("data", "fsdp", "expert", "tensor", "context")]
   _fake_cpu_devices(args.local_devices or (math.prod(sizes) if -1 not in sizes else 8))
   from behemoth_jax.checkpoint import CheckpointError

@@ -80,7 +80,6 @@ def abstract_mesh(sizes: dict[str, int]):
 
 def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
   """Per-chip bytes of one train step of `cfg` on a mesh of `chips` (cfg.parallel, -1 filled)."""
-  import jax
 
   from behemoth_jax.aot import per_device_bytes
   from behemoth_jax.training import make_optimizer, state_shardings
@@ -179,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--compile-topology", metavar="SLICE", help="compile for this TPU slice and compare with XLA")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
+  from sharding.mesh import ShardingError
   try:
     if args.serve:
       configs = [args.config] if args.config != "configs/tiny.yaml" else \
@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
       from behemoth_jax.aot import parse_topology
       chips = parse_topology(args.compile_topology).chips
     est = train_estimate(cfg, chips)
-  except ConfigError as e:
+  except (ConfigError, ShardingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from sharding.mesh import ShardingError  # noqa: F401 (raised as ConfigError's sibling below)
   print(f"train step of {args.config} on {est.chips} chips, per chip (estimate):")
   for name, v in est.rows():
     print(f"  {name:18s} {v / GiB:9.2f} GiB")

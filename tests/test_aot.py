@@ -5,7 +5,6 @@ Skipped without libtpu (`pip install -e ".[test,tpu]"`, which the README's test 
 
 import importlib.util
 import math
-import os
 
 import pytest
 
@@ -15,10 +14,6 @@ from behemoth_jax.config import ConfigError, load_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
-
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @pytest.mark.parametrize("name,chips,shape,kind", [
