@@ -66,7 +66,8 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
   (chunk, or T for global layers) longer than it and divisible by it, keys are visited `block` at a
   time with an online softmax and FlashAttention's recomputing backward: live scores are
   queries × block, not queries × keys (what lets 8K-token chunks and 1M-token global layers fit).
-  Masked-out blocks are still computed (no block skipping), so causal layers do ~2x the needed FLOPs.
+  That path still computes masked-out key blocks (no block skipping: ~2x the needed FLOPs); the dense
+  path (spans up to `block`) skips them by query block (`_dense`).
   """
   b, t, n, h = q_BTNH.shape
   kv = k_BTKH.shape[2]
@@ -99,11 +100,30 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
   if block and s > block and s % block == 0:
     out = _flash(q, k, v, masks, block)
   else:
-    scores = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(masks.block(0, s)[:, :, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BcKGqs,BcsKH->BcqKGH", probs, v)
+    out = _dense(q, k, v, masks, windowed)
   return out.reshape(b, nc * c, n, h)[:, :t]
+
+
+QUERY_BLOCK = 64  # rows per causal query block of the dense path
+
+
+def _dense(q, k, v, masks: "_Masks", windowed: bool) -> jax.Array:
+  """Softmax attention of each query block over only the keys it can see: rows [i·b, (i+1)·b) of a
+  block of c queries see keys [0, (i+1)·b) (or, windowed, the c + b keys ending at the row block), so
+  the upper triangle of masked-out scores is never computed ((n+1)/2n of the full square for n row
+  blocks). The row blocks are a static loop; each is an ordinary masked softmax."""
+  c, h = q.shape[2], q.shape[-1]
+  qb = QUERY_BLOCK if c % QUERY_BLOCK == 0 and c > QUERY_BLOCK else c
+  outs = []
+  for i in range(c // qb):
+    lo, hi = (i * qb, i * qb + c + qb) if windowed else (0, (i + 1) * qb)
+    rows = masks.rows(i * qb, qb)
+    sc = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q[:, :, i * qb:(i + 1) * qb], k[:, :, lo:hi],
+                    preferred_element_type=jnp.float32) * (h ** -0.5)
+    sc = jnp.where(rows.block(lo, hi - lo)[:, :, None, None], sc, _NEG)
+    probs = jax.nn.softmax(sc, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("BcKGqs,BcsKH->BcqKGH", probs, v[:, :, lo:hi]))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 class _Masks(NamedTuple):
@@ -116,6 +136,11 @@ class _Masks(NamedTuple):
   seg_q: jax.Array | None  # [B, n, cq] segment ids, or None
   seg_k: jax.Array | None
   chunk: int | None
+
+  def rows(self, start: int, size: int) -> "_Masks":
+    """The masks of queries [start, start + size) only."""
+    cut = lambda x: None if x is None else x[..., start:start + size]
+    return self._replace(idx_q=cut(self.idx_q), pos_q=cut(self.pos_q), seg_q=cut(self.seg_q))
 
   def block(self, start: int | jax.Array, size: int) -> jax.Array:
     """[B or 1, n, cq, size] for keys [start, start + size)."""

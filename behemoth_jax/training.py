@@ -138,16 +138,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig,
       rest = jax.tree.map(lambda a: a[1:], micro)
       (grads, loss, ce, stats, extra), _ = jax.lax.scan(body, (grads, loss, ce, stats, extra), rest)
       stats = jax.tree.map(lambda a: a / n, stats)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: parameters and optimizer state stay bitwise as
     # they were, the step (and the data) moves on, `skipped` counts it; train.py halts or logs by
     # `train.on_nonfinite`. (optax.apply_if_finite gates on gradients only and applies the update
-    # anyway after max_consecutive_errors, so it is not used.)
+    # anyway after max_consecutive_errors, so it is not used.) A cond, not a select over the whole
+    # state: the skipped branch does no work and the taken one no extra pass (0.46 s of a 7 s CPU step).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {"params": keep(optax.apply_updates(params, updates), params),
-                 "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1,
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), params, state["opt_state"])
+    new_state = {"params": new_params, "opt_state": new_opt, "step": state["step"] + 1,
                  "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
     metrics = {"loss": loss, "ce": ce, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": total, "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),

@@ -74,6 +74,7 @@ class Decoder(nnx.Module):
     n = cfg.num_layers // p if cfg.scan_layers else 0
     self.num_cycles = n if n >= 2 else 0
     self.remat_policy = cfg.remat_policy
+    self.scan_unroll = cfg.scan_unroll
     self.num_experts = cfg.num_experts
     self.first_tail = first_tail = self.num_cycles * p  # index of the first unscanned layer
     self.cycles = (stack_modules(lambda r: Cycle(cfg, kinds[:p], r), self.num_cycles, rngs.params())
@@ -86,7 +87,7 @@ class Decoder(nnx.Module):
     if self.cycles is not None:
       graphdef, stacked = nnx.split(self.cycles)
       body = lambda x, state: nnx.merge(graphdef, state)(x, pos, self.remat_policy)
-      x_BTD, cycle_stats = jax.lax.scan(body, x_BTD, stacked)
+      x_BTD, cycle_stats = jax.lax.scan(body, x_BTD, stacked, unroll=min(self.scan_unroll, self.num_cycles))
       p = len(cycle_stats)
       for j, s in enumerate(cycle_stats):
         if s is not None:

@@ -58,7 +58,10 @@ def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, *, shards: int, axi
 
 
 def expert_parallel(mesh: Mesh):
-  """The `sharding.axes.run_experts` hook for `mesh`."""
+  """The `sharding.axes.run_experts` hook for `mesh` (None on one device: the experts run in place,
+  without shard_map, whose backward pass would add an all-reduce of every expert weight's gradient)."""
+  if mesh.devices.size == 1:
+    return None
   ep, tp = mesh.shape["expert"], mesh.shape["tensor"]
   token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
   n_token_shards = math.prod(mesh.shape[a] for a in token_axes)

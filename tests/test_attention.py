@@ -120,3 +120,48 @@ def test_blocked_attention_never_holds_a_full_score_matrix():
   hlo = f.lower(x, x, x).compile().as_text()
   shapes = [tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[([\d,]+)\]", hlo)]
   assert max(math.prod(s) for s in shapes) <= t * n * 256, max(shapes, key=math.prod)
+
+
+@pytest.mark.parametrize("case", ["global", "chunked", "packed_chunked", "packed_global", "gapped_chunked"])
+def test_query_blocks_skip_masked_keys_exactly(case, monkeypatch):
+  """The dense path split into causal query blocks (each block sees only keys up to its end, or the
+  chunk-wide window before it) equals the independent T×T reference, values and gradients, and its
+  compiled matmul FLOPs shrink to (n+1)/2n of the unsplit square."""
+  from behemoth_jax import attention
+  from behemoth_jax.flops import compiled_flops
+
+  rng = np.random.default_rng(5)
+  b, t, n, kv, h = 2, 64, 4, 2, 8
+  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)])
+  seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
+  seg[1, -5:] = 0
+  pos = np.array(segment_positions(jnp.asarray(seg)))
+  chunk = {"global": None, "chunked": 32, "packed_chunked": 16, "packed_global": None, "gapped_chunked": 16}[case]
+  kw, ref_pos, ref_seg = dict(chunk=chunk), np.broadcast_to(np.arange(t), (b, t)), None
+  if case.startswith("packed"):
+    kw.update(positions_BT=jnp.asarray(pos), segment_ids_BT=jnp.asarray(seg), explicit_positions=True)
+    ref_pos, ref_seg = pos, seg
+  if case == "gapped_chunked":  # strictly increasing with gaps: the windowed path, no segments
+    ref_pos = np.cumsum(rng.integers(1, 3, (b, t)), axis=1)
+    kw.update(positions_BT=jnp.asarray(ref_pos), explicit_positions=True)
+
+  def loss(q, k, v):
+    return (causal_attention(q, k, v, **kw) * w).sum()
+
+  grads = {}
+  for qb in (4, 1 << 20):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", qb)
+    if qb == 4:
+      want = dense_reference(*map(np.asarray, (q, k, v)), chunk, ref_pos, ref_seg)
+      np.testing.assert_allclose(causal_attention(q, k, v, **kw), want, atol=1e-5)
+    grads[qb] = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    fwd = jax.jit(lambda q, k, v: causal_attention(q, k, v, **kw)).lower(q, k, v).compile()
+    grads[qb, "flops"] = compiled_flops(fwd)
+  for got, want in zip(grads[4], grads[1 << 20], strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  span = chunk or t
+  windowed = case in ("packed_chunked", "gapped_chunked")
+  nb = span // 4
+  expect = (span + 4) / (2 * span) if windowed else (nb + 1) / (2 * nb)
+  assert grads[4, "flops"] == pytest.approx(expect * grads[1 << 20, "flops"], rel=1e-6)

@@ -36,9 +36,10 @@ def _loss_and_grads_by_hf_name(model, ids):
   return value, out
 
 
-def test_scan_equals_loop_values_and_gradients(checkpoint):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_scan_equals_loop_values_and_gradients(checkpoint, unroll):
   ids = np.random.default_rng(0).integers(0, 97, (2, 13))
-  scanned = load_hf(checkpoint, scan_layers=True)
+  scanned = load_hf(checkpoint, scan_layers=True, scan_unroll=unroll)
   looped = load_hf(checkpoint, scan_layers=False)
   assert scanned.decoder.num_cycles == 2 and len(scanned.decoder.tail) == 2
   assert looped.decoder.num_cycles == 0 and len(looped.decoder.tail) == 10
