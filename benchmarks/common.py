@@ -1,0 +1,104 @@
+"""What the side-by-side benchmarks share: the bench-moe workload, thread setup, the matmul peak, timing.
+
+Imported by the scripts in this folder (`python benchmarks/<name>.py` puts it on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from behemoth_jax.config import ModelConfig  # noqa: E402
+
+# The fixed workload of issue 9 (docs/PERFORMANCE.md): every layer MoE (16 routed experts top-1 + a
+# shared expert, both 1024 wide), chunk 256 with NoPE/global attention every 4th layer, float32.
+BENCH_MOE = ModelConfig(
+    vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
+    intermediate_size=1024, intermediate_size_mlp=1024, num_experts=16, num_experts_per_tok=1,
+    moe_layer_step=1, attention_chunk_size=256, use_qk_norm=True, rope_theta=500000.0,
+    param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
+    max_position_embeddings=65536, scan_unroll=2)  # both cycles unrolled: ~15% faster on CPU
+
+
+def cores() -> int:
+  """CPU cores this process may run on (cgroup/affinity aware)."""
+  return len(os.sched_getaffinity(0))
+
+
+def set_torch_threads(n: int) -> None:
+  import torch
+
+  torch.set_num_threads(n)
+  torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
+  """(median, all) wall seconds of `fn()` over `repeats` calls; fn must block until its work is done."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def matmul_peak(repeats: int = 5) -> dict[str, float]:
+  """This machine's float32 matmul FLOP/s, measured now: JAX (XLA:CPU) and PyTorch on square matmuls,
+  best of `repeats` each. The benchmarks divide by the best of all (the machine's, not one library's)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  out = {}
+  for n in (1024, 2048):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    out[f"jax {n}"] = 2 * n**3 / min(median_seconds(lambda: f(a).block_until_ready(), repeats)[1])
+    t = torch.randn(n, n)
+    torch.mm(t, t)
+    out[f"torch {n}"] = 2 * n**3 / min(median_seconds(lambda: torch.mm(t, t), repeats)[1])
+  return out
+
+
+def fmt_rate(x: float) -> str:
+  return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def profile_top(trace_dir: str, hlo_text: str, top: int = 15) -> list[tuple[float, int, str, str]]:
+  """The jax profiler's trace (written with create_perfetto_trace=True) summed by XLA op: [(share of
+  all op time, count, op, source op_name)], largest first. XLA:CPU records one event per thunk
+  (fusion, matmul, loop); names map back to the program's source through the HLO metadata."""
+  import collections
+  import gzip
+  import json
+  import re
+
+  files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+  events = json.load(gzip.open(files[-1]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  where, containers = {}, set()
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? (while|conditional|call)\(", line)
+    if m:
+      containers.add(m.group(1))  # their events span their bodies' events: not counted twice
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+    if m:
+      where.setdefault(m.group(1), m.group(2))
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and name in where and name not in containers:
+      total[name] += e.get("dur", 0.0)
+      count[name] += 1
+  all_ops = sum(total.values()) or 1.0
+  return [(v / all_ops, count[k], k, where.get(k, "")) for k, v in total.most_common(top)]

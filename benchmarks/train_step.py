@@ -1,0 +1,186 @@
+"""bench-moe training, side by side: ours (one jit) vs Hugging Face `Llama4ForCausalLM` (PyTorch eager).
+
+    python benchmarks/train_step.py [--steps 5] [--warmup 2] [--batch 2] [--seq 1024] [--no-hf]
+
+One sitting, one machine, the same thread count for both:
+1. this machine's float32 matmul peak, measured now (JAX and PyTorch square matmuls; the best of all);
+2. ours: `training.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy),
+   jit-compiled; compiled matmul FLOPs (every loop body times its trip count, behemoth_jax.flops) vs
+   the analytic FLOPs a perfect sparse implementation must do (3 × forward);
+3. HF: the same weights loaded into Llama4ForCausalLM (sdpa attention), torch AdamW, the same
+   cross-entropy on the same batch. The first-step losses are printed side by side: same model, same data.
+Times are the median of `--steps` steps after `--warmup` (compilation is not timed).
+Results and the reading of them: docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import BENCH_MOE, cores, fmt_rate, matmul_peak, median_seconds, profile_top, set_torch_threads
+from flax import nnx
+
+from behemoth_jax.config import Config, ParallelConfig, TrainConfig
+from behemoth_jax.flops import compiled_flops
+from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer, make_schedule, make_train_step,
+                                   state_shardings)
+from sharding.api import use_mesh
+from sharding.mesh import make_mesh
+
+
+def bench_config(args) -> Config:
+  model = dataclasses.replace(BENCH_MOE, remat_policy=args.remat, moe_impl=args.moe_impl,
+                              moe_block_size=args.moe_block, scan_layers=not args.unscanned,
+                              scan_unroll=args.scan_unroll)
+  train = TrainConfig(batch_size=args.batch, seq_len=args.seq, steps=1000, warmup_steps=10, learning_rate=3e-4,
+                      ce_chunk=args.ce_chunk)
+  return Config(model=model, parallel=ParallelConfig(), train=train)
+
+
+def make_batch(cfg: Config, seed: int = 0) -> dict:
+  """Unpacked rows of random tokens: positions 0..T-1, no segments (what HF's forward sees)."""
+  b, t, v = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
+  seq = np.random.default_rng(seed).integers(0, v, (b, t + 1)).astype(np.int32)
+  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+          "positions": None, "segment_ids": None}
+
+
+def ours(cfg: Config, batch: dict, args):
+  """(first-step loss, median step seconds, compiled matmul FLOPs, initial params as an HF state dict)."""
+  from behemoth_jax.convert.export import to_torch_state_dict
+
+  mesh = make_mesh(cfg.parallel, jax.devices()[:1])
+  tc = cfg.train
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = state_shardings(cfg, mesh, tx)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  with use_mesh(mesh):
+    state = make_init(cfg, tx, shardings["params"], mesh)()
+    hf_state = to_torch_state_dict(nnx.merge(graphdef, state["params"])) if args.hf else None
+    step = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0, out_shardings=(shardings, None))
+    batch = jax.tree.map(jnp.asarray, batch)
+    compiled = step.lower(state, batch).compile()
+    flops = compiled_flops(compiled)
+    box = {"state": state}
+
+    def run():
+      box["state"], metrics = compiled(box["state"], batch)
+      jax.block_until_ready(metrics["loss"])
+      return metrics
+
+    first = float(run()["ce"])
+    for _ in range(args.warmup - 1):
+      run()
+    if args.profile:
+      jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    seconds, _ = median_seconds(run, args.steps)
+    if args.profile:
+      jax.profiler.stop_trace()
+      print(f"\nprofile of our {args.steps} timed steps ({args.profile}), top ops by time:")
+      for share, count, op, where in profile_top(args.profile, compiled.as_text(), args.profile_top):
+        print(f"  {share:6.1%} {count:6d}x {op[:28]:28s} {where[-110:]}")
+  return first, seconds, flops, hf_state
+
+
+def hf(cfg: Config, batch: dict, state_dict: dict, args):
+  """(first-step loss, median step seconds) of transformers' Llama4ForCausalLM with torch AdamW."""
+  import torch
+  import torch.nn.functional as F
+  from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+  from behemoth_jax.convert.hf_config import to_hf_config
+
+  hf_cfg = Llama4TextConfig(**to_hf_config(cfg.model))
+  hf_cfg._attn_implementation = args.hf_attn
+  model = Llama4ForCausalLM(hf_cfg).float().train()
+  missing, unexpected = model.load_state_dict(state_dict, strict=False)
+  if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+    raise SystemExit(f"HF state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+  tc = cfg.train
+  opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=(tc.adam_b1, tc.adam_b2),
+                          weight_decay=tc.weight_decay)
+  inputs = torch.as_tensor(batch["inputs"], dtype=torch.long)
+  targets = torch.as_tensor(batch["targets"], dtype=torch.long)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    logits = model(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+  first = run()
+  for _ in range(args.warmup - 1):
+    run()
+  seconds, _ = median_seconds(run, args.steps)
+  return first, seconds
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (median); default 5")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first also compiles)")
+  p.add_argument("--no-hf", dest="hf", action="store_false", help="ours only")
+  p.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"), help="HF attention implementation")
+  p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
+  p.add_argument("--moe-impl", default="auto", choices=("auto", "blocked", "ragged", "dense"))
+  p.add_argument("--moe-block", type=int, default=0, help="rows per block of the blocked grouped matmul (0: auto)")
+  p.add_argument("--ce-chunk", type=int, default=8192, help="vocabulary chunk of our cross-entropy")
+  p.add_argument("--unscanned", action="store_true", help="layers unrolled instead of scanned")
+  p.add_argument("--scan-unroll", type=int, default=BENCH_MOE.scan_unroll,
+                 help=f"cycles per layer-scan iteration (default {BENCH_MOE.scan_unroll}: fully unrolled)")
+  p.add_argument("--profile", metavar="DIR", help="write a jax profiler trace of our timed steps to DIR and "
+                 "print the ops that took the most time")
+  p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile")
+  args = p.parse_args(argv)
+  if args.steps < 1 or args.warmup < 1:
+    p.error("--steps and --warmup must be >= 1")
+  n = cores()
+  set_torch_threads(n)
+  cfg = bench_config(args)
+  b, t = args.batch, args.seq
+  print(f"bench-moe training step, batch {b} x seq {t}, float32; {n} cores (torch threads {n}, XLA:CPU all cores); "
+        f"jax {jax.__version__} on {jax.default_backend()}")
+  peaks = matmul_peak()
+  peak = max(peaks.values())
+  print("matmul peak (GFLOP/s, float32): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
+        + f"; using {peak / 1e9:.1f}")
+  batch = make_batch(cfg)
+  analytic = analytic_train_flops(cfg.model, b, t)
+  first, sec, compiled, state_dict = ours(cfg, batch, args)
+  rows = [("ours (jax.jit)", first, sec)]
+  if args.hf:
+    import torch
+    import transformers
+
+    hf_first, hf_sec = hf(cfg, batch, state_dict, args)
+    rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__} eager, {args.hf_attn})",
+                 hf_first, hf_sec))
+  print(f"\nanalytic FLOPs per step {analytic / 1e9:.1f} G (3 x forward); our compiled matmul FLOPs "
+        f"{compiled / 1e9:.1f} G: compiled/analytic {compiled / analytic:.3f}")
+  print(f"\n| implementation | first-step loss | step (median of {args.steps}) | tokens/s | useful GFLOP/s | "
+        f"of matmul peak |\n|---|---|---|---|---|---|")
+  for name, loss, s in rows:
+    gf = analytic / s
+    print(f"| {name} | {loss:.5f} | {s:.3f} s | {fmt_rate(b * t / s)} | {gf / 1e9:.1f} | {gf / peak:.1%} |")
+  if args.hf:
+    print(f"\nours / HF tokens/s: {rows[1][2] / rows[0][2]:.2f}x; first-step losses differ by "
+          f"{abs(rows[0][1] - rows[1][1]) / abs(rows[1][1]):.1e} (relative)")
+  print("useful GFLOP/s = analytic FLOPs / step time (work a perfect sparse implementation must do; HF "
+        "computes every expert for every token, so its own FLOP rate is higher than its useful rate)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
