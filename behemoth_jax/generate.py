@@ -114,11 +114,15 @@ class Generator:
   """Compiled prefill + decode loop for one model (recompiles per prompt length bucket and batch).
 
   With `mesh`, the model's parameters are placed by the sharding rules and generation runs on the
-  mesh (the batch is padded with empty rows to a multiple of the token-sharding axes)."""
+  mesh (the batch is padded with empty rows to a multiple of the token-sharding axes). Layers are
+  decoded from an unscanned copy of a scanned model (`transformer.unstack_layers`; one more copy of
+  the layer weights while the caller keeps the original): 4x faster decoding on CPU (docs/PERFORMANCE.md)."""
 
   def __init__(self, model, *, stop_ids: tuple[int, ...], pad_id: int, sampling: Sampling = Sampling(),
                bucket: int = 64, mesh=None):
-    self.graphdef, self.params = nnx.split(model)
+    from behemoth_jax.transformer import unstack_layers
+
+    self.graphdef, self.params = nnx.split(unstack_layers(model))  # no per-token slicing of stacked weights
     self.vocab_size = model.cfg.vocab_size
     self.stop_ids, self.pad_id, self.sampling, self.bucket = tuple(stop_ids), pad_id, sampling, bucket
     self.mesh, self.rows_multiple = mesh, 1

@@ -24,7 +24,10 @@ BENCH_MOE = ModelConfig(
     intermediate_size=1024, intermediate_size_mlp=1024, num_experts=16, num_experts_per_tok=1,
     moe_layer_step=1, attention_chunk_size=256, use_qk_norm=True, rope_theta=500000.0,
     param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
-    max_position_embeddings=65536, scan_unroll=2)  # both cycles unrolled: ~15% faster on CPU
+    max_position_embeddings=65536,
+    # Unscanned layers: on CPU a layer scan slices (copies) the stacked weights and saved activations of
+    # every layer (measured: 6.2 s/step scanned and unrolled, 7.0 s rolled, 5.3 s unscanned).
+    scan_layers=False)
 
 
 def cores() -> int:

@@ -24,15 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from behemoth_jax.config import ModelConfig
+import common  # noqa: F401  (puts the repository on sys.path)
+from common import BENCH_MOE
+
 from behemoth_jax.flops import analytic_forward_flops, compiled_flops
 from behemoth_jax.transformer import create_model
-
-BENCH_MOE = ModelConfig(
-    vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
-    intermediate_size=1024, intermediate_size_mlp=1024, num_experts=16, num_experts_per_tok=1,
-    moe_layer_step=1, attention_chunk_size=256, use_qk_norm=True, rope_theta=500000.0,
-    param_dtype="float32", dtype="float32", scan_layers=False)
 
 
 def main() -> None:

@@ -36,8 +36,7 @@ from sharding.mesh import make_mesh
 
 def bench_config(args) -> Config:
   model = dataclasses.replace(BENCH_MOE, remat_policy=args.remat, moe_impl=args.moe_impl,
-                              moe_block_size=args.moe_block, scan_layers=not args.unscanned,
-                              scan_unroll=args.scan_unroll)
+                              moe_block_size=args.moe_block, scan_layers=args.scanned, scan_unroll=args.scan_unroll)
   train = TrainConfig(batch_size=args.batch, seq_len=args.seq, steps=1000, warmup_steps=10, learning_rate=3e-4,
                       ce_chunk=args.ce_chunk)
   return Config(model=model, parallel=ParallelConfig(), train=train)
@@ -137,9 +136,8 @@ def main(argv=None) -> int:
   p.add_argument("--moe-impl", default="auto", choices=("auto", "blocked", "ragged", "dense"))
   p.add_argument("--moe-block", type=int, default=0, help="rows per block of the blocked grouped matmul (0: auto)")
   p.add_argument("--ce-chunk", type=int, default=8192, help="vocabulary chunk of our cross-entropy")
-  p.add_argument("--unscanned", action="store_true", help="layers unrolled instead of scanned")
-  p.add_argument("--scan-unroll", type=int, default=BENCH_MOE.scan_unroll,
-                 help=f"cycles per layer-scan iteration (default {BENCH_MOE.scan_unroll}: fully unrolled)")
+  p.add_argument("--scanned", action="store_true", help="scan over the layer cycle (default: unscanned, faster on CPU)")
+  p.add_argument("--scan-unroll", type=int, default=1, help="with --scanned: cycles per scan iteration")
   p.add_argument("--profile", metavar="DIR", help="write a jax profiler trace of our timed steps to DIR and "
                  "print the ops that took the most time")
   p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile")

@@ -52,6 +52,18 @@ def test_scan_equals_loop_values_and_gradients(checkpoint, unroll):
   assert max(np.abs(g).max() for g in gs.values()) > 1e-3
 
 
+def test_unstack_layers_is_the_same_model(checkpoint):
+  """Generation's unscanned copy: every layer its own block, the same logits as the scanned model."""
+  from behemoth_jax.transformer import unstack_layers
+
+  ids = np.random.default_rng(2).integers(0, 97, (2, 9))
+  scanned = load_hf(checkpoint, scan_layers=True)
+  flat = unstack_layers(scanned)
+  assert flat.decoder.num_cycles == 0 and len(flat.decoder.tail) == 10 and not flat.cfg.scan_layers
+  np.testing.assert_array_equal(flat(ids), load_hf(checkpoint, scan_layers=False)(ids))
+  np.testing.assert_allclose(flat(ids), scanned(ids), atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_do_not_change_gradients(checkpoint, policy):
   ids = np.random.default_rng(1).integers(0, 97, (1, 11))
