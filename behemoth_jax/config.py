@@ -160,7 +160,7 @@ class ModelConfig:
   scan_layers: bool = True
   # Cycles per iteration of the layer scan (1: a rolled loop). Unrolling trades compile time for the
   # per-iteration slicing of stacked parameters and saved activations: on CPU, bench-moe's step is
-  # ~15% faster fully unrolled (docs/PERFORMANCE.md); large models on TPU keep 1.
+  # ~10% faster fully unrolled (docs/PERFORMANCE.md); large models on TPU keep 1.
   scan_unroll: int = 1
   remat_policy: str = "none"
   # Key block of the memory-efficient attention (online softmax, recomputing backward) used when a

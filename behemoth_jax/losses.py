@@ -22,16 +22,28 @@ def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arr
 
   Returns (nll_sum, z_sum): sums, so callers normalise over the whole (accumulated) batch.
   """
+  h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
+  if chunk >= w_DV.shape[1]:  # all logits fit in one chunk: keep them for the backward pass (no recompute)
+    logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+    lse_BT, tgt_BT = _lse_and_target(logits, targets_BT)
+  else:
+    lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk)
+  mask_BT = mask_BT.astype(jnp.float32)
+  return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT ** 2 * mask_BT)
+
+
+def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int):
+  """(logsumexp, target logit) by a scan over vocabulary chunks of c columns with an online logsumexp;
+  each chunk's logits are recomputed in the backward pass."""
   d, v = w_DV.shape
-  c = min(chunk, v)
   n = -(-v // c)
   w_NDC = jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
-  h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
 
+  @jax.checkpoint
   def body(carry, inp):
     m_BT, s_BT, tgt_BT = carry
     w_DC, j = inp
-    logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC, preferred_element_type=jnp.float32)
     col_C = j * c + jnp.arange(c)
     logits = jnp.where(col_C[None, None, :] < v, logits, -jnp.inf)
     m_new = jnp.maximum(m_BT, logits.max(axis=-1))
@@ -41,14 +53,8 @@ def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arr
 
   shape = targets_BT.shape
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-  if n == 1:  # all logits fit in one chunk: keep them for the backward pass rather than recompute the matmul
-    logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
-    lse_BT, tgt_BT = _lse_and_target(logits, targets_BT)
-  else:
-    (m_BT, s_BT, tgt_BT), _ = jax.lax.scan(jax.checkpoint(body), init, (w_NDC, jnp.arange(n)))
-    lse_BT = m_BT + jnp.log(s_BT)
-  mask_BT = mask_BT.astype(jnp.float32)
-  return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT ** 2 * mask_BT)
+  (m_BT, s_BT, tgt_BT), _ = jax.lax.scan(body, init, (w_NDC, jnp.arange(n)))
+  return m_BT + jnp.log(s_BT), tgt_BT
 
 
 @jax.custom_vjp

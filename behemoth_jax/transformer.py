@@ -8,6 +8,8 @@ run unscanned, as do all layers when scanning is off. Both paths are tested equa
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,12 +267,10 @@ def unstack_layers(model: Llama4) -> Llama4:
   dec = model.decoder
   if dec.cycles is None:
     return model
-  import dataclasses
-
   cfg = dataclasses.replace(model.cfg, scan_layers=False)
   p = len(dec.cycles.blocks)
   old = dict(nnx.to_flat_state(nnx.state(model)))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
+  graphdef, state = nnx.split(abstract_model(cfg))
   flat = dict(nnx.to_flat_state(state))
   for path, var in flat.items():
     src, index = path, None

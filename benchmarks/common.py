@@ -39,7 +39,21 @@ def set_torch_threads(n: int) -> None:
   import torch
 
   torch.set_num_threads(n)
-  torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
+
+
+def hf_model(cfg: ModelConfig, state_dict: dict, attn: str = "sdpa"):
+  """transformers' Llama4ForCausalLM (float32) of `cfg` holding `state_dict` (ours, exported)."""
+  from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+  from behemoth_jax.convert.hf_config import to_hf_config
+
+  hf_cfg = Llama4TextConfig(**to_hf_config(cfg))
+  hf_cfg._attn_implementation = attn
+  model = Llama4ForCausalLM(hf_cfg).float()
+  missing, unexpected = model.load_state_dict(state_dict, strict=False)
+  if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+    raise SystemExit(f"HF state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+  return model
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
@@ -55,17 +69,13 @@ def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
 def matmul_peak(repeats: int = 5) -> dict[str, float]:
   """This machine's float32 matmul FLOP/s, measured now: JAX (XLA:CPU) and PyTorch on square matmuls,
   best of `repeats` each. The benchmarks divide by the best of all (the machine's, not one library's)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   import torch
+
+  from behemoth_jax.metrics import measure_cpu_peak_flops
 
   out = {}
   for n in (1024, 2048):
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    out[f"jax {n}"] = 2 * n**3 / min(median_seconds(lambda: f(a).block_until_ready(), repeats)[1])
+    out[f"jax {n}"] = measure_cpu_peak_flops(n, repeats)
     t = torch.randn(n, n)
     torch.mm(t, t)
     out[f"torch {n}"] = 2 * n**3 / min(median_seconds(lambda: torch.mm(t, t), repeats)[1])

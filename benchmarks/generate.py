@@ -17,7 +17,7 @@ import argparse
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import numpy as np
-from common import BENCH_MOE, cores, fmt_rate, median_seconds, set_torch_threads
+from common import BENCH_MOE, cores, fmt_rate, hf_model, median_seconds, set_torch_threads
 
 from behemoth_jax.generate import Generator
 from behemoth_jax.transformer import create_model
@@ -35,17 +35,10 @@ def ours(model, prompts: np.ndarray, new: int, repeats: int):
 
 def hf(model, prompts: np.ndarray, new: int, repeats: int):
   import torch
-  from transformers import Llama4ForCausalLM, Llama4TextConfig
 
   from behemoth_jax.convert.export import to_torch_state_dict
-  from behemoth_jax.convert.hf_config import to_hf_config
 
-  hf_cfg = Llama4TextConfig(**to_hf_config(model.cfg))
-  hf_cfg._attn_implementation = "sdpa"
-  m = Llama4ForCausalLM(hf_cfg).float().eval()
-  missing, unexpected = m.load_state_dict(to_torch_state_dict(model), strict=False)
-  if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
-    raise SystemExit(f"HF state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+  m = hf_model(model.cfg, to_torch_state_dict(model)).eval()
   ids = torch.as_tensor(prompts, dtype=torch.long)
   mask = torch.ones_like(ids)
 

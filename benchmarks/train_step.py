@@ -24,7 +24,8 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import BENCH_MOE, cores, fmt_rate, matmul_peak, median_seconds, profile_top, set_torch_threads
+from common import (BENCH_MOE, cores, fmt_rate, hf_model, matmul_peak, median_seconds, profile_top,
+                    set_torch_threads)
 from flax import nnx
 
 from behemoth_jax.config import Config, ParallelConfig, TrainConfig
@@ -92,16 +93,8 @@ def hf(cfg: Config, batch: dict, state_dict: dict, args):
   """(first-step loss, median step seconds) of transformers' Llama4ForCausalLM with torch AdamW."""
   import torch
   import torch.nn.functional as F
-  from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-  from behemoth_jax.convert.hf_config import to_hf_config
-
-  hf_cfg = Llama4TextConfig(**to_hf_config(cfg.model))
-  hf_cfg._attn_implementation = args.hf_attn
-  model = Llama4ForCausalLM(hf_cfg).float().train()
-  missing, unexpected = model.load_state_dict(state_dict, strict=False)
-  if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
-    raise SystemExit(f"HF state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+  model = hf_model(cfg.model, state_dict, args.hf_attn).train()
   tc = cfg.train
   opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=(tc.adam_b1, tc.adam_b2),
                           weight_decay=tc.weight_decay)
