@@ -82,6 +82,49 @@ def matmul_peak(repeats: int = 5) -> dict[str, float]:
   return out
 
 
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+  """Unpacked rows of random tokens: positions 0..T-1, no segments (what HF's forward sees)."""
+  import numpy as np
+
+  ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+          "positions": None, "segment_ids": None}
+
+
+class CompiledTrainStep:
+  """`training.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy) on a one-device
+  mesh, initialised on its device and compiled ahead of time for `batch`; `run()` does one step and waits."""
+
+  def __init__(self, cfg, batch: dict, device=None):
+    import jax
+    import jax.numpy as jnp
+
+    from behemoth_jax.flops import compiled_flops
+    from behemoth_jax.training import make_init, make_optimizer, make_schedule, make_train_step, state_shardings
+    from sharding.api import use_mesh
+    from sharding.mesh import make_mesh
+
+    self.mesh = make_mesh(cfg.parallel, [device or jax.devices()[0]])
+    tc = cfg.train
+    tx = make_optimizer(tc)
+    self.graphdef, abstract = state_shardings(cfg, self.mesh, tx)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    with use_mesh(self.mesh):
+      self.state = make_init(cfg, tx, shardings["params"], self.mesh)()
+      self.batch = jax.tree.map(jnp.asarray, batch)
+      step = jax.jit(make_train_step(self.graphdef, tx, tc, make_schedule(tc)), donate_argnums=0,
+                     out_shardings=(shardings, None))
+      self.compiled = step.lower(self.state, self.batch).compile()
+    self.flops = compiled_flops(self.compiled)
+
+  def run(self) -> dict:
+    import jax
+
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(metrics["loss"])
+    return metrics
+
+
 def fmt_rate(x: float) -> str:
   return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 

@@ -18,22 +18,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
-import jax.numpy as jnp
-import numpy as np
-from common import (BENCH_MOE, cores, fmt_rate, hf_model, matmul_peak, median_seconds, profile_top,
-                    set_torch_threads)
+from common import (BENCH_MOE, CompiledTrainStep, cores, fmt_rate, hf_model, matmul_peak, median_seconds,
+                    profile_top, random_batch, set_torch_threads)
 from flax import nnx
 
 from behemoth_jax.config import Config, ParallelConfig, TrainConfig
-from behemoth_jax.flops import compiled_flops
-from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer, make_schedule, make_train_step,
-                                   state_shardings)
-from sharding.api import use_mesh
-from sharding.mesh import make_mesh
+from behemoth_jax.training import analytic_train_flops
 
 
 def bench_config(args) -> Config:
@@ -44,49 +37,24 @@ def bench_config(args) -> Config:
   return Config(model=model, parallel=ParallelConfig(), train=train)
 
 
-def make_batch(cfg: Config, seed: int = 0) -> dict:
-  """Unpacked rows of random tokens: positions 0..T-1, no segments (what HF's forward sees)."""
-  b, t, v = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
-  seq = np.random.default_rng(seed).integers(0, v, (b, t + 1)).astype(np.int32)
-  return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-          "positions": None, "segment_ids": None}
-
-
 def ours(cfg: Config, batch: dict, args):
   """(first-step loss, median step seconds, compiled matmul FLOPs, initial params as an HF state dict)."""
   from behemoth_jax.convert.export import to_torch_state_dict
 
-  mesh = make_mesh(cfg.parallel, jax.devices()[:1])
-  tc = cfg.train
-  tx, schedule = make_optimizer(tc), make_schedule(tc)
-  graphdef, abstract = state_shardings(cfg, mesh, tx)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  with use_mesh(mesh):
-    state = make_init(cfg, tx, shardings["params"], mesh)()
-    hf_state = to_torch_state_dict(nnx.merge(graphdef, state["params"])) if args.hf else None
-    step = jax.jit(make_train_step(graphdef, tx, tc, schedule), donate_argnums=0, out_shardings=(shardings, None))
-    batch = jax.tree.map(jnp.asarray, batch)
-    compiled = step.lower(state, batch).compile()
-    flops = compiled_flops(compiled)
-    box = {"state": state}
-
-    def run():
-      box["state"], metrics = compiled(box["state"], batch)
-      jax.block_until_ready(metrics["loss"])
-      return metrics
-
-    first = float(run()["ce"])
-    for _ in range(args.warmup - 1):
-      run()
-    if args.profile:
-      jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
-    seconds, _ = median_seconds(run, args.steps)
-    if args.profile:
-      jax.profiler.stop_trace()
-      print(f"\nprofile of our {args.steps} timed steps ({args.profile}), top ops by time:")
-      for share, count, op, where in profile_top(args.profile, compiled.as_text(), args.profile_top):
-        print(f"  {share:6.1%} {count:6d}x {op[:28]:28s} {where[-110:]}")
-  return first, seconds, flops, hf_state
+  step = CompiledTrainStep(cfg, batch)
+  hf_state = to_torch_state_dict(nnx.merge(step.graphdef, step.state["params"])) if args.hf else None
+  first = float(step.run()["ce"])
+  for _ in range(args.warmup - 1):
+    step.run()
+  if args.profile:
+    jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+  seconds, _ = median_seconds(step.run, args.steps)
+  if args.profile:
+    jax.profiler.stop_trace()
+    print(f"\nprofile of our {args.steps} timed steps ({args.profile}), top ops by time:")
+    for share, count, op, where in profile_top(args.profile, step.compiled.as_text(), args.profile_top):
+      print(f"  {share:6.1%} {count:6d}x {op[:28]:28s} {where[-110:]}")
+  return first, seconds, step.flops, hf_state
 
 
 def hf(cfg: Config, batch: dict, state_dict: dict, args):
@@ -145,7 +113,7 @@ def main(argv=None) -> int:
   print(f"bench-moe training step, batch {b} x seq {t}, float32; {n} cores (torch threads {n}, XLA:CPU all cores); "
         f"jax {jax.__version__} on {jax.default_backend()}")
   peaks = matmul_peak()
-  batch = make_batch(cfg)
+  batch = random_batch(b, t, cfg.model.vocab_size)
   analytic = analytic_train_flops(cfg.model, b, t)
   first, sec, compiled, state_dict = ours(cfg, batch, args)
   # Measured again right after our timed steps (this shared machine's peak drifts by minutes): the
