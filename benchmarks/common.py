@@ -124,6 +124,13 @@ class CompiledTrainStep:
     jax.block_until_ready(metrics["loss"])
     return metrics
 
+  def warm_up(self, steps: int) -> float:
+    """Runs `steps` untimed steps; returns the first one's cross-entropy."""
+    first = float(self.run()["ce"])
+    for _ in range(steps - 1):
+      self.run()
+    return first
+
 
 def fmt_rate(x: float) -> str:
   return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first also compiles)")
   p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
   p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
-  p.add_argument("--smoke", action="store_true", help="toy model, batch 2 x 64, 2 steps: runs on CPU in seconds")
+  p.add_argument("--smoke", action="store_true", help="toy model, batch 2 x 64, 2 steps: runs on CPU in about a minute")
   args = p.parse_args(argv)
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
   if args.steps < 1 or args.warmup < 1:
@@ -101,9 +101,7 @@ def main(argv=None) -> int:
     cfg = Config(model=dataclasses.replace(model, dtype="bfloat16", fp8=mode == "fp8"), parallel=ParallelConfig(),
                  train=TrainConfig(batch_size=b, seq_len=t, steps=1000, warmup_steps=10, learning_rate=3e-4))
     step = CompiledTrainStep(cfg, batch)
-    first = float(step.run()["ce"])
-    for _ in range(args.warmup - 1):
-      step.run()
+    first = step.warm_up(args.warmup)
     seconds, _ = median_seconds(step.run, args.steps)
     rows.append((mode, first, seconds, step.flops))
     del step

@@ -43,9 +43,7 @@ def ours(cfg: Config, batch: dict, args):
 
   step = CompiledTrainStep(cfg, batch)
   hf_state = to_torch_state_dict(nnx.merge(step.graphdef, step.state["params"])) if args.hf else None
-  first = float(step.run()["ce"])
-  for _ in range(args.warmup - 1):
-    step.run()
+  first = step.warm_up(args.warmup)
   if args.profile:
     jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
   seconds, _ = median_seconds(step.run, args.steps)
