@@ -95,7 +95,7 @@ class CompiledTrainStep:
   """`training.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy) on a one-device
   mesh, initialised on its device and compiled ahead of time for `batch`; `run()` does one step and waits."""
 
-  def __init__(self, cfg, batch: dict, device=None):
+  def __init__(self, cfg, batch: dict):
     import jax
     import jax.numpy as jnp
 
@@ -104,7 +104,7 @@ class CompiledTrainStep:
     from sharding.api import use_mesh
     from sharding.mesh import make_mesh
 
-    self.mesh = make_mesh(cfg.parallel, [device or jax.devices()[0]])
+    self.mesh = make_mesh(cfg.parallel, jax.devices()[:1])
     tc = cfg.train
     tx = make_optimizer(tc)
     self.graphdef, abstract = state_shardings(cfg, self.mesh, tx)

@@ -5,8 +5,8 @@
 
 Workload bench-1b (issue 9): vocab 32768, hidden 2048, 16 layers, 16 heads / 8 KV heads x 128, every
 layer MoE with 8 routed experts top-1 (4096 wide) + a shared expert (4096), chunk 2048 with NoPE/global
-every 4th layer, QK-norm; 1.07 G active / 3.9 G total parameters; float32 parameters and AdamW state
-(47 GB; 62 GB with the gradients), compute bfloat16, full remat, batch 4 x 4096. The same train step as train.py
+every 4th layer, QK-norm; 1.14 G active / 3.96 G total parameters (params.count_params); float32 parameters and AdamW state
+(48 GB; 63 GB with the gradients), compute bfloat16, full remat, batch 4 x 4096. The same train step as train.py
 (`training.make_train_step`, jit, one device); the grouped matmul is `ragged_dot` on GPU/TPU.
 
 Printed for each of bf16 and fp8 (`model.fp8`: e4m3 forward operands, e5m2 gradients, per-tensor current
@@ -26,6 +26,7 @@ import jax
 from common import CompiledTrainStep, median_seconds, random_batch
 
 from behemoth_jax.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from behemoth_jax.params import count_params
 from behemoth_jax.training import analytic_train_flops, peak_flops_per_device
 
 BENCH_1B = ModelConfig(
@@ -40,23 +41,6 @@ SMOKE = dataclasses.replace(BENCH_1B, vocab_size=512, hidden_size=64, num_layers
                             head_dim=16, intermediate_size=128, intermediate_size_mlp=128, attention_chunk_size=32)
 
 
-def active_params(cfg: ModelConfig) -> tuple[int, int]:
-  """(active, total) matmul parameters per token: attention, router, top-k + shared experts, lm_head."""
-  d, h = cfg.hidden_size, cfg.head_dim
-  attn = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * h + cfg.num_heads * h * d
-  active = total = d * cfg.vocab_size
-  for i in range(cfg.num_layers):
-    if cfg.is_moe_layer(i):
-      expert = 3 * d * cfg.intermediate_size
-      shared = 3 * d * cfg.shared_intermediate_size
-      active += attn + d * cfg.num_experts + cfg.num_experts_per_tok * expert + shared
-      total += attn + d * cfg.num_experts + cfg.num_experts * expert + shared
-    else:
-      active += attn + 3 * d * cfg.intermediate_size_mlp
-      total += attn + 3 * d * cfg.intermediate_size_mlp
-  return active, total
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -66,7 +50,7 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first also compiles)")
   p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
   p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="parameters and AdamW state; bfloat16 halves the 47 GB state for smaller chips")
+                 help="parameters and AdamW state; bfloat16 halves the 48 GB state for smaller chips")
   p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
   p.add_argument("--smoke", action="store_true", help="toy model, batch 2 x 64, 2 steps: runs on CPU in about a minute")
   args = p.parse_args(argv)
@@ -89,7 +73,8 @@ def main(argv=None) -> int:
     peak_name = f"CPU float32 matmul peak measured now, {peak / 1e12:.3f} TFLOP/s"
   else:
     peak_name = f"{dev.device_kind} dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
-  active, total = active_params(model)
+  counts = count_params(model)
+  active, total = counts["active"], counts["total"]
   analytic = analytic_train_flops(model, b, t)
   print(f"{'smoke' if args.smoke else 'bench-1b'}: {active / 1e9:.3g} G active / {total / 1e9:.3g} G total "
         f"parameters, batch {b} x seq {t}, params {model.param_dtype}, remat {model.remat_policy}; "
