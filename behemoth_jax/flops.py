@@ -202,6 +202,84 @@ def compiled_flops(compiled) -> float:
     return hlo_text_flops(compiled.as_text())
 
 
+_CONTAINERS = ("while", "conditional", "call")
+
+
+def instruction_flops(hlo: str) -> dict[str, float]:
+    """Matmul FLOPs of ONE execution of each instruction of an optimized HLO module that holds a
+    matmul: a `dot`/gemm, or a fusion whose fused computation holds one. Loops, conditionals and calls
+    are not listed: their bodies' instructions are (instruction names are unique in a module)."""
+    comps, _ = _split_computations(hlo)
+
+    @lru_cache(maxsize=None)
+    def fused_flops(comp: str) -> float:  # fused computations hold no loops
+        shapes = {name: shape for name, shape, _, _ in comps[comp]}
+        return sum(_op_flops(op, shape, rest, shapes) + sum(fused_flops(c) for cs in _callees(rest).values()
+                                                             for c in cs)
+                   for _, shape, op, rest in comps[comp])
+
+    out = {}
+    for comp, instrs in comps.items():
+        shapes = {name: shape for name, shape, _, _ in instrs}
+        for name, shape, opcode, rest in instrs:
+            if opcode in _CONTAINERS or opcode in ("async-done", "async-update"):
+                continue
+            f = _op_flops(opcode, shape, rest, shapes) + sum(
+                fused_flops(c) for cs in _callees(rest).values() for c in cs)
+            if f:
+                out[name] = f
+    return out
+
+
+def trace_op_counts(trace_dir: str) -> dict[str, int]:
+    """How many times each XLA op ran, from the newest jax profiler trace under `trace_dir` (written
+    with `create_perfetto_trace=True`): XLA:CPU records one event per executed thunk, named after its
+    HLO instruction, every loop iteration included."""
+    import collections
+    import gzip
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise ValueError(f"no profiler trace (*.trace.json.gz) under {trace_dir}")
+    events = json.load(gzip.open(files[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return dict(collections.Counter(e.get("name", "") for e in events if e.get("ph") == "X"))
+
+
+def executed_flops(run, hlo: str) -> float:
+    """Matmul FLOPs a compiled program really executes: `run()` (one call of the program, waited for)
+    runs under the jax profiler, and each matmul instruction's FLOPs (`instruction_flops(hlo)`, `hlo` =
+    `compiled.as_text()`) count once per recorded execution.
+
+    What `compiled_flops` cannot count: `while` loops with data-dependent trip counts (the CPU grouped
+    matmul's per-expert tile loops) count their real trips, and a skipped `conditional` branch counts
+    nothing. For a program without either, the two agree exactly (tests/test_flops.py).
+
+    Raises:
+      ValueError: if no event of the trace is named after one of the program's instructions (a backend
+        whose profiler names events otherwise).
+    """
+    import tempfile
+
+    import jax
+
+    per = instruction_flops(hlo)
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        counts = trace_op_counts(d)
+    comps, _ = _split_computations(hlo)
+    if not {name for instrs in comps.values() for name, *_ in instrs} & counts.keys():
+        raise ValueError("the profiler trace names none of the program's HLO instructions; cannot count "
+                         "executed FLOPs on this backend")
+    return sum(per[name] * n for name, n in counts.items() if name in per)
+
+
 def analytic_forward_flops(cfg, batch: int, seq: int) -> dict[str, float]:
   """Forward FLOPs a perfect sparse implementation must do: 2 · active matmul parameters · tokens
   (router, routed top-k and shared experts, dense MLPs, attention projections, lm_head) and attention

@@ -16,7 +16,7 @@ Why this design (checked with jax 0.10.2, flax 0.12.8, qwix 0.1.8):
   `quantize_model`, which clones the NNX model, swaps its class for one whose `__call__` intercepts
   `jnp.einsum`/`lax.dot_general`/`ragged_dot` and picks a config by module-path regex; the plain
   functions (`dot_general_qt`, `ragged_dot_qt`) live in the private `qwix._src`. It would also not
-  reach our CPU "blocked" grouped matmul (an einsum-per-block scan inside a custom_vjp), and it adds
+  reach our CPU "blocked" grouped matmul (per-expert tile loops inside a custom_vjp), and it adds
   two dependencies (qwix, opt_einsum) for what is ~150 lines here.
 - flax 0.12.8 has fp8 only in `flax.linen.fp8_ops` (`Fp8DotGeneralOp`, `Fp8Einsum`); there is no
   NNX equivalent. It uses *delayed* scaling: amax histories and scales are parameters of a special

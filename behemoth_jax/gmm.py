@@ -3,11 +3,14 @@
 Implementations (SPEC §2.6):
 - `ragged`: `jax.lax.ragged_dot`, native on TPU (and the GPU lowering of XLA).
 - `blocked`: on CPU `ragged_dot` lowers to one masked dense matmul per expert (measured with jax 0.10.2:
-  16 experts cost 16× the useful FLOPs), so this path pads each expert's rows to a multiple of a block
-  size `b` and scans over blocks, each multiplied by its own expert's weight (megablox's idea in plain
-  XLA). Blocks past the last used one are skipped at run time with `lax.cond`. The backward pass is
-  two more blocked loops (dx = dy·wᵀ per block, dw[e] += xᵀ·dy per block): no E×-dense work and no
-  scatter-add over tokens.
+  16 experts cost 16× the useful FLOPs), so this path scans over the experts, reads each expert's
+  weight once and multiplies its own rows in tiles of 4·b rows, then of b rows (`while` loops with
+  data-dependent trip counts). The backward pass runs the same loops (dx = dy·wᵀ per tile; dw[e] = Σ
+  xᵀ·dy over the expert's tiles, accumulated in the loop): no E×-dense work and no scatter-add over
+  tokens. Compiled FLOPs of these loops are counted at run time (`behemoth_jax.flops.executed_flops`).
+  Replaced (2026-12-02): a scan over a static number of b-row blocks of the padded layout, each block
+  copying its expert's weight slice before its matmul: 1.2-1.4× slower forward and backward on
+  bench-moe's shapes (docs/PERFORMANCE.md), though its FLOPs could be counted statically.
 - `dense`: every expert on every row, then select; a test oracle only (E× the FLOPs).
 """
 
@@ -54,66 +57,76 @@ def row_experts(group_sizes_E: jax.Array, m: int) -> jax.Array:
   return jnp.minimum(jnp.searchsorted(ends, jnp.arange(m), side="right"), group_sizes_E.shape[0] - 1)
 
 
-def _layout(group_sizes_E: jax.Array, m: int, b: int):
-  """Padded layout: row r → padded row dest[r]; block j → its expert and whether it is used."""
-  e = group_sizes_E.shape[0]
-  nb = (m + e * (b - 1)) // b  # static bound on Σ ceil(n_e / b)
-  starts = jnp.cumsum(group_sizes_E) - group_sizes_E
-  padded = (group_sizes_E + b - 1) // b * b
-  pad_ends = jnp.cumsum(padded)
-  expert_M = row_experts(group_sizes_E, m)
-  dest_M = (pad_ends - padded)[expert_M] + jnp.arange(m) - starts[expert_M]
-  block_starts = jnp.arange(nb) * b
-  block_expert = jnp.minimum(jnp.searchsorted(pad_ends, block_starts, side="right"), e - 1)
-  block_used = block_starts < pad_ends[-1]
-  return nb, dest_M, block_expert, block_used
+def _tile_starts(group_sizes_E: jax.Array):
+  return jnp.cumsum(group_sizes_E) - group_sizes_E
 
 
-def _to_blocks(x_MK: jax.Array, dest_M: jax.Array, nb: int, b: int) -> jax.Array:
-  z = jnp.zeros((nb * b, x_MK.shape[1]), x_MK.dtype)
-  return z.at[dest_M].set(x_MK, unique_indices=True).reshape(nb, b, x_MK.shape[1])
+def _over_tiles(start, n, b: int, fn, carry):
+  """`carry = fn(row0, rows, carry)` over one expert's rows [start, start + n): tiles of 4·b rows while
+  that many remain, then tiles of b rows; the last may run up to b-1 rows past the group (callers pad
+  their inputs by 4·b rows and overwrite those rows later or mask them). Trip counts are data-dependent
+  (`while` loops): an expert costs its own rows rounded up to b, and one read of its weight.
+  Measured alternatives (benchmarks/gmm.py shapes): one tile of 4·b, 2·b or b rows for the rest instead
+  of several b-row tiles was slower (more `while` loops per expert cost more than they save)."""
+  big = 4 * b
+  full = n // big
+  carry = jax.lax.fori_loop(0, full, lambda i, c: fn(start + i * big, big, c), carry)
+  rest0, rest = start + full * big, n - full * big
+  return jax.lax.fori_loop(0, (rest + b - 1) // b, lambda i, c: fn(rest0 + i * b, b, c), carry)
 
 
-def _block_products(x_nbK, w_EKN, block_expert, block_used, transpose_w: bool):
+def _expert_products(x_MK, w_EKN, group_sizes_E, b: int, transpose_w: bool):
+  """`out[r] = x[r] @ w[e(r)]` (or `@ w[e(r)].T`): experts in order, each over its own rows in tiles.
+
+  A tile that runs past its group writes rows of the next group, which that group overwrites when its
+  turn comes (experts run in ascending order); the last group's overrun lands in 4·b padding rows."""
+  m, k = x_MK.shape
   n_out = w_EKN.shape[1] if transpose_w else w_EKN.shape[2]
   eq = "bN,KN->bK" if transpose_w else "bK,KN->bN"
+  x_pad = jnp.concatenate([x_MK, jnp.zeros((4 * b, k), x_MK.dtype)])
 
-  def body(_, inp):
-    xb, e, used = inp
-    yb = jax.lax.cond(used, lambda: jnp.einsum(eq, xb, w_EKN[e]).astype(xb.dtype),
-                      lambda: jnp.zeros((xb.shape[0], n_out), xb.dtype))
-    return None, yb
+  def expert(out, inp):
+    w_KN, start, n = inp  # the scan slices this expert's weight once, not once per tile
 
-  return jax.lax.scan(body, None, (x_nbK, block_expert, block_used))[1]
+    def tile(r0, rows, out):
+      y = jnp.einsum(eq, jax.lax.dynamic_slice_in_dim(x_pad, r0, rows), w_KN).astype(out.dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
+
+    return _over_tiles(start, n, b, tile, out), None
+
+  out = jnp.zeros((m + 4 * b, n_out), x_MK.dtype)
+  out = jax.lax.scan(expert, out, (w_EKN, _tile_starts(group_sizes_E), group_sizes_E))[0]
+  return out[:m]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blocked_gmm(x_MK, w_EKN, group_sizes_E, b):
-  return _blocked_fwd(x_MK, w_EKN, group_sizes_E, b)[0]
+  return _expert_products(x_MK, w_EKN, group_sizes_E, b, transpose_w=False)
 
 
 def _blocked_fwd(x_MK, w_EKN, group_sizes_E, b):
-  m = x_MK.shape[0]
-  nb, dest, be, used = _layout(group_sizes_E, m, b)
-  y = _block_products(_to_blocks(x_MK, dest, nb, b), w_EKN, be, used, transpose_w=False)
-  return y.reshape(nb * b, -1)[dest], (x_MK, w_EKN, group_sizes_E)
+  return _blocked_gmm(x_MK, w_EKN, group_sizes_E, b), (x_MK, w_EKN, group_sizes_E)
 
 
 def _blocked_bwd(b, res, dy_MN):
   x_MK, w_EKN, group_sizes_E = res
-  m = x_MK.shape[0]
-  nb, dest, be, used = _layout(group_sizes_E, m, b)
-  dy_blocks = _to_blocks(dy_MN, dest, nb, b)
-  dx = _block_products(dy_blocks, w_EKN, be, used, transpose_w=True).reshape(nb * b, -1)[dest]
-  x_blocks = _to_blocks(x_MK, dest, nb, b)
+  dx = _expert_products(dy_MN, w_EKN, group_sizes_E, b, transpose_w=True)
+  k, n_out = w_EKN.shape[1:]
+  x_pad = jnp.concatenate([x_MK, jnp.zeros((4 * b, k), x_MK.dtype)])
+  dy_pad = jnp.concatenate([dy_MN, jnp.zeros((4 * b, n_out), dy_MN.dtype)])
 
-  def body(dw, inp):
-    xb, dyb, e, u = inp
-    upd = jax.lax.cond(u, lambda: jnp.einsum("bK,bN->KN", xb, dyb, preferred_element_type=jnp.float32),
-                       lambda: jnp.zeros(dw.shape[1:], jnp.float32))
-    return dw.at[e].add(upd), None
+  def expert(_, inp):
+    start, n = inp
 
-  dw = jax.lax.scan(body, jnp.zeros(w_EKN.shape, jnp.float32), (x_blocks, dy_blocks, be, used))[0]
+    def tile(r0, rows, acc):  # rows past the group (a last short tile) belong to the next expert
+      xb = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows)
+      xb = jnp.where((r0 + jnp.arange(rows) < start + n)[:, None], xb, 0)
+      dyb = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows)
+      return acc + jnp.einsum("bK,bN->KN", xb, dyb, preferred_element_type=jnp.float32)
+
+    return None, _over_tiles(start, n, b, tile, jnp.zeros((k, n_out), jnp.float32))
+
+  dw = jax.lax.scan(expert, None, (_tile_starts(group_sizes_E), group_sizes_E))[1]
   return dx, dw.astype(w_EKN.dtype), None
 
 

@@ -10,7 +10,7 @@ Expert weights enter as P(expert, None, tensor): jit all-gathers the fsdp shards
 Buffer sizing: a dropless exchange with fixed shapes must allow every local row to go to one shard,
 so the send and receive buffers are [expert, rows, D] with rows = local tokens × top-k: `expert`×
 the routed activations. Compute does not grow with it: rows past the received count are ignored by
-the grouped matmul (the blocked kernel skips their blocks). `jax.lax.ragged_all_to_all` removes the
+the grouped matmul (the CPU kernel's loops stop at each expert's received count). `jax.lax.ragged_all_to_all` removes the
 padding on TPU/GPU and is the natural next step where memory is tight.
 """
 

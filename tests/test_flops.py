@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from behemoth_jax.flops import compiled_flops, hlo_text_flops
+from behemoth_jax.flops import compiled_flops, executed_flops, hlo_text_flops
 
 M, K, N = 128, 256, 256
 MATMUL = 2 * M * K * N  # one [M,K] @ [K,N]
@@ -128,3 +128,30 @@ ENTRY %main (a: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
 }
 """
     assert hlo_text_flops(hlo) == 7 * 2 * 64 * 32 * 32
+
+
+def _executed(f, *args):
+    compiled = _compile(f, *args)
+    return executed_flops(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text())
+
+
+def test_executed_flops_equal_compiled_flops_without_data_dependent_control_flow():
+    ws = jnp.ones((10, K, N), jnp.float32)
+    f = lambda x, ws: jnp.tanh(_scan_matmuls(x, ws)) @ ws[0]  # a loop of 10 + one more outside it
+    assert _executed(f, X, ws) == compiled_flops(_compile(f, X, ws)) == 11 * MATMUL
+
+
+@pytest.mark.parametrize("n", [0, 3, 7])
+def test_executed_flops_count_the_real_trips_of_a_data_dependent_loop(n):
+    f = lambda x, w, n: lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)
+    assert _executed(f, X, jnp.ones((K, N)), jnp.int32(n)) == n * MATMUL
+
+
+@pytest.mark.parametrize("take", [True, False])
+def test_executed_flops_count_only_the_branch_that_ran(take):
+    def f(x, w, take):
+        return lax.cond(take, lambda: (x @ w) @ w.T, lambda: x * 2.0)
+
+    c = _compile(f, X, jnp.ones((K, N)), jnp.bool_(take))
+    assert compiled_flops(c) == 2 * MATMUL  # the static count: the most expensive branch
+    assert _executed(f, X, jnp.ones((K, N)), jnp.bool_(take)) == (2 * MATMUL if take else 0)
