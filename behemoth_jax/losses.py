@@ -24,8 +24,7 @@ def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arr
   """
   h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
   if chunk >= w_DV.shape[1]:  # all logits fit in one chunk: keep them for the backward pass (no recompute)
-    logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
-    lse_BT, tgt_BT = _lse_and_target(logits, targets_BT)
+    lse_BT, tgt_BT = _lse_and_target(_logits(h_BTD, w_DV), targets_BT)
   else:
     lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk)
   mask_BT = mask_BT.astype(jnp.float32)
@@ -55,6 +54,34 @@ def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int):
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
   (m_BT, s_BT, tgt_BT), _ = jax.lax.scan(body, init, (w_NDC, jnp.arange(n)))
   return m_BT + jnp.log(s_BT), tgt_BT
+
+
+@jax.custom_vjp
+def _logits(h_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:
+  """float32 `h · W`. Its backward pass is written out for XLA:CPU's sake: autodiff's dW = hᵀ·dlogits
+  made XLA lay out a transposed copy of dlogits ([V, B·T]) for the dot, so the softmax gradient was
+  computed twice (once per layout) from a materialised exp. Transposing h instead (B·T × D, V/D times
+  smaller; the barrier keeps XLA from folding the transpose back into the dot) leaves one fused pass
+  over dlogits (measured: 521 → 357 ms for bench-moe's cross-entropy forward + backward, [2048, 512]
+  hidden states × [512, 8192] on 2 cores)."""
+  return jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h_BTD, w_DV):
+  return _logits(h_BTD, w_DV), (h_BTD, w_DV)
+
+
+def _logits_bwd(res, g_BTV):
+  h_BTD, w_DV = res
+  f32 = jnp.float32
+  dh = jax.lax.dot_general(g_BTV, w_DV, (((2,), (1,)), ((), ())), preferred_element_type=f32)
+  h_DN = jax.lax.optimization_barrier(h_BTD.reshape(-1, h_BTD.shape[-1]).T)
+  dw = jax.lax.dot_general(h_DN, g_BTV.reshape(-1, g_BTV.shape[-1]), (((1,), (0,)), ((), ())),
+                           preferred_element_type=f32)
+  return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 @jax.custom_vjp

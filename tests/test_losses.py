@@ -35,6 +35,28 @@ def test_chunked_cross_entropy_matches_full_softmax(chunk):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_one_chunk_cross_entropy_gradient_in_bfloat16_matches_autodiff():
+  """The single-chunk path's hand-written lm_head backward (losses._logits) keeps autodiff's dtypes and
+  values with bf16 hidden states and weights (float32 logits)."""
+  r = np.random.default_rng(1)
+  h = jnp.asarray(r.standard_normal((2, 6, 16)), jnp.bfloat16)
+  w = jnp.asarray(r.standard_normal((16, 40)) * 0.3, jnp.bfloat16)
+  t = jnp.asarray(r.integers(0, 40, (2, 6)))
+  m = jnp.ones((2, 6), jnp.float32)
+
+  def autodiff(h, w):
+    logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, -1)
+    return jnp.sum((lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]) * m) + 1e-2 * jnp.sum(lse ** 2)
+
+  got = jax.grad(lambda h, w: (lambda a: a[0] + 1e-2 * a[1])(chunked_cross_entropy(h, w, t, m, 64)),
+                 argnums=(0, 1))(h, w)
+  want = jax.grad(autodiff, argnums=(0, 1))(h, w)
+  for a, b in zip(got, want, strict=True):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_aux_losses():
   balanced = MoEStats(jnp.full((2, 4), 0.25), jnp.full((2, 4), 0.3), jnp.array([1.0, 3.0]))
   skewed = MoEStats(jnp.array([[1.0, 0, 0, 0]] * 2), jnp.array([[0.9, 0.1, 0.1, 0.1]] * 2), jnp.array([1.0, 3.0]))
