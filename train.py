@@ -21,6 +21,7 @@ from pathlib import Path
 
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, load_config
+from behemoth_jax.hostmem import keep_freed_memory
 
 
 def _fake_cpu_devices(count: int) -> None:
@@ -62,6 +63,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  keep_freed_memory()  # before JAX starts its backend threads (behemoth_jax/hostmem.py)
   try:
     cfg = load_config(args.config, args.overrides)
   except ConfigError as e:

@@ -16,6 +16,11 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from behemoth_jax.config import ModelConfig  # noqa: E402
+from behemoth_jax.hostmem import keep_freed_memory  # noqa: E402
+
+# Before any backend starts: each step's temporaries stay resident instead of being page-faulted back
+# in (behemoth_jax/hostmem.py). Process-wide, so the PyTorch side of a side-by-side gets it too.
+keep_freed_memory()
 
 # The fixed workload of issue 9 (docs/PERFORMANCE.md): every layer MoE (16 routed experts top-1 + a
 # shared expert, both 1024 wide), chunk 256 with NoPE/global attention every 4th layer, float32.
