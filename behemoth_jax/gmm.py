@@ -11,6 +11,8 @@ Implementations (SPEC §2.6):
   Replaced (2026-12-02): a scan over a static number of b-row blocks of the padded layout, each block
   copying its expert's weight slice before its matmul: 1.2-1.4× slower forward and backward on
   bench-moe's shapes (docs/PERFORMANCE.md), though its FLOPs could be counted statically.
+  With fewer rows than experts (decoding), each row instead multiplies a gathered copy of its own
+  expert's weight.
 - `dense`: every expert on every row, then select; a test oracle only (E× the FLOPs).
 """
 
@@ -47,7 +49,13 @@ def grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, 
     every_EMN = jnp.einsum("MK,EKN->EMN", x_MK, w_EKN)
     return jnp.take_along_axis(every_EMN, expert_M[None, :, None], axis=0)[0]
   if impl == "blocked":
-    b = block or default_block_size(x_MK.shape[0], w_EKN.shape[0])
+    m, e = x_MK.shape[0], w_EKN.shape[0]
+    if m < e:  # decoding: fewer rows than experts. Gather each row's expert weight (m reads) rather
+      # than loop over all e experts, each loop reading its weight even for no rows.
+      expert_M = row_experts(group_sizes_E, m)
+      y = jnp.einsum("MK,MKN->MN", x_MK, w_EKN[expert_M])
+      return jnp.where((jnp.arange(m) < group_sizes_E.sum())[:, None], y, 0).astype(x_MK.dtype)
+    b = block or default_block_size(m, e)
     return _blocked_gmm(x_MK, w_EKN, group_sizes_E.astype(jnp.int32), b)
   raise ValueError(f"moe_impl: unknown grouped matmul {impl!r} (valid: {IMPLS})")
 
