@@ -9,7 +9,7 @@ Implementations (SPEC §2.6):
   xᵀ·dy over the expert's tiles, accumulated in the loop): no E×-dense work and no scatter-add over
   tokens. Compiled FLOPs of these loops are counted at run time (`behemoth_jax.flops.executed_flops`).
   Replaced (2026-12-02): a scan over a static number of b-row blocks of the padded layout, each block
-  copying its expert's weight slice before its matmul: 1.2-1.4× slower forward and backward on
+  copying its expert's weight slice before its matmul: 1.2-1.25× slower forward and backward on
   bench-moe's shapes (docs/PERFORMANCE.md), though its FLOPs could be counted statically.
   With fewer rows than experts (decoding), each row instead multiplies a gathered copy of its own
   expert's weight.
