@@ -209,7 +209,10 @@ def instruction_flops(hlo: str) -> dict[str, float]:
     """Matmul FLOPs of ONE execution of each instruction of an optimized HLO module that holds a
     matmul: a `dot`/gemm, or a fusion whose fused computation holds one. Loops, conditionals and calls
     are not listed: their bodies' instructions are (instruction names are unique in a module)."""
-    comps, _ = _split_computations(hlo)
+    return _instruction_flops(_split_computations(hlo)[0])
+
+
+def _instruction_flops(comps: dict[str, list[Instr]]) -> dict[str, float]:
 
     @lru_cache(maxsize=None)
     def fused_flops(comp: str) -> float:  # fused computations hold no loops
@@ -231,11 +234,10 @@ def instruction_flops(hlo: str) -> dict[str, float]:
     return out
 
 
-def trace_op_counts(trace_dir: str) -> dict[str, int]:
-    """How many times each XLA op ran, from the newest jax profiler trace under `trace_dir` (written
-    with `create_perfetto_trace=True`): XLA:CPU records one event per executed thunk, named after its
-    HLO instruction, every loop iteration included."""
-    import collections
+def trace_events(trace_dir: str) -> list[dict]:
+    """The complete ("X") events of the newest jax profiler trace under `trace_dir` (written with
+    `create_perfetto_trace=True`): XLA:CPU records one per executed thunk, named after its HLO
+    instruction, every loop iteration included."""
     import gzip
     import json
     from pathlib import Path
@@ -245,7 +247,14 @@ def trace_op_counts(trace_dir: str) -> dict[str, int]:
         raise ValueError(f"no profiler trace (*.trace.json.gz) under {trace_dir}")
     events = json.load(gzip.open(files[-1]))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    return dict(collections.Counter(e.get("name", "") for e in events if e.get("ph") == "X"))
+    return [e for e in events if e.get("ph") == "X"]
+
+
+def trace_op_counts(trace_dir: str) -> dict[str, int]:
+    """How many times each XLA op ran in the newest profiler trace under `trace_dir`."""
+    import collections
+
+    return dict(collections.Counter(e.get("name", "") for e in trace_events(trace_dir)))
 
 
 def executed_flops(run, hlo: str) -> float:
@@ -265,7 +274,8 @@ def executed_flops(run, hlo: str) -> float:
 
     import jax
 
-    per = instruction_flops(hlo)
+    comps, _ = _split_computations(hlo)
+    per = _instruction_flops(comps)
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d, create_perfetto_trace=True)
         try:
@@ -273,7 +283,6 @@ def executed_flops(run, hlo: str) -> float:
         finally:
             jax.profiler.stop_trace()
         counts = trace_op_counts(d)
-    comps, _ = _split_computations(hlo)
     if not {name for instrs in comps.values() for name, *_ in instrs} & counts.keys():
         raise ValueError("the profiler trace names none of the program's HLO instructions; cannot count "
                          "executed FLOPs on this backend")

@@ -113,7 +113,7 @@ def _blocked_gmm(x_MK, w_EKN, group_sizes_E, b):
 
 
 def _blocked_fwd(x_MK, w_EKN, group_sizes_E, b):
-  return _blocked_gmm(x_MK, w_EKN, group_sizes_E, b), (x_MK, w_EKN, group_sizes_E)
+  return _expert_products(x_MK, w_EKN, group_sizes_E, b, transpose_w=False), (x_MK, w_EKN, group_sizes_E)
 
 
 def _blocked_bwd(b, res, dy_MN):

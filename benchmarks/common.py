@@ -159,13 +159,11 @@ def profile_top(trace_dir: str, hlo_text: str, top: int = 15) -> list[tuple[floa
   all op time, count, op, source op_name)], largest first. XLA:CPU records one event per thunk
   (fusion, matmul, loop); names map back to the program's source through the HLO metadata."""
   import collections
-  import gzip
-  import json
   import re
 
-  files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
-  events = json.load(gzip.open(files[-1]))
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  from behemoth_jax.flops import trace_events
+
+  events = trace_events(trace_dir)
   where, containers = {}, set()
   for line in hlo_text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? (while|conditional|call)\(", line)
@@ -178,7 +176,7 @@ def profile_top(trace_dir: str, hlo_text: str, top: int = 15) -> list[tuple[floa
   total, count = collections.Counter(), collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if e.get("ph") == "X" and name in where and name not in containers:
+    if name in where and name not in containers:
       total[name] += e.get("dur", 0.0)
       count[name] += 1
   all_ops = sum(total.values()) or 1.0
