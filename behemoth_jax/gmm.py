@@ -4,10 +4,11 @@ Implementations (SPEC §2.6):
 - `ragged`: `jax.lax.ragged_dot`, native on TPU (and the GPU lowering of XLA).
 - `blocked`: on CPU `ragged_dot` lowers to one masked dense matmul per expert (measured with jax 0.10.2:
   16 experts cost 16× the useful FLOPs), so this path scans over the experts, reads each expert's
-  weight once and multiplies its own rows in tiles of 4·b rows, then of b rows (`while` loops with
-  data-dependent trip counts). The backward pass runs the same loops (dx = dy·wᵀ per tile; dw[e] = Σ
-  xᵀ·dy over the expert's tiles, accumulated in the loop): no E×-dense work and no scatter-add over
-  tokens. Compiled FLOPs of these loops are counted at run time (`behemoth_jax.flops.executed_flops`).
+  weight once and multiplies its own rows in tiles of 4·b rows (a `while` loop with a data-dependent
+  trip count), then its remaining rows in one tile whose size (the rows rounded up to b/2) a
+  `lax.switch` picks. The backward pass runs the same tiles for dx = dy·wᵀ and, per expert, dw[e] =
+  Σ xᵀ·dy in tiles of 8·b rows: no E×-dense work and no scatter-add over tokens. Compiled FLOPs of
+  these loops are counted at run time (`behemoth_jax.flops.executed_flops`).
   Replaced (2026-12-02): a scan over a static number of b-row blocks of the padded layout, each block
   copying its expert's weight slice before its matmul: 1.2-1.25× slower forward and backward on
   bench-moe's shapes (docs/PERFORMANCE.md), though its FLOPs could be counted statically.
@@ -69,42 +70,85 @@ def _tile_starts(group_sizes_E: jax.Array):
   return jnp.cumsum(group_sizes_E) - group_sizes_E
 
 
-def _over_tiles(start, n, b: int, fn, carry):
-  """`carry = fn(row0, rows, carry)` over one expert's rows [start, start + n): tiles of 4·b rows while
-  that many remain, then tiles of b rows; the last may run up to b-1 rows past the group (callers pad
-  their inputs by 4·b rows and overwrite those rows later or mask them). Trip counts are data-dependent
-  (`while` loops): an expert costs its own rows rounded up to b, and one read of its weight.
-  Measured alternatives (benchmarks/gmm.py shapes): one tile of 4·b, 2·b or b rows for the rest instead
-  of several b-row tiles was slower (more `while` loops per expert cost more than they save)."""
-  big = 4 * b
-  full = n // big
-  carry = jax.lax.fori_loop(0, full, lambda i, c: fn(start + i * big, big, c), carry)
-  rest0, rest = start + full * big, n - full * big
-  return jax.lax.fori_loop(0, (rest + b - 1) // b, lambda i, c: fn(rest0 + i * b, b, c), carry)
+def _step(b: int) -> int:
+  """Row granularity of an expert's last tile: b/2 (at least 8, or b when b < 8)."""
+  return max(b // 2, min(b, 8))
+
+
+def _last_tile(rest, big: int, step: int, m: int, compute, empty):
+  """`compute(rows)` for `rest` (< big, <= m) rows rounded up to a multiple of `step`; `empty()` if 0.
+
+  Each size is a static shape, so one `lax.switch` picks among (at most) big/step matmul shapes: an
+  expert's last rows cost one matmul, not several b-row tiles (a matmul pays ~28 rows' worth of fixed
+  cost on XLA:CPU). Measured on bench-moe's shapes against b-row tiles (benchmarks/gmm.py, alternated
+  in one process, medians of 11, three runs): forward 18.5-23.9 -> 16.8-18.2 ms, backward 55-62 ->
+  46-50 ms. Callers slice the operands (`big` rows) before the `switch` so each branch is one static
+  slice and a matmul: branches cost compile time (~30 ms each on XLA:CPU); steps of b/4 rows doubled
+  the branches for no measurable gain, steps of b rows lost some (more padding rows)."""
+  sizes = range(step, min(big, -(-m // step) * step) + 1, step)
+  return jax.lax.switch((rest + step - 1) // step, [empty] + [partial(compute, rows) for rows in sizes])
 
 
 def _expert_products(x_MK, w_EKN, group_sizes_E, b: int, transpose_w: bool):
   """`out[r] = x[r] @ w[e(r)]` (or `@ w[e(r)].T`): experts in order, each over its own rows in tiles.
 
-  A tile that runs past its group writes rows of the next group, which that group overwrites when its
-  turn comes (experts run in ascending order); the last group's overrun lands in 4·b padding rows."""
+  Tiles of 4·b rows while that many remain, then one tile of the rest rounded up to `_step(b)` rows.
+  That tile runs past its group into rows of the next group, which that group overwrites when its turn
+  comes (experts run in ascending order); the last group's overrun lands in 4·b padding rows. It is
+  zero-padded to 4·b rows and written outside the `switch`: a `switch` that wrote into the carried
+  output made XLA copy the whole output per expert (forward 19.5 -> 33 ms)."""
   m, k = x_MK.shape
   n_out = w_EKN.shape[1] if transpose_w else w_EKN.shape[2]
   eq = "bN,KN->bK" if transpose_w else "bK,KN->bN"
-  x_pad = jnp.concatenate([x_MK, jnp.zeros((4 * b, k), x_MK.dtype)])
+  big = 4 * b
+  x_pad = jnp.concatenate([x_MK, jnp.zeros((big, k), x_MK.dtype)])
 
   def expert(out, inp):
     w_KN, start, n = inp  # the scan slices this expert's weight once, not once per tile
+    product = lambda x_bK: jnp.einsum(eq, x_bK, w_KN).astype(out.dtype)
+    write = lambda o, r0, y: jax.lax.dynamic_update_slice_in_dim(o, y, r0, 0)
+    tile = lambda r0: product(jax.lax.dynamic_slice_in_dim(x_pad, r0, big))
+    full = n // big
+    if m >= big:  # (static: no loop to compile when no group can fill a tile)
+      out = jax.lax.fori_loop(0, full, lambda i, o: write(o, start + i * big, tile(start + i * big)), out)
+    rest0 = start + full * big
+    x_bK = jax.lax.dynamic_slice_in_dim(x_pad, rest0, big)
+    last = _last_tile(n - full * big, big, _step(b), m,
+                      lambda rows: jnp.pad(product(x_bK[:rows]), ((0, big - rows), (0, 0))),
+                      lambda: jnp.zeros((big, n_out), out.dtype))  # (rows of the next group or padding)
+    return write(out, rest0, last), None
 
-    def tile(r0, rows, out):
-      y = jnp.einsum(eq, jax.lax.dynamic_slice_in_dim(x_pad, r0, rows), w_KN).astype(out.dtype)
-      return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
-
-    return _over_tiles(start, n, b, tile, out), None
-
-  out = jnp.zeros((m + 4 * b, n_out), x_MK.dtype)
+  out = jnp.zeros((m + big, n_out), x_MK.dtype)
   out = jax.lax.scan(expert, out, (w_EKN, _tile_starts(group_sizes_E), group_sizes_E))[0]
   return out[:m]
+
+
+def _expert_weight_grads(x_MK, dy_MN, group_sizes_E, b: int):
+  """`dw[e] = Σ_{r in group e} x[r]ᵀ dy[r]`, float32: per expert, its last rows (the group's size modulo
+  8·b, rounded up to `_step(b)` and masked to the group) start the accumulator, then tiles of 8·b rows
+  add into it. Most groups take one matmul and no add: XLA:CPU does not fuse an add into a dot, so each
+  accumulated tile costs a read-modify-write of the [K, N] float32 accumulator (2 MB on bench-moe)."""
+  (m, k), n_out = x_MK.shape, dy_MN.shape[1]
+  big = 8 * b
+  x_pad = jnp.concatenate([x_MK, jnp.zeros((big, k), x_MK.dtype)])
+  dy_pad = jnp.concatenate([dy_MN, jnp.zeros((big, n_out), dy_MN.dtype)])
+  product = lambda x_bK, dy_bN: jnp.einsum("bK,bN->KN", x_bK, dy_bN, preferred_element_type=jnp.float32)
+  rows_at = lambda a, r0: jax.lax.dynamic_slice_in_dim(a, r0, big)
+
+  def expert(_, inp):
+    start, n = inp
+    full = n // big
+    rest0 = start + full * big
+    x_bK = jnp.where((rest0 + jnp.arange(big) < start + n)[:, None], rows_at(x_pad, rest0), 0)  # rows
+    dy_bN = rows_at(dy_pad, rest0)  # past the group belong to the next expert: masked
+    acc = _last_tile(n - full * big, big, _step(b), m, lambda rows: product(x_bK[:rows], dy_bN[:rows]),
+                     lambda: jnp.zeros((k, n_out), jnp.float32))
+    if m < big:  # (static: no loop to compile when no group can fill a tile)
+      return None, acc
+    return None, jax.lax.fori_loop(0, full, lambda i, a: a + product(*(rows_at(v, start + i * big)
+                                                                       for v in (x_pad, dy_pad))), acc)
+
+  return jax.lax.scan(expert, None, (_tile_starts(group_sizes_E), group_sizes_E))[1]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -119,22 +163,7 @@ def _blocked_fwd(x_MK, w_EKN, group_sizes_E, b):
 def _blocked_bwd(b, res, dy_MN):
   x_MK, w_EKN, group_sizes_E = res
   dx = _expert_products(dy_MN, w_EKN, group_sizes_E, b, transpose_w=True)
-  k, n_out = w_EKN.shape[1:]
-  x_pad = jnp.concatenate([x_MK, jnp.zeros((4 * b, k), x_MK.dtype)])
-  dy_pad = jnp.concatenate([dy_MN, jnp.zeros((4 * b, n_out), dy_MN.dtype)])
-
-  def expert(_, inp):
-    start, n = inp
-
-    def tile(r0, rows, acc):  # rows past the group (a last short tile) belong to the next expert
-      xb = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows)
-      xb = jnp.where((r0 + jnp.arange(rows) < start + n)[:, None], xb, 0)
-      dyb = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows)
-      return acc + jnp.einsum("bK,bN->KN", xb, dyb, preferred_element_type=jnp.float32)
-
-    return None, _over_tiles(start, n, b, tile, jnp.zeros((k, n_out), jnp.float32))
-
-  dw = jax.lax.scan(expert, None, (_tile_starts(group_sizes_E), group_sizes_E))[1]
+  dw = _expert_weight_grads(x_MK, dy_MN, group_sizes_E, b)
   return dx, dw.astype(w_EKN.dtype), None
 
 
