@@ -49,15 +49,23 @@ def test_values_and_gradients_match_dense(impl, block, k):
 
 @pytest.mark.parametrize("sizes", [[0, 5, 0, 0, 12, 3], [20, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 15], [0, 1, 0, 0, 2, 0]])
 def test_grouped_matmul_blocked_handles_empty_and_skewed_groups(sizes):
+  """Values and both gradients against per-group numpy products: blocks of 1 and 4 rows put groups of
+  12-20 rows through the full-tile loops (4b rows forward and dx, 8b rows dw) and the last tile."""
   r = np.random.default_rng(0)
   m, e = sum(sizes), len(sizes)
-  x = jnp.asarray(r.standard_normal((m, 6)), jnp.float32)
-  w = jnp.asarray(r.standard_normal((e, 6, 9)), jnp.float32)
+  x, dy = r.standard_normal((m, 6)), r.standard_normal((m, 9))
+  w = r.standard_normal((e, 6, 9))
+  groups = [slice(s, s + n) for s, n in zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True)]
+  want = np.concatenate([x[g] @ w[i] for i, g in enumerate(groups)])
+  want_dx = np.concatenate([dy[g] @ w[i].T for i, g in enumerate(groups)])
+  want_dw = np.stack([x[g].T @ dy[g] for g in groups])
   gs = jnp.asarray(sizes, jnp.int32)
-  want = np.concatenate([np.asarray(x[s:s + n] @ w[i]) for i, (s, n) in
-                         enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True))])
   for block in (1, 4, 16):
-    np.testing.assert_allclose(grouped_matmul(x, w, gs, impl="blocked", block=block), want, atol=1e-5)
+    y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, impl="blocked", block=block),
+                     *(jnp.asarray(a, jnp.float32) for a in (x, w)))
+    dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+    for got, ref in ((y, want), (dx, want_dx), (dw, want_dw)):
+      np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_grouped_matmul_with_fewer_rows_than_experts_matches_dense_with_gradients():
