@@ -143,10 +143,10 @@ def _expert_weight_grads(x_MK, dy_MN, group_sizes_E, b: int):
     dy_bN = rows_at(dy_pad, rest0)  # past the group belong to the next expert: masked
     acc = _last_tile(n - full * big, big, _step(b), m, lambda rows: product(x_bK[:rows], dy_bN[:rows]),
                      lambda: jnp.zeros((k, n_out), jnp.float32))
-    if m < big:  # (static: no loop to compile when no group can fill a tile)
-      return None, acc
-    return None, jax.lax.fori_loop(0, full, lambda i, a: a + product(*(rows_at(v, start + i * big)
-                                                                       for v in (x_pad, dy_pad))), acc)
+    if m >= big:  # (static: no loop to compile when no group can fill a tile)
+      acc = jax.lax.fori_loop(0, full, lambda i, a: a + product(rows_at(x_pad, start + i * big),
+                                                                rows_at(dy_pad, start + i * big)), acc)
+    return None, acc
 
   return jax.lax.scan(expert, None, (_tile_starts(group_sizes_E), group_sizes_E))[1]
 
