@@ -116,6 +116,7 @@ def _run(cfg, args, closers: list) -> int:
 
   from behemoth_jax.checkpoint import CONFIG_NAME, Checkpointer, params_dir, restore_params
   from behemoth_jax.config import to_dict
+  from behemoth_jax.convert.hf import carry_source_configs
   from behemoth_jax.data import load_tokenizer
   from behemoth_jax.metrics import MetricsWriter, measure_cpu_peak_flops
   from behemoth_jax.training import (analytic_train_flops, make_init, make_optimizer,
@@ -165,6 +166,8 @@ def _run(cfg, args, closers: list) -> int:
   if lead:  # the run's config, for generation and export (behemoth-convert to-hf) of its checkpoints
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if tc.init_from:  # the HF configs of a converted checkpoint travel with the run, for its export
+      carry_source_configs(tc.init_from, out)
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 

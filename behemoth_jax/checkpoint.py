@@ -230,14 +230,16 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def _key_part(k) -> str:
+  return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
 def _shapes_by_key(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Leaf shapes by path as strings, the same for saved metadata ({..., 'value': ArrayMetadata}) and an
   in-memory state (nnx Variables, ShapeDtypeStructs)."""
-  def part(k):
-    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    key = tuple(part(k) for k in path)
+    key = tuple(_key_part(k) for k in path)
     out[key[:-1] if key and key[-1] == "value" else key] = tuple(leaf.shape)
   return out
 
@@ -286,6 +288,16 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return restored["params"]
+
+
+def saved_dtypes(path: Path) -> dict[tuple, np.dtype]:
+  """{parameter path: dtype it is stored in} of the params item at `path` (a `params_dir`), from metadata."""
+  out = {}
+  for keys, leaf in jax.tree_util.tree_leaves_with_path(_tree_metadata(path).get("params", {})):
+    key = tuple(_key_part(k) for k in keys)
+    key = key[:-1] if key and key[-1] == "value" else key
+    out[tuple(int(k) if k.isdigit() else k for k in key)] = np.dtype(leaf.dtype)
+  return out
 
 
 def restore_leaf(path: Path, leaf: tuple, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -338,10 +350,15 @@ def save_params(path: str | Path, params) -> None:
 
 
 def find_config(path: str | Path) -> Path | None:
-  """The config.yaml written beside a checkpoint (behemoth-convert) or in its run directory (train.py):
-  PATH or up to three levels above it."""
+  """The config.yaml written beside a checkpoint (behemoth-convert) or in its run directory (train.py)."""
+  return find_beside(path, CONFIG_NAME)
+
+
+def find_beside(path: str | Path, name: str) -> Path | None:
+  """File `name` in PATH or up to three levels above it (a run directory holds its checkpoints three
+  levels down: run/checkpoints/STEP/state)."""
   path = Path(path).absolute()
   for p in [path, *list(path.parents)[:3]]:
-    if (p / CONFIG_NAME).is_file():
-      return p / CONFIG_NAME
+    if (p / name).is_file():
+      return p / name
   return None

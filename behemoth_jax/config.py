@@ -152,7 +152,7 @@ class ModelConfig:
   initializer_range: float = 0.02
   bos_token_id: int = 200000
   eos_token_ids: tuple[int, ...] = (200001, 200007, 200008)
-  pad_token_id: int = 200018
+  pad_token_id: int | None = 200018  # None: no padding token (HF's default); exported only if in the vocabulary
   # Numerics and execution.
   param_dtype: str = "float32"
   dtype: str = "bfloat16"  # compute dtype; logits are always float32
@@ -164,7 +164,8 @@ class ModelConfig:
   scan_unroll: int = 1
   remat_policy: str = "none"
   # Key block of the memory-efficient attention (online softmax, recomputing backward) used when a
-  # layer's key span (its chunk, or T for global layers) is longer; 0: always the dense path.
+  # layer's key span (its chunk, or T for global layers) is longer (a span that is not a multiple of it
+  # is padded with masked keys); 0: always the dense path.
   attention_block: int = 1024
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
@@ -245,6 +246,12 @@ class ModelConfig:
         return p
     return self.num_layers
 
+  @property
+  def num_cycles(self) -> int:
+    """Layer cycles stacked for the scan (0: every layer runs unscanned); layers past them form the tail."""
+    n = self.num_layers // self.cycle_length if self.scan_layers else 0
+    return n if n >= 2 else 0
+
 
 @dataclass(frozen=True)
 class LayerKind:
@@ -311,7 +318,7 @@ class TrainConfig:
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
   warmup_steps: int = 10
-  weight_decay: float = 0.1  # not applied to norms (1-D parameters)
+  weight_decay: float = 0.1  # on weight matrices and embedding tables; not on scales, biases, 1-D params
   adam_b1: float = 0.9
   adam_b2: float = 0.95
   grad_clip: float = 1.0  # global norm; 0 disables
@@ -351,7 +358,7 @@ class DistillConfig:
   teacher: str | None = None  # orbax checkpoint of the teacher (a step dir or a train.py run dir)
   teacher_config: str | None = None  # the teacher's YAML config (its model section); default: the student's
   topk: int = 0  # > 0: offline targets — data.source is a JSONL from `generate --score K` (K >= topk)
-  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − Σ p_teacher²))
+  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − (max p_teacher − p_teacher(label))))
   alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
   temperature: float = 1.0
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from behemoth_jax.attention import Attention, KVCache, Positions, segment_positions
 from behemoth_jax.config import LayerKind, ModelConfig
-from behemoth_jax.layers import Embed, RMSNorm, SwiGLU, dtype_of, param, remat, stack_modules
+from behemoth_jax.layers import EMBEDDING, Embed, RMSNorm, SwiGLU, dtype_of, param, remat, stack_modules
 from behemoth_jax.moe import MoE, MoEStats
 from behemoth_jax.rope import inv_frequencies, rope_angles
 from behemoth_jax.vision import VisionEncoder, fuse_image_features
@@ -73,8 +73,7 @@ class Cycle(nnx.Module):
 class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     kinds, p = cfg.layer_kinds, cfg.cycle_length
-    n = cfg.num_layers // p if cfg.scan_layers else 0
-    self.num_cycles = n if n >= 2 else 0
+    self.num_cycles = cfg.num_cycles
     self.remat_policy = cfg.remat_policy
     self.scan_unroll = cfg.scan_unroll
     self.num_experts = cfg.num_experts
@@ -131,7 +130,7 @@ class Llama4(nnx.Module):
     d, v, pd, std = cfg.hidden_size, cfg.vocab_size, cfg.param_dtype, cfg.initializer_range
     self.cfg = cfg
     self.embed = Embed(v, d, pd, std, rngs)
-    self.pos_table_PD = (param(rngs, (cfg.max_position_embeddings, d), (None, ax.EMBED), pd, std)
+    self.pos_table_PD = (param(rngs, (cfg.max_position_embeddings, d), (None, ax.EMBED), pd, std, EMBEDDING)
                          if cfg.learned_pos_embedding else None)
     self.decoder = Decoder(cfg, rngs)
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)

@@ -35,6 +35,61 @@ def _logits(model, ids):
     return model(torch.as_tensor(ids)).logits.float().numpy()
 
 
+DEFAULT_FLAG_SOURCES = {  # HF model, its dtype; vocabularies far below Llama 4's 202,048
+    "text-float32-no-pad-vocab-211": lambda: make_hf_model(seed=40, vocab_size=211, pad_token_id=None),
+    "text-bfloat16-pad": lambda: make_hf_model(seed=41, interleave_moe_layer_step=2).to(torch.bfloat16),
+    "mm-float32-pad": lambda: make_hf_mm_model(seed=42),
+    "mm-bfloat16-no-pad": lambda: make_hf_mm_model(seed=43, pad_token_id=None).to(torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_FLAG_SOURCES))
+def test_from_hf_to_hf_with_default_flags_gives_back_the_source(tmp_path, name):
+  """behemoth-convert from-hf then to-hf, no flags: the same tensor names, dtypes and bytes, the same
+  config.json and generation_config.json (transformers_version aside), and transformers' logits."""
+  hf = DEFAULT_FLAG_SOURCES[name]()
+  hf_save_pretrained(hf, tmp_path / "in")
+  assert convert(["from-hf", str(tmp_path / "in"), str(tmp_path / "ours")]) == 0
+  assert convert(["to-hf", str(tmp_path / "ours"), str(tmp_path / "out")]) == 0
+  a, b = _tensors(tmp_path / "in"), _tensors(tmp_path / "out")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+  for fname in ("config.json", "generation_config.json"):
+    want, got = (json.loads((tmp_path / d / fname).read_text()) for d in ("in", "out"))
+    want.pop("transformers_version", None), got.pop("transformers_version", None)
+    assert got == want, fname
+  source, back = (type(hf).from_pretrained(tmp_path / d).eval() for d in ("in", "out"))
+  ids = np.random.default_rng(4).integers(0, 88, (2, 11))
+  np.testing.assert_array_equal(_logits(back, ids), _logits(source, ids))
+
+
+def test_export_without_a_source_config_never_writes_an_out_of_vocabulary_pad():
+  from behemoth_jax.config import ModelConfig
+  from behemoth_jax.convert.export import generation_config
+  from behemoth_jax.convert.hf_config import export_config
+
+  small = dict(vocab_size=300, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8,
+               intermediate_size=8, intermediate_size_mlp=8, num_experts=2)
+  default_pad = ModelConfig(**small)  # pad_token_id 200018 (Llama 4's), outside a 300-token vocabulary
+  assert export_config(default_pad, None, "float32")["pad_token_id"] is None
+  assert generation_config(default_pad)["pad_token_id"] is None
+  assert export_config(ModelConfig(**small, pad_token_id=299), None, "float32")["pad_token_id"] == 299
+
+
+def test_export_writes_over_the_source_config_only_what_changed():
+  from behemoth_jax.convert.hf_config import export_config
+
+  source = make_hf_model(seed=44).config.to_dict()
+  source["some_field_we_do_not_model"] = 7
+  cfg = from_hf_config(source, param_dtype="float32", dtype="float32")
+  import dataclasses
+  changed = dataclasses.replace(cfg, rms_norm_eps=1e-6, eos_token_ids=(2, 5))
+  got = export_config(changed, source, "bfloat16")
+  want = {**source, "rms_norm_eps": 1e-6, "eos_token_id": [2, 5], "dtype": "bfloat16"}
+  assert got == want
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, name):
   hf = MODELS[name]()

@@ -1,14 +1,18 @@
 """behemoth-convert: Hugging Face (PyTorch safetensors) checkpoints to and from behemoth-jax checkpoints.
 
-  behemoth-convert from-hf HF_DIR OUT_DIR [--dtype bfloat16]
-      → OUT_DIR/state (orbax: parameters, one leaf per layer, written leaf by leaf) +
-        OUT_DIR/config.yaml; train.py loads it with train.init_from=OUT_DIR (re-stacked for its
-        scanned layers and placed on its mesh), generation with --ckpt OUT_DIR.
+  behemoth-convert from-hf HF_DIR OUT_DIR [--dtype auto|bfloat16|float32|float16]
+      → OUT_DIR/state (orbax: parameters, one leaf per layer, written leaf by leaf, each in its
+        source dtype unless --dtype converts) + OUT_DIR/config.yaml + the source's config.json and
+        generation_config.json (as hf_config.json, hf_generation_config.json); train.py loads it with
+        train.init_from=OUT_DIR (re-stacked for its scanned layers and placed on its mesh),
+        generation with --ckpt OUT_DIR.
   behemoth-convert to-hf CKPT OUT_DIR [--config C.yaml] [--max-shard-size 5GB] [--dtype bfloat16]
       CKPT: a from-hf output, a train.py run directory (its latest step; optimizer state is left
       behind) or a step directory. The config is read from --config or the config.yaml beside CKPT.
       → config.json, generation_config.json, model-000NN-of-000MM.safetensors (+ index), loadable by
         transformers: Llama4ForCausalLM (text) or Llama4ForConditionalGeneration (with vision).
+        Tensors keep the checkpoint's dtypes unless --dtype converts; the source's config.json (kept
+        by from-hf) is written back with only what our config changed, or ours if there is none.
 Both write to a temporary directory renamed at the end; an existing OUT_DIR needs --overwrite.
 Errors are one line naming the tensor, field or file, with exit status 2.
 """
@@ -57,9 +61,9 @@ def to_hf(args) -> str:
   import numpy as np
   from flax import nnx
 
-  from behemoth_jax.checkpoint import find_config, params_dir, restore_leaf
+  from behemoth_jax.checkpoint import find_config, params_dir, restore_leaf, saved_dtypes
   from behemoth_jax.config import load_config
-  from behemoth_jax.convert.export import write_hf
+  from behemoth_jax.convert.export import source_configs, write_hf
   from behemoth_jax.transformer import create_model
 
   out = Path(args.out_dir)
@@ -71,11 +75,13 @@ def to_hf(args) -> str:
   path = params_dir(args.ckpt, what="CKPT")
   abstract = nnx.eval_shape(lambda: create_model(cfg))
   flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-  shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
+  stored = saved_dtypes(path)  # each leaf as the checkpoint holds it (from-hf keeps the source's)
+  shapes = {k: (tuple(v.get_value().shape), stored.get(k, np.dtype(v.get_value().dtype))) for k, v in flat.items()}
   # One leaf restored at a time: host memory is about the largest leaf (per layer for from-hf output,
   # all layers of one parameter for a scanned train.py checkpoint), not the model.
   write_hf(cfg, abstract.decoder.num_cycles, shapes, lambda leaf: restore_leaf(path, leaf, *shapes[leaf]), out,
-           max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+           max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, progress=True,
+           sources=source_configs(args.ckpt))
   arch = "Llama4ForConditionalGeneration" if cfg.vision is not None else "Llama4ForCausalLM"
   return f"wrote {out} ({arch}); load with transformers {arch}.from_pretrained({str(out)!r})"
 
@@ -88,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
   a = sub.add_parser("from-hf", help="Hugging Face directory → orbax checkpoint + config.yaml")
   a.add_argument("hf_dir")
   a.add_argument("out_dir")
-  a.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                 help="parameter dtype (default: %(default)s)")
+  a.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16"),
+                 help="parameter dtype (default: %(default)s = each tensor's dtype in the source)")
   a.add_argument("--overwrite", action="store_true")
   b = sub.add_parser("to-hf", help="our checkpoint → Hugging Face directory (safetensors shards)")
   b.add_argument("ckpt")
   b.add_argument("out_dir")
   b.add_argument("--config", help="our YAML config (default: the config.yaml beside CKPT)")
   b.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default: %(default)s)")
-  b.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: the checkpoint's")
+  b.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                 help="tensor dtype (default: each parameter's dtype in the checkpoint)")
   b.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
   from behemoth_jax.checkpoint import CheckpointError

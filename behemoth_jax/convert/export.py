@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from behemoth_jax.config import ModelConfig
-from behemoth_jax.convert.hf_config import to_hf_config
+from behemoth_jax.convert.hf_config import export_config, hf_pad_token_id
 from behemoth_jax.convert.keymap import Entry, entries
 from behemoth_jax.convert.safetensors_io import write_safetensors
 
@@ -110,26 +110,55 @@ def parse_size(text: str | int) -> int:
   return int(float(m.group(1)) * scale)
 
 
-def generation_config(cfg: ModelConfig) -> dict:
-  return {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id}
+def generation_config(cfg: ModelConfig, source: dict | None = None) -> dict:
+  """generation_config.json: the source's as it was with our token ids written over it, or ours."""
+  ours = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids),
+          "pad_token_id": hf_pad_token_id(cfg)}
+  if source is None:
+    return ours
+  out = dict(source)
+  for key, value in ours.items():
+    old = out.get(key)
+    same = old == value or (isinstance(old, int) and value == [old])  # HF writes one eos id as an int
+    if not same and not (key == "pad_token_id" and value is None and key not in out):
+      out[key] = value
+  return out
 
 
 def save_hf(model, path: str | Path, max_shard_size: str | int = "5GB", dtype: str | None = None,
-            overwrite: bool = False, progress: bool = False) -> Path:
+            overwrite: bool = False, progress: bool = False, source: str | Path | None = None) -> Path:
   """Writes a directory `transformers` loads with from_pretrained: Llama4ForCausalLM for a text model,
-  Llama4ForConditionalGeneration with `cfg.vision`. Returns the directory."""
+  Llama4ForConditionalGeneration with `cfg.vision`. Tensors keep their dtypes unless `dtype` is given.
+  `source`: the HF directory (or our checkpoint of it) the model came from; its config.json and
+  generation_config.json are written back with only what our config changed. Returns the directory."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
   return write_hf(model.cfg, model.decoder.num_cycles, shapes,
                   lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), path, max_shard_size, dtype,
-                  overwrite, progress)
+                  overwrite, progress, source_configs(source) if source is not None else (None, None))
+
+
+def source_configs(path: str | Path) -> tuple[dict | None, dict | None]:
+  """(config.json, generation_config.json) of an HF directory, or the copies kept beside one of our
+  checkpoints (behemoth-convert from-hf, or a train.py run started from one); None where absent."""
+  from behemoth_jax.checkpoint import find_beside
+  from behemoth_jax.convert.hf import HF_CONFIG, HF_GENERATION_CONFIG
+
+  out = []
+  for ours, theirs in ((HF_CONFIG, "config.json"), (HF_GENERATION_CONFIG, "generation_config.json")):
+    found = find_beside(path, ours)
+    if found is None and (Path(path) / theirs).is_file():  # an HF directory itself
+      found = Path(path) / theirs
+    out.append(json.loads(found.read_text()) if found is not None else None)
+  return out[0], out[1]
 
 
 def write_hf(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, get_leaf, path: str | Path,
              max_shard_size: str | int = "5GB", dtype: str | None = None, overwrite: bool = False,
-             progress: bool = False) -> Path:
+             progress: bool = False, sources: tuple[dict | None, dict | None] = (None, None)) -> Path:
   """`save_hf` from any leaf source: `leaf_shapes` {path: (shape, dtype)}, `get_leaf(path)` → host array
-  (e.g. one leaf restored from a checkpoint at a time)."""
+  (e.g. one leaf restored from a checkpoint at a time); `sources` the source's (config.json,
+  generation_config.json) dicts, or None each."""
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -167,10 +196,12 @@ def write_hf(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, get_leaf, pat
       weight_map = {name: fname for fname, shard in zip(names, shards, strict=True) for name, _, _ in shard}
       (tmp / "model.safetensors.index.json").write_text(
           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    hf_cfg = to_hf_config(cfg)
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(dtype or plan[0][2].name)
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
+    dtypes = {d.name for _, _, d in plan}
+    hf_cfg = export_config(cfg, sources[0], dtypes.pop() if len(dtypes) == 1 else None)
+    # As transformers writes them (sorted keys, 2-space indent, final newline).
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    (tmp / "generation_config.json").write_text(
+        json.dumps(generation_config(cfg, sources[1]), indent=2, sort_keys=True) + "\n")
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

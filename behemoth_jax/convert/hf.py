@@ -8,7 +8,9 @@ with one line naming the tensor. No pickle is ever loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +26,11 @@ from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFil
 from behemoth_jax.transformer import Llama4, abstract_model
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"  # keep each tensor's dtype as the checkpoint stores it (transformers' dtype="auto")
+# The source's own configs, kept beside a from-hf checkpoint (and copied into a train.py run directory
+# that starts from it) so that to-hf writes them back with only what our model changed.
+HF_CONFIG = "hf_config.json"
+HF_GENERATION_CONFIG = "hf_generation_config.json"
 
 
 class ConversionError(ValueError):
@@ -72,6 +79,12 @@ class SafetensorsDir:
       raise ConversionError(f"{name}: missing from checkpoint {self.path}")
     return self._files[self.file_of[name]].get(name)
 
+  def dtype(self, name: str) -> np.dtype:
+    """The stored dtype, from the header (no data read)."""
+    if name not in self.file_of:
+      raise ConversionError(f"{name}: missing from checkpoint {self.path}")
+    return self._files[self.file_of[name]].dtype(name)
+
   def close(self) -> None:
     for handle in self._files.values():
       handle.close()
@@ -91,29 +104,57 @@ def _text_prefix(hf_cfg: dict) -> str:
   return ""
 
 
-def _config_of(path: Path, dtype: str, compute_dtype: str, overrides: dict) -> tuple[ModelConfig, str]:
-  """(our config, HF text-tensor prefix) of a Hugging Face directory."""
-  if dtype not in SUPPORTED_DTYPES:
-    raise ConversionError(f"dtype: unsupported {dtype!r} (valid: {', '.join(SUPPORTED_DTYPES)})")
+def _config_of(path: Path, overrides: dict) -> tuple[ModelConfig, str]:
+  """(our config, HF text-tensor prefix) of a Hugging Face directory; dtypes are set by `_with_dtypes`."""
   hf_cfg = read_config(path)
   arch = (hf_cfg.get("architectures") or ["Llama4ForCausalLM"])[0]
   if not arch.startswith("Llama4"):
     raise ConversionError(f"{path / 'config.json'}: architecture {arch!r} is not a Llama 4 model")
   try:
-    cfg = from_hf_config(hf_cfg, param_dtype=dtype, dtype=compute_dtype, **overrides)
+    cfg = from_hf_config(hf_cfg, **overrides)
   except ConfigError as e:
     raise ConversionError(f"{path / 'config.json'}: {e}") from None
   return cfg, _text_prefix(hf_cfg)
 
 
-def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None, progress: bool = False,
+def _check_dtype(dtype: str) -> None:
+  if dtype != AUTO and dtype not in SUPPORTED_DTYPES:
+    raise ConversionError(f"dtype: unsupported {dtype!r} (valid: {AUTO}, {', '.join(SUPPORTED_DTYPES)})")
+
+
+def _with_dtypes(cfg: ModelConfig, source, by_leaf, dtype: str, compute_dtype: str | None):
+  """(config with param/compute dtypes, {leaf: dtype it is stored in}). `dtype` "auto" keeps each
+  leaf in its source tensors' dtype (read from the headers) and makes the dtype holding the most
+  bytes the config's `param_dtype`; otherwise every leaf is converted to `dtype`."""
+  leaf_dtypes = {}
+  for leaf, ents in by_leaf.items():
+    if dtype != AUTO:
+      leaf_dtypes[leaf] = np.dtype(jnp.dtype(dtype))
+      continue
+    found = []
+    for e in ents:
+      d = source.dtype(e.hf_name)
+      if d.name not in SUPPORTED_DTYPES:
+        raise ConversionError(f"{e.hf_name}: unsupported dtype {d.name}")
+      found.append(d)
+    leaf_dtypes[leaf] = found[0] if len(set(found)) == 1 else np.result_type(*found)  # promote, never lose bits
+  if dtype == AUTO:
+    weight = defaultdict(int)
+    for leaf, d in leaf_dtypes.items():
+      weight[d.name] += len(by_leaf[leaf]) * d.itemsize  # a proxy for bytes that needs no shapes
+    dtype = max(weight, key=weight.get) if weight else "float32"
+  cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=compute_dtype or dtype)
+  return cfg, leaf_dtypes
+def load_hf(path: str | Path, dtype: str = AUTO, compute_dtype: str | None = None, progress: bool = False,
             mesh=None, **config_overrides) -> Llama4:
-  """Loads a `Llama4ForCausalLM` save_pretrained directory as our model.
+  """Loads a `Llama4ForCausalLM` / `Llama4ForConditionalGeneration` save_pretrained directory as our model.
 
   Args:
     path: directory with config.json and model*.safetensors (+ index when sharded).
-    dtype: parameter dtype ("float32", "bfloat16", "float16").
-    compute_dtype: activation dtype; defaults to `dtype`.
+    dtype: "auto" (default: every parameter keeps the dtype the checkpoint stores it in), or
+      "float32", "bfloat16", "float16" to convert.
+    compute_dtype: activation dtype; defaults to the parameters' (with "auto": the dtype holding
+      most of the checkpoint).
     progress: show a progress bar (bytes read, bytes/s).
     mesh: place every parameter on this `jax.sharding.Mesh` by the sharding rules (run the model
       inside `sharding.api.use_mesh(mesh)`).
@@ -122,10 +163,11 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
     The model; `model(input_ids_BT)` gives float32 logits [B, T, V].
   """
   path = Path(path)
-  cfg, prefix = _config_of(path, dtype, compute_dtype or dtype, config_overrides)
+  _check_dtype(dtype)
+  cfg, prefix = _config_of(path, config_overrides)
   source = SafetensorsDir(path)
   try:
-    model = _assemble(cfg, source, prefix, progress)
+    model = _assemble(cfg, source, prefix, dtype, compute_dtype, progress)
   finally:
     source.close()
   if mesh is not None:
@@ -135,19 +177,23 @@ def load_hf(path: str | Path, dtype: str = "float32", compute_dtype: str | None 
   return model
 
 
-def _leaves_and_entries(cfg: ModelConfig, prefix: str):
-  """(graphdef, flat abstract leaves, {leaf: its entries}) of `cfg`'s model."""
-  abstract = abstract_model(cfg)
-  graphdef, abs_state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(abs_state))
+def _entries_by_leaf(cfg: ModelConfig, prefix: str) -> dict:
+  """{our leaf: its HF entries} of `cfg`'s model (the layer layout, not dtypes, decides them)."""
   by_leaf = defaultdict(list)
-  for entry in entries(cfg, abstract.decoder.num_cycles, prefix):
+  for entry in entries(cfg, cfg.num_cycles, prefix):
     by_leaf[entry.leaf].append(entry)
+  return by_leaf
+
+
+def _abstract_leaves(cfg: ModelConfig, by_leaf: dict):
+  """(graphdef, flat abstract leaves) of `cfg`'s model, checked against the key table."""
+  graphdef, abs_state = nnx.split(abstract_model(cfg))
+  flat = dict(nnx.to_flat_state(abs_state))
   unknown_leaves = set(by_leaf) - set(flat)
   assert not unknown_leaves, f"key table names leaves the model lacks: {sorted(unknown_leaves)[:3]}"
   unfilled = sorted(set(flat) - set(by_leaf))
   assert not unfilled, f"model leaves with no HF source: {unfilled[:3]}"
-  return graphdef, flat, by_leaf
+  return graphdef, flat
 
 
 def _progress(progress: bool, what: str):
@@ -157,11 +203,11 @@ def _progress(progress: bool, what: str):
   return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {what}")
 
 
-def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, bar=None) -> np.ndarray:
-  """One of our leaves (host numpy, the target's dtype) from its HF tensors, each checked."""
+def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, dtype: np.dtype, bar=None) -> np.ndarray:
+  """One of our leaves (host numpy in `dtype`, the target's shape) from its HF tensors, each checked."""
   stacked = leaf_entries[0].stack is not None
   per_layer_shape = target.shape[1:] if stacked else target.shape
-  host = np.empty(target.shape, np.dtype(target.dtype))
+  host = np.empty(target.shape, dtype)
   for entry in leaf_entries:
     raw = source.get(entry.hf_name)
     if raw.dtype.name not in SUPPORTED_DTYPES:
@@ -189,13 +235,17 @@ def _check_all_consumed(source, by_leaf) -> None:
                           f"({len(unexpected)} unexpected; is the config right?)")
 
 
-def _assemble(cfg: ModelConfig, source, prefix: str, progress: bool = False) -> Llama4:
-  graphdef, flat, by_leaf = _leaves_and_entries(cfg, prefix)
+def _assemble(cfg: ModelConfig, source, prefix: str, dtype: str, compute_dtype: str | None,
+              progress: bool = False) -> Llama4:
+  by_leaf = _entries_by_leaf(cfg, prefix)
   _check_all_consumed(source, by_leaf)
+  cfg, leaf_dtypes = _with_dtypes(cfg, source, by_leaf, dtype, compute_dtype)
+  graphdef, flat = _abstract_leaves(cfg, by_leaf)
   bar = _progress(progress, source.path)
   try:
     for leaf, leaf_entries in by_leaf.items():
-      flat[leaf].set_value(jnp.asarray(_leaf_value(cfg, source, leaf_entries, flat[leaf].get_value(), bar)))
+      value = _leaf_value(cfg, source, leaf_entries, flat[leaf].get_value(), leaf_dtypes[leaf], bar)
+      flat[leaf].set_value(jnp.asarray(value))
   finally:
     if bar is not None:
       bar.close()
@@ -212,33 +262,38 @@ def _release_freed_memory() -> None:
     pass
 
 
-def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = "bfloat16",
+def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = AUTO,
                              progress: bool = False, buffer_bytes: int = 256 << 20) -> ModelConfig:
   """Streams a Hugging Face directory into an orbax parameter checkpoint at `out` (`out/state`),
   one leaf at a time (orbax partial saves), in the unscanned layout (one leaf per layer), so host
-  memory stays near one tensor whatever the model size. Returns the model config (scan_layers False);
+  memory stays near one tensor whatever the model size. `dtype` "auto" keeps each tensor's dtype.
+  The source's config.json and generation_config.json are kept beside it (`HF_CONFIG`,
+  `HF_GENERATION_CONFIG`) for to-hf. Returns the model config (scan_layers False);
   `checkpoint.restore_params` re-stacks the layers for a scanned model."""
   import orbax.checkpoint.experimental.v1 as ocp1
 
-  path = Path(path)
-  cfg, prefix = _config_of(path, dtype, dtype, {"scan_layers": False})
+  path, out = Path(path), Path(out).absolute()
+  _check_dtype(dtype)
+  cfg, prefix = _config_of(path, {"scan_layers": False})
   source = SafetensorsDir(path)
   try:
-    _, flat, by_leaf = _leaves_and_entries(cfg, prefix)
+    by_leaf = _entries_by_leaf(cfg, prefix)
     _check_all_consumed(source, by_leaf)
+    cfg, leaf_dtypes = _with_dtypes(cfg, source, by_leaf, dtype, None)
+    _, flat = _abstract_leaves(cfg, by_leaf)
     bar = _progress(progress, path)
     pending: dict = {}
 
     def flush():
       if pending:
-        ocp1.partial.save(Path(out).absolute(), {"params": nnx.from_flat_state(dict(pending))})
+        ocp1.partial.save(out, {"params": nnx.from_flat_state(dict(pending))})
         pending.clear()
         _release_freed_memory()
 
     try:
       for leaf, leaf_entries in by_leaf.items():
         var = flat[leaf]
-        value = _leaf_value(cfg, source, leaf_entries, var.get_value(), bar)
+        value = _leaf_value(cfg, source, leaf_entries, var.get_value(), leaf_dtypes[leaf], bar)
         # Leaves are saved in batches of up to `buffer_bytes` (each orbax partial save costs a
         # metadata round trip); one leaf larger than that is saved alone.
         if pending and sum(v.get_value().nbytes for v in pending.values()) + value.nbytes > buffer_bytes:
@@ -249,10 +304,29 @@ def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = "bf
     finally:
       if bar is not None:
         bar.close()
-    ocp1.partial.finalize(Path(out).absolute())
+    ocp1.partial.finalize(out)
   finally:
     source.close()
+  keep_source_configs(path, out)
   return cfg
+
+
+def keep_source_configs(hf_dir: Path, dst: Path) -> None:
+  """Copies an HF directory's config.json and generation_config.json (if any) into `dst` under our names."""
+  for src_name, dst_name in (("config.json", HF_CONFIG), ("generation_config.json", HF_GENERATION_CONFIG)):
+    if (Path(hf_dir) / src_name).is_file():
+      shutil.copyfile(Path(hf_dir) / src_name, Path(dst) / dst_name)
+
+
+def carry_source_configs(ckpt: str | Path, dst: Path) -> None:
+  """Copies the HF configs kept beside checkpoint `ckpt` (a from-hf output, or a run started from
+  one) into `dst`, so that a run's export still writes its source's config.json."""
+  from behemoth_jax.checkpoint import find_beside
+
+  for name in (HF_CONFIG, HF_GENERATION_CONFIG):
+    found = find_beside(ckpt, name)
+    if found is not None:
+      shutil.copyfile(found, Path(dst) / name)
 
 
 class _StateDictSource:
@@ -278,9 +352,9 @@ class _StateDictSource:
 
 def from_torch_state_dict(state_dict: dict, config: ModelConfig) -> Llama4:
   """Our model from an in-memory HF Llama4 state dict (`hf_model.state_dict()`) and our config
-  (e.g. `from_hf_config(hf_model.config.to_dict(), param_dtype=...)`)."""
+  (e.g. `from_hf_config(hf_model.config.to_dict(), param_dtype=...)`), in the config's dtypes."""
   prefix = "language_model." if config.vision is not None else ""
-  return _assemble(config, _StateDictSource(state_dict), prefix)
+  return _assemble(config, _StateDictSource(state_dict), prefix, config.param_dtype, config.dtype)
 
 
 def _expected_hf_shape(entry, cfg, ours_shape) -> tuple[int, ...]:

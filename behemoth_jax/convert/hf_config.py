@@ -6,10 +6,11 @@ with such a file. Errors are `ConfigError`s naming the HF field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
-from behemoth_jax.config import ModelConfig, RopeScaling, VisionConfig, check
+from behemoth_jax.config import ConfigError, ModelConfig, RopeScaling, VisionConfig, check
 
 # HF Llama4TextConfig class defaults, for keys a config.json leaves out.
 _HF_DEFAULTS = dict(
@@ -80,7 +81,7 @@ def from_hf_config(hf: dict, **overrides: Any) -> ModelConfig:
       max_position_embeddings=c["max_position_embeddings"],
       tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=float(c["initializer_range"]),
       bos_token_id=c.get("bos_token_id") if c.get("bos_token_id") is not None else 200000,
-      eos_token_ids=eos, pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else 200018,
+      eos_token_ids=eos, pad_token_id=c.get("pad_token_id"),  # absent: no padding token, as in HF
   )
   fields["vision"] = vision
   fields.update(overrides)
@@ -157,7 +158,7 @@ def _to_hf_text_config(cfg: ModelConfig) -> dict:
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings,
       initializer_range=cfg.initializer_range, rms_norm_eps=cfg.rms_norm_eps,
-      bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id,
+      bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids), pad_token_id=hf_pad_token_id(cfg),
       tie_word_embeddings=cfg.tie_word_embeddings, num_experts_per_tok=cfg.num_experts_per_tok,
       num_local_experts=cfg.num_experts, moe_layers=moe_layers, interleave_moe_layer_step=step,
       use_qk_norm=cfg.use_qk_norm, rope_parameters=rope,
@@ -167,4 +168,60 @@ def _to_hf_text_config(cfg: ModelConfig) -> dict:
       floor_scale=int(cfg.floor_scale) if float(cfg.floor_scale).is_integer() else cfg.floor_scale,
       attn_scale=cfg.attn_scale, attention_bias=False, dtype=cfg.param_dtype,
   )
+
+
+def hf_pad_token_id(cfg: ModelConfig) -> int | None:
+  """Our pad id if it is a token of the vocabulary, else None: transformers makes it the embedding's
+  `padding_idx`, and `from_pretrained` asserts it lies inside the table."""
+  pad = cfg.pad_token_id
+  return pad if pad is not None and 0 <= pad < cfg.vocab_size else None
+
+
+_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def export_config(cfg: ModelConfig, source: dict | None, dtype: str | None) -> dict:
+  """The config.json to write for `cfg`'s tensors, stored in `dtype` (None: mixed dtypes).
+
+  With the `source` config.json this model was converted from, that file is kept as it was and only
+  what our config changed is written over it (fields HF has and we do not model stay; values we
+  would spell differently but that mean the same stay as the source spelled them). Without one, or
+  when the model gained or lost its vision tower, the config is `to_hf_config(cfg)`."""
+  ours = to_hf_config(cfg)
+  before = None
+  if source is not None:
+    try:
+      before = from_hf_config(source, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    except ConfigError:
+      before = None
+  if before is None or (before.vision is None) != (cfg.vision is None):
+    out = ours
+    for key in _DTYPE_KEYS:
+      out.pop(key, None)
+      out.get("text_config", {}).pop(key, None)
+    if dtype is not None:
+      out["dtype"] = dtype
+    return out
+  out = copy.deepcopy(source)
+  _write_changes(out, to_hf_config(before), ours)
+  if dtype is not None:
+    for tree in (out, out.get("text_config") or {}):
+      present = [k for k in _DTYPE_KEYS if k in tree]
+      for key in present:
+        tree[key] = dtype
+    if not any(k in out for k in _DTYPE_KEYS):
+      out["dtype"] = dtype
+  return out
+
+
+def _write_changes(out: dict, before: dict, after: dict) -> None:
+  """out[k] = after[k] wherever after differs from before (recursing into nested configs)."""
+  for key, value in after.items():
+    if key in _DTYPE_KEYS:
+      continue
+    old = before.get(key)
+    if isinstance(value, dict) and isinstance(old, dict) and isinstance(out.get(key), dict):
+      _write_changes(out[key], old, value)
+    elif value != old:
+      out[key] = value
 
