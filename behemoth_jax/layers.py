@@ -13,18 +13,32 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std: float | None) -> nnx.Param:
-  """A parameter with logical axis names; `std=None` means ones (norm weights).
+# What a parameter is (its `kind` metadata), so behaviour such as weight decay is decided from it,
+# never from a substring of its name.
+WEIGHT = "weight"  # a matrix (or stacked/head-split tensor) that multiplies activations
+EMBEDDING = "embedding"  # a looked-up or added table or vector: token, position, class embeddings
+SCALE = "scale"  # a norm's per-channel scale
+BIAS = "bias"  # an added per-channel offset
+KINDS = (WEIGHT, EMBEDDING, SCALE, BIAS)
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std: float | None,
+          kind: str = WEIGHT) -> nnx.Param:
+  """A parameter with logical axis names and its kind; `std=None` means ones (scales), `std=0`
+  zeros (biases; no random key is drawn).
 
   `eager_sharding=False`: the model is mesh-agnostic single-device code; `sharding/` turns the
   names into placements (abstract init + jit with out_shardings).
   """
   assert len(shape) == len(axes), (shape, axes)
+  assert kind in KINDS, kind
   if std is None:
     value = jnp.ones(shape, dtype_of(dtype))
+  elif std == 0:
+    value = jnp.zeros(shape, dtype_of(dtype))
   else:
     value = std * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
-  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False, kind=kind)
 
 
 REMAT_POLICIES = {
@@ -73,7 +87,7 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, param_dtype: str, rngs: nnx.Rngs):
     self.eps = eps
-    self.weight_D = param(rngs, (dim,), (ax.EMBED,), param_dtype, None)
+    self.weight_D = param(rngs, (dim,), (ax.EMBED,), param_dtype, None, SCALE)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     w_D = self.weight_D[...].astype(x_BTD.dtype)
@@ -82,7 +96,7 @@ class RMSNorm(nnx.Module):
 
 class Embed(nnx.Module):
   def __init__(self, vocab: int, dim: int, param_dtype: str, std: float, rngs: nnx.Rngs):
-    self.table_VD = param(rngs, (vocab, dim), (ax.VOCAB, ax.EMBED), param_dtype, std)
+    self.table_VD = param(rngs, (vocab, dim), (ax.VOCAB, ax.EMBED), param_dtype, std, EMBEDDING)
 
   def __call__(self, ids_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.take(self.table_VD[...], ids_BT, axis=0).astype(dtype)

@@ -18,9 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from behemoth_jax.config import Config, ModelConfig, TrainConfig
 from behemoth_jax.flops import analytic_forward_flops
+from behemoth_jax.layers import EMBEDDING, WEIGHT
 from behemoth_jax.losses import (chunked_cross_entropy, distillation_terms, load_balancing_loss, router_z_loss,
                                  soft_weight)
 from behemoth_jax.transformer import create_model
+from sharding import axes as ax
 from sharding.api import abstract_sharded_model
 
 # {"params": nnx.State, "opt_state": optax state, "step": int32 scalar, "skipped": int32 scalar (updates
@@ -33,12 +35,25 @@ def make_schedule(tc: TrainConfig) -> optax.Schedule:
                                             end_value=tc.learning_rate * tc.min_lr_ratio)
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine, global-norm clipping, no weight decay on norm weights."""
-  def decay_mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+def decays(var: nnx.Variable) -> bool:
+  """Whether AdamW decays a parameter, from what it is: weight matrices and embedding tables yes;
+  norm scales, biases and any other parameter with one dimension (apart from the scanned `layers`
+  axis: the vision class embedding) no."""
+  axes = [a for a in var.get_metadata().get("out_sharding", ()) if a != ax.LAYERS]
+  return var.get_metadata().get("kind") in (WEIGHT, EMBEDDING) and len(axes) >= 2
 
+
+def decay_mask(params: nnx.State):
+  """`decays` for every parameter: a tree of bools in the place of each nnx.Variable."""
+  def mask(var):
+    if not isinstance(var, nnx.Variable):
+      raise TypeError(f"weight decay mask: expected nnx.Param leaves (their `kind` decides), got {type(var)}")
+    return decays(var)
+  return jax.tree.map(mask, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine, global-norm clipping, weight decay where `decays` says."""
   parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
   parts.append(optax.adamw(make_schedule(tc), b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay,
                            mask=decay_mask))

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from behemoth_jax.config import VisionConfig
-from behemoth_jax.layers import param, remat, stack_modules
+from behemoth_jax.layers import BIAS, EMBEDDING, SCALE, param, remat, stack_modules
 from behemoth_jax.rope import apply_rope
 from sharding import axes as ax
 
@@ -44,15 +44,11 @@ def gelu(x: jax.Array) -> jax.Array:
 class LayerNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, pd: str, rngs: nnx.Rngs):
     self.eps = eps
-    self.weight_D = param(rngs, (dim,), (ax.VISION_EMBED,), pd, None)
-    self.bias_D = nnx.Param(jnp.zeros((dim,), pd), out_sharding=(ax.VISION_EMBED,), eager_sharding=False)
+    self.weight_D = param(rngs, (dim,), (ax.VISION_EMBED,), pd, None, SCALE)
+    self.bias_D = param(None, (dim,), (ax.VISION_EMBED,), pd, 0, BIAS)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return layer_norm(x, self.weight_D[...], self.bias_D[...], self.eps)
-
-
-def _zeros(shape, axes, pd) -> nnx.Param:
-  return nnx.Param(jnp.zeros(shape, pd), out_sharding=axes, eager_sharding=False)
 
 
 def rope_2d_angles(cfg: VisionConfig) -> np.ndarray:
@@ -82,14 +78,14 @@ class VisionLayer(nnx.Module):
     self.wk_DNH = param(rngs, (d, n, h), (ax.VISION_EMBED, ax.VISION_HEADS, ax.HEAD_DIM), pd, std)
     self.wv_DNH = param(rngs, (d, n, h), (ax.VISION_EMBED, ax.VISION_HEADS, ax.HEAD_DIM), pd, std)
     self.wo_NHD = param(rngs, (n, h, d), (ax.VISION_HEADS, ax.HEAD_DIM, ax.VISION_EMBED), pd, std)
-    self.bq_NH = _zeros((n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd)
-    self.bk_NH = _zeros((n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd)
-    self.bv_NH = _zeros((n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd)
-    self.bo_D = _zeros((d,), (ax.VISION_EMBED,), pd)
+    self.bq_NH = param(None, (n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd, 0, BIAS)
+    self.bk_NH = param(None, (n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd, 0, BIAS)
+    self.bv_NH = param(None, (n, h), (ax.VISION_HEADS, ax.HEAD_DIM), pd, 0, BIAS)
+    self.bo_D = param(None, (d,), (ax.VISION_EMBED,), pd, 0, BIAS)
     self.fc1_DF = param(rngs, (d, f), (ax.VISION_EMBED, ax.VISION_MLP), pd, std)
-    self.fc1_b_F = _zeros((f,), (ax.VISION_MLP,), pd)
+    self.fc1_b_F = param(None, (f,), (ax.VISION_MLP,), pd, 0, BIAS)
     self.fc2_FD = param(rngs, (f, d), (ax.VISION_MLP, ax.VISION_EMBED), pd, std)
-    self.fc2_b_D = _zeros((d,), (ax.VISION_EMBED,), pd)
+    self.fc2_b_D = param(None, (d,), (ax.VISION_EMBED,), pd, 0, BIAS)
 
   def __call__(self, x_BSD: jax.Array, cos_SJ: jax.Array, sin_SJ: jax.Array) -> jax.Array:
     dt = x_BSD.dtype
@@ -139,8 +135,8 @@ class VisionEncoder(nnx.Module):
     s = cfg.patches_per_side ** 2
     scale = d ** -0.5
     self.patch_embed_PD = param(rngs, (cfg.num_channels * cfg.patch_size**2, d), (None, ax.VISION_EMBED), pd, std)
-    self.class_embedding_D = param(rngs, (d,), (ax.VISION_EMBED,), pd, scale)
-    self.pos_embedding_SD = param(rngs, (s + 1, d), (None, ax.VISION_EMBED), pd, scale)
+    self.class_embedding_D = param(rngs, (d,), (ax.VISION_EMBED,), pd, scale, EMBEDDING)
+    self.pos_embedding_SD = param(rngs, (s + 1, d), (None, ax.VISION_EMBED), pd, scale, EMBEDDING)
     self.ln_pre = LayerNorm(d, cfg.norm_eps, pd, rngs)
     self.ln_post = LayerNorm(d, cfg.norm_eps, pd, rngs)
     self.layers = stack_modules(lambda r: VisionLayer(cfg, pd, r), cfg.num_layers, rngs.params())

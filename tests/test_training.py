@@ -159,3 +159,38 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
   params = restore_params(teacher, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
   want = generate.Generator(nnx.merge(graphdef, params), stop_ids=(257,), pad_id=258)([[256, *b"def "]], 6)[0]
   assert got == want.tolist()
+
+
+def test_weight_decay_follows_parameter_kinds():
+  """Decided by each parameter's kind and rank (not its name): on a scanned multimodal model every
+  norm scale, bias and 1-D parameter is left alone and every matrix and embedding table decays, and
+  one AdamW step with zero gradients moves exactly those by lr·wd·p."""
+  from behemoth_jax.training import decay_mask, make_optimizer, make_schedule
+
+  cfg = load_config("configs/tiny_mm.yaml", ["model.num_layers=8", "train.weight_decay=0.25"])
+  params = nnx.split(create_model(cfg.model, 0))[1]
+  paths = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+  kept = {p for p, v in paths.items() if not v}
+  blocks = [f"['decoder']['cycles']['blocks'][{j}]['{n}']['weight_D']" for j in range(4)
+            for n in ("input_norm", "post_attn_norm")]
+  vision = [f"['vision']['layers']['{n}']" for n in ("bq_NH", "bk_NH", "bv_NH", "bo_D", "fc1_b_F", "fc2_b_D")]
+  vision += [f"['vision']{ln}['{n}']" for ln in ("['layers']['ln1']", "['layers']['ln2']", "['ln_pre']", "['ln_post']")
+             for n in ("weight_D", "bias_D")]
+  assert kept == {*blocks, "['final_norm']['weight_D']", "['vision']['class_embedding_D']", *vision}
+  for must_decay in ("['embed']['table_VD']", "['lm_head_DV']", "['vision']['pos_embedding_SD']",
+                     "['vision']['layers']['wq_DNH']", "['decoder']['cycles']['blocks'][0]['ffn']['w_gate_EDF']"):
+    assert paths[must_decay], must_decay
+
+  tx, lr = make_optimizer(cfg.train), float(make_schedule(cfg.train)(1))
+
+  @jax.jit
+  def second_update(params):  # the schedule's first step has lr 0
+    opt, zeros = tx.init(params), jax.tree.map(jnp.zeros_like, params)
+    opt = tx.update(zeros, opt, params)[1]
+    return tx.update(zeros, opt, params)[0]
+
+  updates = second_update(params)
+  for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+                          jax.tree.leaves(params), strict=True):
+    want = -lr * 0.25 * np.asarray(p) if paths[jax.tree_util.keystr(path)] else np.zeros_like(p)
+    np.testing.assert_allclose(np.asarray(u[...]), want, rtol=1e-6, atol=1e-12, err_msg=jax.tree_util.keystr(path))
