@@ -63,9 +63,10 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
   """Causal GQA attention, local within position chunks of size `chunk` (None: global).
 
   Returns [B, T, N, H] in q's dtype; scores and softmax in float32. With `block` > 0 and a key span
-  (chunk, or T for global layers) longer than it and divisible by it, keys are visited `block` at a
-  time with an online softmax and FlashAttention's recomputing backward: live scores are
-  queries × block, not queries × keys (what lets 8K-token chunks and 1M-token global layers fit).
+  (chunk, twice the chunk when windowed, or T for global layers) longer than it, keys are visited
+  `block` at a time with an online softmax and FlashAttention's recomputing backward: live scores
+  are queries × block, not queries × keys (what lets 8K-token chunks and 1M-token global layers
+  fit). A span that is not a multiple of `block` gets masked padding keys up to the next multiple.
   That path still computes masked-out key blocks (no block skipping: ~2x the needed FLOPs); the dense
   path (spans up to `block`) skips them by query block (`_dense`).
   """
@@ -97,7 +98,13 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
     seg_k = _with_previous(seg_q, -1) if windowed else seg_q
   masks = _Masks(idx_q, idx_k, pos_q, pos_k, seg_q, seg_k, chunk if pos_masked else None)
   s = k.shape[2]
-  if block and s > block and s % block == 0:
+  if block and s > block:
+    extra = (-s) % block
+    if extra:  # padding keys after every real one: causality masks them (index past every query)
+      widen = lambda x, fill: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=fill)
+      k, v = (jnp.pad(x, [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]) for x in (k, v))  # [B, n, s, K, H]
+      masks = masks._replace(idx_k=widen(masks.idx_k, nc * c + s), pos_k=None if pos_k is None else widen(pos_k, 0),
+                             seg_k=None if seg_k is None else widen(seg_k, -1))
     out = _flash(q, k, v, masks, block)
   else:
     out = _dense(q, k, v, masks, windowed)

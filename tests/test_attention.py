@@ -165,3 +165,62 @@ def test_query_blocks_skip_masked_keys_exactly(case, monkeypatch):
   windowed = case in ("packed_chunked", "gapped_chunked")
   expect = (span + qb) / (2 * span) if windowed else 5 / 8  # (n+1)/2n of the square for n = 4 blocks
   assert grads[qb, "flops"] == pytest.approx(expect * grads[1 << 20, "flops"], rel=1e-6)
+
+
+def jnp_reference(q, k, v, chunk, positions, segments):
+  """`dense_reference` in jax.numpy, differentiable: the plain T×T masked softmax attention whose
+  `jax.grad` is the oracle for both hand-written backward passes."""
+  b, t, n, h = q.shape
+  g = n // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  s = jnp.einsum("bqnh,bknh->bnqk", q, k) * h ** -0.5
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  mask = np.broadcast_to(j <= i, (b, t, t)).copy()
+  if chunk is not None:
+    mask &= positions[:, :, None] // chunk == positions[:, None, :] // chunk
+  if segments is not None:
+    mask &= segments[:, :, None] == segments[:, None, :]
+  p = jax.nn.softmax(jnp.where(mask[:, None], s, -1e30), axis=-1)
+  return jnp.einsum("bnqk,bknh->bqnh", p, v)
+
+
+ORACLE_CASES = ["global", "chunked", "packed_chunked", "packed_global", "gapped_chunked", "offset_chunked"]
+
+
+@pytest.mark.parametrize("kernel", ["dense", "dense_query_blocks", "flash", "flash_padded_span"])
+@pytest.mark.parametrize("case", ORACLE_CASES)
+def test_both_kernels_gradients_equal_jax_grad_of_plain_attention(case, kernel, monkeypatch):
+  """Values and dq, dk, dv of the dense kernel (`_dense_hm`, one query block or several) and the
+  blocked kernel (`_flash`; key spans a multiple of the block, or padded up to one) against jax.grad
+  of `jnp_reference`: GQA (3 query heads per KV head), packed segments with padding (segment 0),
+  gapped positions, positions offset past a chunk boundary, chunked and global."""
+  from behemoth_jax import attention
+
+  rng = np.random.default_rng(7)
+  b, t, n, kv, h = 2, 48, 6, 2, 8
+  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)])
+  seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
+  seg[1, -5:] = 0  # padding at the end of row 1
+  chunk = {"global": None, "packed_global": None}.get(case, 16)
+  pos, ref_seg, kw = np.broadcast_to(np.arange(t), (b, t)), None, dict(chunk=chunk)
+  if case.startswith("packed"):
+    pos, ref_seg = np.array(segment_positions(jnp.asarray(seg))), seg
+    kw.update(positions_BT=jnp.asarray(pos), segment_ids_BT=jnp.asarray(seg), explicit_positions=True)
+  elif case in ("gapped_chunked", "offset_chunked"):
+    pos = (np.cumsum(rng.integers(1, 3, (b, t)), axis=1) if case == "gapped_chunked" else
+           np.broadcast_to(np.arange(t) + 13, (b, t)))  # a continuation: chunks start mid-sequence
+    kw.update(positions_BT=jnp.asarray(pos), explicit_positions=True)
+  if kernel == "dense_query_blocks":
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+  block = {"dense": 0, "dense_query_blocks": 0, "flash": 8, "flash_padded_span": 7}[kernel]
+
+  def run(f):  # outputs and the gradients of a weighted sum of them
+    grads = jax.grad(lambda q, k, v: (f(q, k, v) * w).sum(), argnums=(0, 1, 2))
+    return jax.jit(lambda q, k, v: (f(q, k, v), grads(q, k, v)))(q, k, v)
+
+  got, got_grads = run(lambda q, k, v: causal_attention(q, k, v, block=block, **kw))
+  want, want_grads = run(lambda q, k, v: jnp_reference(q, k, v, chunk, pos, ref_seg))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for name, g, r in zip("qkv", got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(g, r, atol=2e-5, err_msg=f"d{name}")
