@@ -1,10 +1,12 @@
 """Ahead-of-time compilation for TPU topologies (libtpu, no TPU) and the memory calculator against it.
 
-Skipped without libtpu (`pip install -e ".[test,tpu]"`, which the README's test command and CI do).
+The compiles are skipped without libtpu (`pip install -e ".[test,tpu]"`, which the README's test
+command and CI do); topology-name parsing and the calculator's arithmetic run everywhere.
 """
 
 import importlib.util
 import math
+import re
 
 import pytest
 
@@ -12,26 +14,35 @@ import train
 from behemoth_jax import aot
 from behemoth_jax.config import ConfigError, load_config
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+TOPOLOGIES = [("v5p-8", 4, (2, 2, 1), "TPU v5"), ("v5p-128", 64, (4, 4, 4), "TPU v5"),
+              ("v5p-1024", 512, (8, 8, 8), "TPU v5"), ("v4-16", 8, (2, 2, 2), "TPU v4"),
+              ("v5e-16", 16, (4, 4), "TPU v5 lite"), ("v6e-8", 8, (2, 4), "TPU v6 lite")]
 
 
-@pytest.mark.parametrize("name,chips,shape,kind", [
-    ("v5p-8", 4, (2, 2, 1), "TPU v5"), ("v5p-128", 64, (4, 4, 4), "TPU v5"), ("v5p-1024", 512, (8, 8, 8), "TPU v5"),
-    ("v4-16", 8, (2, 2, 2), "TPU v4"), ("v5e-16", 16, (4, 4), "TPU v5 lite"), ("v6e-8", 8, (2, 4), "TPU v6 lite")])
-def test_topology_names_give_the_slices_devices(name, chips, shape, kind):
+@pytest.mark.parametrize("name,chips,shape,kind", TOPOLOGIES)
+def test_topology_names_give_the_slices_shape(name, chips, shape, kind):
   topo = aot.parse_topology(name)
   assert (topo.chips, topo.shape) == (chips, shape)
-  devices = topo.devices
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name,chips,shape,kind", TOPOLOGIES)
+def test_topology_names_give_the_slices_devices(name, chips, shape, kind):
+  devices = aot.parse_topology(name).devices
   assert len(devices) == chips and {d.device_kind for d in devices} == {kind}
   two = aot.parse_topology(name, num_slices=2).devices
   assert len(two) == 2 * chips and {d.slice_index for d in two} == {0, 1}
 
 
 def test_bad_topology_names_are_one_line():
-  for bad, msg in [("v5p-7", "must be even"), ("v7x-8", "not a TPU slice name"), ("v5p-24", "powers of two")]:
-    with pytest.raises(ConfigError, match=msg):
+  for bad, msg in [("v5p-7", r"v5p-7: v5p-N counts TensorCores \(2 per chip\); N must be even"),
+                   ("v7x-8", r"'v7x-8' is not a TPU slice name like v5p-1024, v4-128, v5e-256, v6e-64"),
+                   ("v5p-24", r"v5p-24: 12 chips; slices here are powers of two of at least 4 chips")]:
+    with pytest.raises(ConfigError) as e:
       aot.parse_topology(bad)
+    assert re.fullmatch("--compile-topology: " + msg, str(e.value)), str(e.value)
 
 
 def _compile(capsys, config, *argv):
@@ -44,6 +55,7 @@ def _gib(out: str, label: str) -> float:
   return float(line.split(label)[1].split("GiB")[0].strip().split()[-1].replace(",", ""))
 
 
+@needs_libtpu
 def test_scout_train_step_compiles_for_a_v5p_slice(capsys):
   """Scout's architecture (4 of its 48 layers: one RoPE/NoPE cycle) on 16 chips, fsdp x expert."""
   rc, out = _compile(capsys, "configs/scout.yaml", "--compile-topology", "v5p-32", "parallel.fsdp=1",
@@ -52,6 +64,7 @@ def test_scout_train_step_compiles_for_a_v5p_slice(capsys):
   assert "16 chips (2x2x4 TPU v5)" in out and "'expert': 16" in out and "moe ragged" in out and "fits" in out
 
 
+@needs_libtpu
 def test_a_step_that_does_not_fit_exits_1_with_the_reason(capsys):
   rc, out = _compile(capsys, "configs/tiny.yaml", "--compile-topology", "v5e-1", "parallel.fsdp=1",
                      "parallel.expert=1", "model.vocab_size=262144", "model.hidden_size=8192", "model.head_dim=256",
@@ -66,6 +79,7 @@ MID = ["model.vocab_size=32768", "model.hidden_size=1024", "model.num_heads=8", 
        "model.moe_layers=[]", "train.batch_size=8"]
 
 
+@needs_libtpu
 def test_calculator_against_compiled_memory(capsys):
   """A dense 8-layer model on v5p-16: the compiled arguments are exactly the train state the
   calculator counts, and its total is within 10% of XLA's. (Scout, Maverick and Behemoth at 8K tokens:
