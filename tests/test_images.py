@@ -1,6 +1,7 @@
 """Image tiling, video frame sampling and the multimodal input pipeline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,58 @@ def test_iterator_state_resumes_the_same_batches(tmp_path):
   for a, b in zip(want, [next(fresh) for _ in range(2)], strict=True):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+# transformers' Llama4ImageProcessor needs torchvision. PyPI's Linux x86_64 torchvision is a CUDA
+# build: beside the CPU torch the suite pins, its compiled ops fail to register and `import
+# torchvision` raises, which would also break every `transformers` import in the test environment.
+# Its pure-Python transforms (all the processor uses) work on the CPU, so the README's test command
+# installs it apart (`pip install --no-deps --target .cache/torchvision torchvision==0.28.0`, the
+# release built for torch 2.13.0) and the processor runs in a subprocess that skips the op registration.
+TORCHVISION = Path(__file__).parent.parent / ".cache" / "torchvision"
+HF_PROCESSOR = """
+import sys, types
+sys.path.insert(0, sys.argv[1])
+sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+import numpy as np
+from PIL import Image
+from transformers import Llama4ImageProcessor
+processor = Llama4ImageProcessor()
+for path in sys.argv[2:]:
+  out = processor(Image.open(path), return_tensors="pt")
+  np.save(path + ".pixels.npy", out["pixel_values"].float().numpy())
+  np.save(path + ".grid.npy", out["aspect_ratios"].numpy())
+"""
+
+
+def test_preprocess_image_matches_transformers_llama4_image_processor(tmp_path):
+  """Seven sizes and aspect ratios (one tile, wide, tall, upscaled, downscaled, off-by-one), each as a
+  smooth gradient and as noise: the same canvas, tile count and order, thumbnail and normalisation.
+  Gradients agree bitwise. On noise the two bilinear resizes (Pillow's, torchvision's antialiased
+  one) round a few pixels to the neighbouring uint8 level: at most 2 levels, in under 5% of values."""
+  if not (TORCHVISION / "torchvision").is_dir():
+    pytest.skip(f"torchvision for the HF oracle is not in {TORCHVISION}: pip install --no-deps --target "
+                ".cache/torchvision torchvision==0.28.0 (the README's test command does)")
+  import subprocess
+  import sys
+
+  rng = np.random.default_rng(0)
+  paths = {}
+  for h, w in [(336, 336), (500, 700), (100, 1500), (1200, 300), (50, 60), (1000, 1000), (337, 673)]:
+    y, x = np.mgrid[0:h, 0:w]
+    smooth = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 127 // (h + w - 2)], -1).astype(np.uint8)
+    for kind, pixels in (("smooth", smooth), ("noise", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))):
+      paths[h, w, kind] = tmp_path / f"{h}x{w}-{kind}.png"
+      Image.fromarray(pixels).save(paths[h, w, kind])
+  r = subprocess.run([sys.executable, "-c", HF_PROCESSOR, str(TORCHVISION), *map(str, paths.values())],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for (h, w, kind), path in paths.items():
+    want, want_grid = np.load(f"{path}.pixels.npy"), np.load(f"{path}.grid.npy")
+    got, grid = preprocess_image(path)
+    assert got.shape == want.shape and [list(grid)] == want_grid.tolist(), (h, w)
+    if kind == "smooth":
+      np.testing.assert_array_equal(got, want, err_msg=f"{h}x{w}")
+    else:
+      diff = np.abs(got - want)
+      assert diff.max() <= 2 * 2 / 255 + 2e-3 and (diff > 0).mean() < 0.05, (h, w, diff.max(), (diff > 0).mean())
