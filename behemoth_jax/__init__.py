@@ -11,6 +11,6 @@ from behemoth_jax.platforms import cpu_only_without_accelerator
 cpu_only_without_accelerator()  # before anything starts a backend: no libtpu noise on a CPU machine
 
 from behemoth_jax.config import Config, ConfigError  # noqa: E402, ModelConfig, load_config
-from behemoth_jax.transformer import Llama4  # noqa: E402, abstract_model, create_model
+from behemoth_jax.model.transformer import Llama4  # noqa: E402, abstract_model, create_model
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "Llama4", "abstract_model", "create_model"]

@@ -41,16 +41,16 @@ class RopeScaling:
     check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
     check(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
     check(
-        self.high_freq_factor >= self.low_freq_factor,
-        "rope_scaling.high_freq_factor",
-        f"must be >= low_freq_factor ({self.high_freq_factor} < {self.low_freq_factor})",
+      self.high_freq_factor >= self.low_freq_factor,
+      "rope_scaling.high_freq_factor",
+      f"must be >= low_freq_factor ({self.high_freq_factor} < {self.low_freq_factor})",
     )
     check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings", "must be > 0")
 
 
 @dataclass(frozen=True)
 class VisionConfig:
-  """The early-fusion vision encoder (HF `Llama4VisionConfig`); defaults are Scout/Maverick's (SPEC §3).
+  """The early-fusion vision encoder (HF `Llama4VisionConfig`); defaults are Scout/Maverick's (docs/ARCHITECTURE.md §3).
 
   Token ids are the prompt layout's special tokens (Llama 4 tokenizer); configs with another tokenizer
   (e.g. the byte tokenizer of configs/tiny_mm.yaml) set their own.
@@ -79,26 +79,53 @@ class VisionConfig:
   tile_y_separator_id: int = 200085
 
   def __post_init__(self):
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size",
-                 "num_channels", "projector_input_dim", "projector_output_dim", "vision_output_dim", "max_tiles"):
+    for name in (
+      "hidden_size",
+      "num_layers",
+      "num_heads",
+      "intermediate_size",
+      "image_size",
+      "patch_size",
+      "num_channels",
+      "projector_input_dim",
+      "projector_output_dim",
+      "vision_output_dim",
+      "max_tiles",
+    ):
       check(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
-    check(self.hidden_size % self.num_heads == 0, "model.vision.hidden_size",
-           f"{self.hidden_size} not divisible by num_heads ({self.num_heads})")
-    check(self.head_dim % 4 == 0, "model.vision.num_heads",
-           f"head_dim {self.head_dim} must be divisible by 4 (2D RoPE: x and y halves of complex pairs)")
-    check(self.image_size % self.patch_size == 0, "model.vision.image_size",
-           f"{self.image_size} not divisible by patch_size ({self.patch_size})")
+    check(
+      self.hidden_size % self.num_heads == 0,
+      "model.vision.hidden_size",
+      f"{self.hidden_size} not divisible by num_heads ({self.num_heads})",
+    )
+    check(
+      self.head_dim % 4 == 0,
+      "model.vision.num_heads",
+      f"head_dim {self.head_dim} must be divisible by 4 (2D RoPE: x and y halves of complex pairs)",
+    )
+    check(
+      self.image_size % self.patch_size == 0,
+      "model.vision.image_size",
+      f"{self.image_size} not divisible by patch_size ({self.patch_size})",
+    )
     side, r = self.image_size // self.patch_size, self.pixel_shuffle_ratio
-    check(0 < r <= 1 and (side * r).is_integer() and (self.hidden_size / r**2).is_integer(),
-           "model.vision.pixel_shuffle_ratio",
-           f"{r} must divide the patch grid side ({side}) and the hidden size into whole numbers")
-    check(self.intermediate_size == int(self.hidden_size / r**2), "model.vision.intermediate_size",
-           f"must equal hidden_size / pixel_shuffle_ratio² = {int(self.hidden_size / r**2)} "
-           f"(HF feeds the pixel-shuffled features to an adapter of that width), got {self.intermediate_size}")
-    check(self.projector_input_dim == self.projector_output_dim == self.vision_output_dim,
-           "model.vision.projector_output_dim",
-           "projector_input_dim, projector_output_dim and vision_output_dim must be equal "
-           f"(got {self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim})")
+    check(
+      0 < r <= 1 and (side * r).is_integer() and (self.hidden_size / r**2).is_integer(),
+      "model.vision.pixel_shuffle_ratio",
+      f"{r} must divide the patch grid side ({side}) and the hidden size into whole numbers",
+    )
+    check(
+      self.intermediate_size == int(self.hidden_size / r**2),
+      "model.vision.intermediate_size",
+      f"must equal hidden_size / pixel_shuffle_ratio² = {int(self.hidden_size / r**2)} "
+      f"(HF feeds the pixel-shuffled features to an adapter of that width), got {self.intermediate_size}",
+    )
+    check(
+      self.projector_input_dim == self.projector_output_dim == self.vision_output_dim,
+      "model.vision.projector_output_dim",
+      "projector_input_dim, projector_output_dim and vision_output_dim must be equal "
+      f"(got {self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim})",
+    )
 
   @property
   def head_dim(self) -> int:
@@ -116,7 +143,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-  """The Llama 4 text decoder. Defaults are Llama 4 Scout's released values (SPEC §4)."""
+  """The Llama 4 text decoder. Defaults are Llama 4 Scout's released values (docs/ARCHITECTURE.md §1)."""
 
   vocab_size: int = 202048
   hidden_size: int = 5120
@@ -125,7 +152,7 @@ class ModelConfig:
   num_kv_heads: int = 8
   head_dim: int = 128
   # Routed expert width. Shared expert width defaults to it (HF has one field for both);
-  # Behemoth's derived config needs them to differ (SPEC §1).
+  # Behemoth's derived config needs them to differ (docs/ARCHITECTURE.md §1).
   intermediate_size: int = 8192
   shared_intermediate_size: int | None = None
   intermediate_size_mlp: int = 16384  # dense (non-MoE) layers
@@ -147,7 +174,7 @@ class ModelConfig:
   attn_scale: float = 0.1
   floor_scale: float = 8192.0
   max_position_embeddings: int = 10485760
-  learned_pos_embedding: bool = False  # SPEC §2.5: opt-in, off in every shipped config
+  learned_pos_embedding: bool = False  # docs/ARCHITECTURE.md §2.5: opt-in, off in every shipped config
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
   bos_token_id: int = 200000
@@ -160,7 +187,7 @@ class ModelConfig:
   scan_layers: bool = True
   # Cycles per iteration of the layer scan (1: a rolled loop). Unrolling trades compile time for the
   # per-iteration slicing of stacked parameters and saved activations: on CPU, bench-moe's step is
-  # ~10% faster fully unrolled (docs/PERFORMANCE.md); large models on TPU keep 1.
+  # faster fully unrolled (docs/PERFORMANCE.md); large models on TPU keep 1.
   scan_unroll: int = 1
   remat_policy: str = "none"
   # Key block of the memory-efficient attention (online softmax, recomputing backward) used when a
@@ -172,22 +199,42 @@ class ModelConfig:
   vision: VisionConfig | None = None  # early-fusion vision encoder (None: text only)
 
   def __post_init__(self):
-    pos = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-           "intermediate_size", "intermediate_size_mlp", "num_experts", "num_experts_per_tok",
-           "moe_layer_step", "max_position_embeddings")
+    pos = (
+      "vocab_size",
+      "hidden_size",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "intermediate_size",
+      "intermediate_size_mlp",
+      "num_experts",
+      "num_experts_per_tok",
+      "moe_layer_step",
+      "max_position_embeddings",
+    )
     for name in pos:
       check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
     if self.shared_intermediate_size is None:
       object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
     check(self.shared_intermediate_size > 0, "model.shared_intermediate_size", "must be > 0")
     check(self.attention_block >= 0, "model.attention_block", f"must be >= 0, got {self.attention_block}")
-    check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
-           f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+    check(
+      self.num_heads % self.num_kv_heads == 0,
+      "model.num_heads",
+      f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})",
+    )
     check(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
-    check(self.num_experts_per_tok <= self.num_experts, "model.num_experts_per_tok",
-           f"top-k ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})")
-    check(self.attention_chunk_size is None or self.attention_chunk_size > 0,
-           "model.attention_chunk_size", f"must be > 0 or null, got {self.attention_chunk_size}")
+    check(
+      self.num_experts_per_tok <= self.num_experts,
+      "model.num_experts_per_tok",
+      f"top-k ({self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})",
+    )
+    check(
+      self.attention_chunk_size is None or self.attention_chunk_size > 0,
+      "model.attention_chunk_size",
+      f"must be > 0 or null, got {self.attention_chunk_size}",
+    )
     check(self.nope_layer_interval >= 0, "model.nope_layer_interval", "must be >= 0")
     check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
     check(self.floor_scale > 0, "model.floor_scale", "must be > 0")
@@ -202,17 +249,23 @@ class ModelConfig:
       check(not bad, f"model.{name}", f"indices {bad} out of range [0, {self.num_layers})")
       check(len(set(layers)) == len(layers), f"model.{name}", "has duplicate layer indices")
       object.__setattr__(self, name, tuple(sorted(layers)))
-    for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
-                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
-      check(getattr(self, name) in allowed, f"model.{name}",
-             f"must be one of {allowed}, got {getattr(self, name)!r}")
+    for name, allowed in (
+      ("param_dtype", DTYPES),
+      ("dtype", DTYPES),
+      ("remat_policy", REMAT_POLICIES),
+      ("moe_impl", MOE_IMPLS),
+    ):
+      check(getattr(self, name) in allowed, f"model.{name}", f"must be one of {allowed}, got {getattr(self, name)!r}")
     if self.vision is not None:
       v = self.vision
       # The layout ids (start/end, marker, separators) are checked where prompts are built: HF
       # config.json does not carry the separators, so tiny test vocabularies may not hold them.
       for name in ("image_token_id",):
-        check(0 <= getattr(v, name) < self.vocab_size, f"model.vision.{name}",
-               f"{getattr(v, name)} is outside the vocabulary [0, {self.vocab_size})")
+        check(
+          0 <= getattr(v, name) < self.vocab_size,
+          f"model.vision.{name}",
+          f"{getattr(v, name)} is outside the vocabulary [0, {self.vocab_size})",
+        )
 
   # --- Layer pattern -------------------------------------------------------------------------
   def is_moe_layer(self, i: int) -> bool:
@@ -337,15 +390,30 @@ class TrainConfig:
   on_nonfinite: str = "skip"
 
   def __post_init__(self):
-    for name in ("batch_size", "seq_len", "steps", "grad_accum", "ce_chunk", "eval_batches", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
+    for name in (
+      "batch_size",
+      "seq_len",
+      "steps",
+      "grad_accum",
+      "ce_chunk",
+      "eval_batches",
+      "log_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+    ):
       check(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
     check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    check(self.batch_size % self.grad_accum == 0, "train.batch_size",
-           f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+    check(
+      self.batch_size % self.grad_accum == 0,
+      "train.batch_size",
+      f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})",
+    )
     check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-    check(self.on_nonfinite in ("skip", "halt"), "train.on_nonfinite",
-          f"must be 'skip' or 'halt', got {self.on_nonfinite!r}")
+    check(
+      self.on_nonfinite in ("skip", "halt"),
+      "train.on_nonfinite",
+      f"must be 'skip' or 'halt', got {self.on_nonfinite!r}",
+    )
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")
@@ -358,7 +426,9 @@ class DistillConfig:
   teacher: str | None = None  # orbax checkpoint of the teacher (a step dir or a train.py run dir)
   teacher_config: str | None = None  # the teacher's YAML config (its model section); default: the student's
   topk: int = 0  # > 0: offline targets — data.source is a JSONL from `generate --score K` (K >= topk)
-  weight: str = "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − (max p_teacher − p_teacher(label))))
+  weight: str = (
+    "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − (max p_teacher − p_teacher(label))))
+  )
   alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
   temperature: float = 1.0
 
@@ -367,8 +437,11 @@ class DistillConfig:
     check(0 <= self.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
     check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
     check(self.topk >= 0, "distill.topk", f"must be >= 0, got {self.topk}")
-    check(not (self.topk and self.teacher), "distill.topk",
-           "offline top-k targets and an online teacher (distill.teacher) exclude each other")
+    check(
+      not (self.topk and self.teacher),
+      "distill.topk",
+      "offline top-k targets and an online teacher (distill.teacher) exclude each other",
+    )
 
 
 @dataclass(frozen=True)
@@ -500,8 +573,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_dict(cfg: Any) -> dict:
   """Plain-data view of a config (tuples as lists), loadable again by `load_config`."""
+
   def conv(v):
     if dataclasses.is_dataclass(v):
       return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
     return list(conv(x) for x in v) if isinstance(v, tuple) else v
+
   return conv(cfg)

@@ -14,6 +14,8 @@ import glob
 import os
 from pathlib import Path
 
+import jax
+
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear as PCI devices of Google's vendor id (as jax itself checks)
 _GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
@@ -32,7 +34,6 @@ def accelerator_attached() -> bool:
 def cpu_only_without_accelerator() -> None:
   """Sets jax's platforms to "cpu" unless the user chose them (JAX_PLATFORMS / jax_platforms) or an
   accelerator is attached. Must run before jax initialises its backends; later it changes nothing."""
-  import jax
 
   if user_platforms() or accelerator_attached():
     return
@@ -40,6 +41,5 @@ def cpu_only_without_accelerator() -> None:
 
 
 def user_platforms() -> str | None:
-  import jax
 
   return os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms

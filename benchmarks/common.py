@@ -16,23 +16,39 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from behemoth_jax.config import ModelConfig  # noqa: E402
-from behemoth_jax.hostmem import keep_freed_memory  # noqa: E402
+from behemoth_jax.train.hostmem import keep_freed_memory  # noqa: E402
 
 # Before any backend starts: each step's temporaries stay resident instead of being page-faulted back
-# in (behemoth_jax/hostmem.py). Process-wide, so the PyTorch side of a side-by-side gets it too.
+# in (behemoth_jax/train/hostmem.py). Process-wide, so the PyTorch side of a side-by-side gets it too.
 keep_freed_memory()
 
 # The fixed workload of issue 9 (docs/PERFORMANCE.md): every layer MoE (16 routed experts top-1 + a
 # shared expert, both 1024 wide), chunk 256 with NoPE/global attention every 4th layer, float32.
 BENCH_MOE = ModelConfig(
-    vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
-    intermediate_size=1024, intermediate_size_mlp=1024, num_experts=16, num_experts_per_tok=1,
-    moe_layer_step=1, attention_chunk_size=256, use_qk_norm=True, rope_theta=500000.0,
-    param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
-    max_position_embeddings=65536,
-    # Unscanned layers: on CPU a layer scan slices (copies) the stacked weights and saved activations of
-    # every layer (measured: 6.2 s/step scanned and unrolled, 7.0 s rolled, 5.3 s unscanned).
-    scan_layers=False)
+  vocab_size=8192,
+  hidden_size=512,
+  num_layers=8,
+  num_heads=8,
+  num_kv_heads=2,
+  head_dim=64,
+  intermediate_size=1024,
+  intermediate_size_mlp=1024,
+  num_experts=16,
+  num_experts_per_tok=1,
+  moe_layer_step=1,
+  attention_chunk_size=256,
+  use_qk_norm=True,
+  rope_theta=500000.0,
+  param_dtype="float32",
+  dtype="float32",
+  bos_token_id=1,
+  eos_token_ids=(2,),
+  pad_token_id=0,
+  max_position_embeddings=65536,
+  # Unscanned layers: on CPU a layer scan slices (copies) the stacked weights and saved activations of
+  # every layer (measured: 6.2 s/step scanned and unrolled, 7.0 s rolled, 5.3 s unscanned).
+  scan_layers=False,
+)
 
 
 def cores() -> int:
@@ -76,7 +92,7 @@ def matmul_peak(repeats: int = 5) -> dict[str, float]:
   best of `repeats` each. The benchmarks divide by the best of all (the machine's, not one library's)."""
   import torch
 
-  from behemoth_jax.metrics import measure_cpu_peak_flops
+  from behemoth_jax.train.metrics import measure_cpu_peak_flops
 
   out = {}
   for n in (1024, 2048):
@@ -92,32 +108,39 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
   import numpy as np
 
   ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
-  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-          "positions": None, "segment_ids": None}
+  return {
+    "inputs": ids[:, :-1],
+    "targets": ids[:, 1:],
+    "loss_mask": np.ones((batch, seq), np.float32),
+    "positions": None,
+    "segment_ids": None,
+  }
 
 
 class CompiledTrainStep:
-  """`training.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy) on a one-device
+  """`train.step.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy) on a one-device
   mesh, initialised on its device and compiled ahead of time for `batch`; `run()` does one step and waits."""
 
   def __init__(self, cfg, batch: dict):
     import jax
     import jax.numpy as jnp
 
-    from behemoth_jax.training import make_init, make_optimizer, make_schedule, make_train_step, state_shardings
+    from behemoth_jax.train.state import abstract_train_state, make_init
+    from behemoth_jax.train.step import make_optimizer, make_schedule, make_train_step
     from sharding.api import use_mesh
     from sharding.mesh import make_mesh
 
     self.mesh = make_mesh(cfg.parallel, jax.devices()[:1])
     tc = cfg.train
     tx = make_optimizer(tc)
-    self.graphdef, abstract = state_shardings(cfg, self.mesh, tx)
+    self.graphdef, abstract = abstract_train_state(cfg, self.mesh, tx)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     with use_mesh(self.mesh):
       self.state = make_init(cfg, tx, shardings["params"], self.mesh)()
       self.batch = jax.tree.map(jnp.asarray, batch)
-      step = jax.jit(make_train_step(self.graphdef, tx, tc, make_schedule(tc)), donate_argnums=0,
-                     out_shardings=(shardings, None))
+      step = jax.jit(
+        make_train_step(self.graphdef, tx, tc, make_schedule(tc)), donate_argnums=0, out_shardings=(shardings, None)
+      )
       self.compiled = step.lower(self.state, self.batch).compile()
     self._flops, self.flops_counted = None, ""
 
@@ -125,8 +148,8 @@ class CompiledTrainStep:
   def flops(self) -> float:
     """Matmul FLOPs of one step, counted in the optimised HLO (`flops_counted` = "compiled"); a program
     with data-dependent loops (the CPU grouped matmul) is counted over one more, profiled step instead
-    ("executed"). Both are behemoth_jax.flops."""
-    from behemoth_jax.flops import compiled_flops, executed_flops
+    ("executed"). Both are behemoth_jax.scale.flops."""
+    from behemoth_jax.scale.flops import compiled_flops, executed_flops
 
     if self._flops is None:
       try:
@@ -161,7 +184,7 @@ def profile_top(trace_dir: str, hlo_text: str, top: int = 15) -> list[tuple[floa
   import collections
   import re
 
-  from behemoth_jax.flops import trace_events
+  from behemoth_jax.scale.flops import trace_events
 
   events = trace_events(trace_dir)
   where, containers = {}, set()

@@ -44,29 +44,48 @@ print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def hf_config(layers: int, experts: int) -> dict:
-  return dict(model_type="llama4_text", architectures=["Llama4ForCausalLM"], vocab_size=32000, hidden_size=2048,
-              intermediate_size=4096, intermediate_size_mlp=8192, num_hidden_layers=layers, num_attention_heads=16,
-              num_key_value_heads=4, head_dim=128, num_local_experts=experts, num_experts_per_tok=1,
-              interleave_moe_layer_step=1, attention_chunk_size=8192, rope_theta=500000.0, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0, dtype="bfloat16")
+  return dict(
+    model_type="llama4_text",
+    architectures=["Llama4ForCausalLM"],
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=4096,
+    intermediate_size_mlp=8192,
+    num_hidden_layers=layers,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_local_experts=experts,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=1,
+    attention_chunk_size=8192,
+    rope_theta=500000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    dtype="bfloat16",
+  )
 
 
 def write_synthetic(path: Path, layers: int, experts: int) -> tuple[int, int]:
   """(total bytes, largest tensor bytes); tensors are produced and written one at a time."""
-  from behemoth_jax.convert.hf_config import from_hf_config
   from behemoth_jax.convert.export import tensor_groups
+  from behemoth_jax.convert.hf_config import from_hf_config
   from behemoth_jax.convert.safetensors_io import write_safetensors
-  from behemoth_jax.transformer import abstract_model
+  from behemoth_jax.model.transformer import abstract_model
 
   cfg_json = hf_config(layers, experts)
   cfg = from_hf_config(cfg_json, param_dtype="bfloat16", dtype="bfloat16", scan_layers=False)
   from flax import nnx
 
   from behemoth_jax.convert.export import hf_shape
+
   model = abstract_model(cfg)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  plan = [(name, hf_shape(ents, cfg, tuple(flat[ents[0].leaf].get_value().shape), np.float32),
-           np.dtype(ml_dtypes.bfloat16)) for name, ents in tensor_groups(cfg, model.decoder.num_cycles)]
+  plan = [
+    (name, hf_shape(ents, cfg, tuple(flat[ents[0].leaf].get_value().shape), np.float32), np.dtype(ml_dtypes.bfloat16))
+    for name, ents in tensor_groups(cfg, model.decoder.num_cycles)
+  ]
   rng = np.random.default_rng(0)
   noise = (0.02 * rng.standard_normal(1 << 20)).astype(ml_dtypes.bfloat16)
 
@@ -103,25 +122,29 @@ def main(argv: list[str] | None = None) -> int:
   shutil.rmtree(out, ignore_errors=True)
   t0 = time.perf_counter()
   total, largest = write_synthetic(out / "hf", args.layers, args.experts)
-  print(f"synthetic checkpoint: {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB "
-        f"(written in {time.perf_counter() - t0:.1f}s)")
+  print(
+    f"synthetic checkpoint: {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB "
+    f"(written in {time.perf_counter() - t0:.1f}s)"
+  )
   bound = 2 * largest + 2**30
   rows = []
-  for name, cli in (("from-hf", ["from-hf", str(out / "hf"), str(out / "ours")]),
-                    ("to-hf", ["to-hf", str(out / "ours"), str(out / "back"), "--max-shard-size", "1GB"])):
+  for name, cli in (
+    ("from-hf", ["from-hf", str(out / "hf"), str(out / "ours")]),
+    ("to-hf", ["to-hf", str(out / "ours"), str(out / "back"), "--max-shard-size", "1GB"]),
+  ):
     seconds, peak = run(cli)
     rows.append((name, seconds, total / seconds / 1e9, peak))
   if args.hf:
     seconds, peak = run([str(out / "hf"), str(out / "hf-resaved")], HF_CHILD)
     rows.append(("HF from_pretrained + save_pretrained (both directions in one)", seconds, total / seconds / 1e9, peak))
   from behemoth_jax.convert.safetensors_io import SafetensorsFile
+
   a = SafetensorsFile(out / "hf" / "model.safetensors")
   back = {}
   for f in sorted((out / "back").glob("*.safetensors")):
     sf = SafetensorsFile(f)
     back.update({k: (sf, k) for k in sf.keys()})
-  same = sorted(a.keys()) == sorted(back) and all(
-      a.get(k).tobytes() == back[k][0].get(k).tobytes() for k in a.keys())
+  same = sorted(a.keys()) == sorted(back) and all(a.get(k).tobytes() == back[k][0].get(k).tobytes() for k in a.keys())
   print("\n| step | seconds | GB/s | peak RSS | bound (2 × largest + 1 GiB) |\n|---|---|---|---|---|")
   for name, seconds, gbs, peak in rows:
     ok = "within" if peak <= bound else "over"

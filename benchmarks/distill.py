@@ -19,15 +19,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-STUDENT = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-           "model.head_dim=32", "model.intermediate_size=128", "model.intermediate_size_mlp=256",
-           "model.num_experts=4", "parallel.fsdp=4", "parallel.expert=2"]
+STUDENT = [
+  "model.hidden_size=64",
+  "model.num_layers=2",
+  "model.num_heads=2",
+  "model.num_kv_heads=1",
+  "model.head_dim=32",
+  "model.intermediate_size=128",
+  "model.intermediate_size_mlp=256",
+  "model.num_experts=4",
+  "parallel.fsdp=4",
+  "parallel.expert=2",
+]
 RUNS = {  # run directory: (table row, overrides)
-    "none": ("(a) hard labels only", ["distill.weight=none"]),
-    "fixed": ("(b) fixed α = 0.5", ["distill.weight=fixed", "distill.alpha=0.5"]),
-    "dynamic": ("(c) dynamic w = 1 − (max p_teacher − p_teacher(label)) (default)",
-                ["distill.weight=dynamic", "distill.alpha=1.0"]),
-    "soft_only": ("reference: fixed α = 1 (soft targets only)", ["distill.weight=fixed", "distill.alpha=1.0"]),
+  "none": ("(a) hard labels only", ["distill.weight=none"]),
+  "fixed": ("(b) fixed α = 0.5", ["distill.weight=fixed", "distill.alpha=0.5"]),
+  "dynamic": (
+    "(c) dynamic w = 1 − (max p_teacher − p_teacher(label)) (default)",
+    ["distill.weight=dynamic", "distill.alpha=1.0"],
+  ),
+  "soft_only": ("reference: fixed α = 1 (soft targets only)", ["distill.weight=fixed", "distill.alpha=1.0"]),
 }
 
 
@@ -50,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
   teacher = train(out / "teacher", [f"train.steps={args.teacher_steps}"])
   results = {f"teacher ({args.teacher_steps} steps)": teacher["heldout_loss"]}
   for slug, (name, extra) in RUNS.items():
-    teacher_args = ([] if slug == "none" else
-                    [f"distill.teacher={out / 'teacher'}", "distill.teacher_config=configs/tiny.yaml"])
+    teacher_args = (
+      [] if slug == "none" else [f"distill.teacher={out / 'teacher'}", "distill.teacher_config=configs/tiny.yaml"]
+    )
     s = train(out / slug, [*STUDENT, f"train.steps={args.student_steps}", *teacher_args, *extra])
     results[name] = s["heldout_loss"]
     if slug != "none":  # the mean soft weight over the run's logged steps

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 from common import BENCH_MOE, cores, fmt_rate, hf_model, median_seconds, set_torch_threads
 
-from behemoth_jax.generate import Generator
-from behemoth_jax.transformer import create_model
+from behemoth_jax.infer.generate import Generator
+from behemoth_jax.model.transformer import create_model
 
 
 def ours(model, prompts: np.ndarray, new: int, repeats: int):
@@ -44,19 +44,26 @@ def hf(model, prompts: np.ndarray, new: int, repeats: int):
 
   def run(n):
     with torch.no_grad():
-      return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=model.cfg.pad_token_id)
+      return m.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=model.cfg.pad_token_id,
+      )
 
   out = {}
   for n in (1, new):
     run(n)
     out[n] = median_seconds(lambda: run(n), repeats)[0]
-  return out[1], out[new], run(new)[:, prompts.shape[1]:].numpy()
+  return out[1], out[new], run(new)[:, prompts.shape[1] :].numpy()
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
   p.add_argument("--new", type=int, default=128, help="generated tokens per row (>= 2)")
@@ -70,16 +77,22 @@ def main(argv=None) -> int:
   model = create_model(BENCH_MOE)
   b, t, new = args.batch, args.prompt, args.new
   prompts = np.random.default_rng(0).integers(3, BENCH_MOE.vocab_size, (b, t)).astype(np.int32)
-  print(f"bench-moe generation, batch {b}, prompt {t}, {new} new tokens (greedy), float32; {n} cores; "
-        f"jax {jax.__version__} on {jax.default_backend()}")
+  print(
+    f"bench-moe generation, batch {b}, prompt {t}, {new} new tokens (greedy), float32; {n} cores; "
+    f"jax {jax.__version__} on {jax.default_backend()}"
+  )
   rows = [("ours (jax.jit)", *ours(model, prompts, new, args.repeats))]
   if args.hf:
     import torch
     import transformers
 
-    rows.append((f"HF transformers {transformers.__version__} generate (torch {torch.__version__}, sdpa)",
-                 *hf(model, prompts, new, args.repeats)))
-  print(f"\n| implementation | prefill s | prefill tokens/s | decode ms/step | decode tokens/s |\n|---|---|---|---|---|")
+    rows.append(
+      (
+        f"HF transformers {transformers.__version__} generate (torch {torch.__version__}, sdpa)",
+        *hf(model, prompts, new, args.repeats),
+      )
+    )
+  print("\n| implementation | prefill s | prefill tokens/s | decode ms/step | decode tokens/s |\n|---|---|---|---|---|")
   rates = []
   for name, t1, tn, _ in rows:
     step = (tn - t1) / (new - 1)
@@ -87,8 +100,10 @@ def main(argv=None) -> int:
     print(f"| {name} | {t1:.3f} | {fmt_rate(b * t / t1)} | {1e3 * step:.1f} | {fmt_rate(b / step)} |")
   if args.hf:
     same = float(np.mean(rows[0][3] == rows[1][3]))
-    print(f"\nours / HF: prefill {rates[0][0] / rates[1][0]:.2f}x, decode {rates[0][1] / rates[1][1]:.2f}x; "
-          f"greedy tokens identical: {same:.1%}")
+    print(
+      f"\nours / HF: prefill {rates[0][0] / rates[1][0]:.2f}x, decode {rates[0][1] / rates[1][1]:.2f}x; "
+      f"greedy tokens identical: {same:.1%}"
+    )
   return 0
 
 

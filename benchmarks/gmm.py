@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from common import median_seconds
 
-from behemoth_jax.gmm import default_block_size, grouped_matmul
+from behemoth_jax.model.gmm import default_block_size, grouped_matmul
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   p.add_argument("--rows", type=int, default=2048)
   p.add_argument("--k", type=int, default=512)
   p.add_argument("--n", type=int, default=1024)
@@ -40,12 +41,16 @@ def main(argv=None) -> int:
   gs = jnp.asarray(np.bincount(r.integers(0, e, m), minlength=e), jnp.int32)  # uniform routing
   gmm = lambda x, w: grouped_matmul(x, w, gs, impl="blocked", block=block)
   cases = {
-      "forward": (jax.jit(gmm), jax.jit(lambda x, w: x @ w[0])),
-      "backward (dx, dw)": (jax.jit(lambda x, w, dy: jax.vjp(gmm, x, w)[1](dy)),
-                            jax.jit(lambda x, w, dy: (dy @ w[0].T, x.T @ dy))),
+    "forward": (jax.jit(gmm), jax.jit(lambda x, w: x @ w[0])),
+    "backward (dx, dw)": (
+      jax.jit(lambda x, w, dy: jax.vjp(gmm, x, w)[1](dy)),
+      jax.jit(lambda x, w, dy: (dy @ w[0].T, x.T @ dy)),
+    ),
   }
-  print(f"grouped matmul [{m}, {k}] x [{e}, {k}, {n}], block {block}, group sizes {np.asarray(gs).tolist()}; "
-        f"jax {jax.__version__} on {jax.default_backend()}")
+  print(
+    f"grouped matmul [{m}, {k}] x [{e}, {k}, {n}], block {block}, group sizes {np.asarray(gs).tolist()}; "
+    f"jax {jax.__version__} on {jax.default_backend()}"
+  )
   print("| pass | blocked ms | dense ms (ideal) | blocked / dense | blocked GFLOP/s |\n|---|---|---|---|---|")
   for name, (ours, dense) in cases.items():
     a = (x, w) if name == "forward" else (x, w, dy)
@@ -53,7 +58,9 @@ def main(argv=None) -> int:
     jax.block_until_ready((ours(*a), dense(*a)))
     t_ours, _ = median_seconds(lambda: jax.block_until_ready(ours(*a)), args.repeats)
     t_dense, _ = median_seconds(lambda: jax.block_until_ready(dense(*a)), args.repeats)
-    print(f"| {name} | {t_ours * 1e3:.1f} | {t_dense * 1e3:.1f} | {t_ours / t_dense:.2f}x | {flops / t_ours / 1e9:.0f} |")
+    print(
+      f"| {name} | {t_ours * 1e3:.1f} | {t_dense * 1e3:.1f} | {t_ours / t_dense:.2f}x | {flops / t_ours / 1e9:.0f} |"
+    )
   return 0
 
 

@@ -5,14 +5,15 @@
 
 Workload bench-1b (issue 9): vocab 32768, hidden 2048, 16 layers, 16 heads / 8 KV heads x 128, every
 layer MoE with 8 routed experts top-1 (4096 wide) + a shared expert (4096), chunk 2048 with NoPE/global
-every 4th layer, QK-norm; 1.14 G active / 3.96 G total parameters (params.count_params); float32 parameters and AdamW state
-(48 GB; 63 GB with the gradients), compute bfloat16, full remat, batch 4 x 4096. The same train step as train.py
-(`training.make_train_step`, jit, one device); the grouped matmul is `ragged_dot` on GPU/TPU.
+every 4th layer, QK-norm; 1.14 G active / 3.96 G total parameters (params.count_params); float32
+parameters and AdamW state (48 GB; 63 GB with the gradients), compute bfloat16, full remat, batch
+4 x 4096. The same train step as train.py (`train.step.make_train_step`, jit, one device); the grouped
+matmul is `ragged_dot` on GPU/TPU.
 
 Printed for each of bf16 and fp8 (`model.fp8`: e4m3 forward operands, e5m2 gradients, per-tensor current
 scaling): median step time of `--steps` after `--warmup`, tokens/s, achieved TFLOP/s = analytic FLOPs
 (3 x forward, causal/chunk-local attention, no remat recompute) / step time, MFU against the chip's dense
-bf16 peak (`training.PEAK_FLOPS`; on CPU the matmul peak measured now), and compiled/analytic matmul FLOPs.
+bf16 peak (`behemoth_jax.chips`; on CPU the matmul peak measured now), and compiled/analytic matmul FLOPs.
 Then fp8 tokens/s over bf16. Results: docs/PERFORMANCE.md.
 """
 
@@ -26,31 +27,63 @@ import jax
 from common import CompiledTrainStep, median_seconds, random_batch
 
 from behemoth_jax.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from behemoth_jax.params import count_params
-from behemoth_jax.training import analytic_train_flops, peak_flops_per_device
+from behemoth_jax.scale.params import count_params
+from behemoth_jax.train.step import analytic_train_flops, peak_flops_per_device
 
 BENCH_1B = ModelConfig(
-    vocab_size=32768, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=128,
-    intermediate_size=4096, intermediate_size_mlp=4096, num_experts=8, num_experts_per_tok=1,
-    moe_layer_step=1, attention_chunk_size=2048, use_qk_norm=True, rope_theta=500000.0,
-    param_dtype="float32", dtype="bfloat16", remat_policy="full", bos_token_id=1, eos_token_ids=(2,),
-    pad_token_id=0, max_position_embeddings=65536)
+  vocab_size=32768,
+  hidden_size=2048,
+  num_layers=16,
+  num_heads=16,
+  num_kv_heads=8,
+  head_dim=128,
+  intermediate_size=4096,
+  intermediate_size_mlp=4096,
+  num_experts=8,
+  num_experts_per_tok=1,
+  moe_layer_step=1,
+  attention_chunk_size=2048,
+  use_qk_norm=True,
+  rope_theta=500000.0,
+  param_dtype="float32",
+  dtype="bfloat16",
+  remat_policy="full",
+  bos_token_id=1,
+  eos_token_ids=(2,),
+  pad_token_id=0,
+  max_position_embeddings=65536,
+)
 
 # --smoke: the same layer pattern at toy size, so the script itself is exercised on CPU.
-SMOKE = dataclasses.replace(BENCH_1B, vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                            head_dim=16, intermediate_size=128, intermediate_size_mlp=128, attention_chunk_size=32)
+SMOKE = dataclasses.replace(
+  BENCH_1B,
+  vocab_size=512,
+  hidden_size=64,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  intermediate_size=128,
+  intermediate_size_mlp=128,
+  attention_chunk_size=32,
+)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--steps", type=int, default=5, help="timed steps (median); default 5")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first also compiles)")
   p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
-  p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="parameters and AdamW state; bfloat16 halves the 48 GB state for smaller chips")
+  p.add_argument(
+    "--param-dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="parameters and AdamW state; bfloat16 halves the 48 GB state for smaller chips",
+  )
   p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
   p.add_argument("--smoke", action="store_true", help="toy model, batch 2 x 64, 2 steps: runs on CPU in about a minute")
   args = p.parse_args(argv)
@@ -67,8 +100,9 @@ def main(argv=None) -> int:
   peak = peak_flops_per_device()
   if peak is None:
     if dev.platform != "cpu":
-      p.error(f"no bf16 peak known for {dev.device_kind!r}: add it to behemoth_jax.training.PEAK_FLOPS")
-    from behemoth_jax.metrics import measure_cpu_peak_flops
+      p.error(f"no bf16 peak known for {dev.device_kind!r}: add it to behemoth_jax.chips.CHIPS")
+    from behemoth_jax.train.metrics import measure_cpu_peak_flops
+
     peak = measure_cpu_peak_flops(1024)
     peak_name = f"CPU float32 matmul peak measured now, {peak / 1e12:.3f} TFLOP/s"
   else:
@@ -76,34 +110,48 @@ def main(argv=None) -> int:
   counts = count_params(model)
   active, total = counts["active"], counts["total"]
   analytic = analytic_train_flops(model, b, t)
-  print(f"{'smoke' if args.smoke else 'bench-1b'}: {active / 1e9:.3g} G active / {total / 1e9:.3g} G total "
-        f"parameters, batch {b} x seq {t}, params {model.param_dtype}, remat {model.remat_policy}; "
-        f"device {dev.device_kind} ({dev.platform}); jax {jax.__version__}")
+  print(
+    f"{'smoke' if args.smoke else 'bench-1b'}: {active / 1e9:.3g} G active / {total / 1e9:.3g} G total "
+    f"parameters, batch {b} x seq {t}, params {model.param_dtype}, remat {model.remat_policy}; "
+    f"device {dev.device_kind} ({dev.platform}); jax {jax.__version__}"
+  )
   print(f"analytic FLOPs per step {analytic / 1e12:.4g} T (3 x forward); MFU against the {peak_name}")
-  print("compiled matmul FLOPs count dot/convolution/cuBLAS GEMMs of the optimised program (remat recompute "
-        "included; a native ragged-dot op is not a dot and is not counted)")
+  print(
+    "compiled matmul FLOPs count dot/convolution/cuBLAS GEMMs of the optimised program (remat recompute "
+    "included; a native ragged-dot op is not a dot and is not counted)"
+  )
   batch = random_batch(b, t, model.vocab_size)
   rows = []
   for mode in modes:
-    cfg = Config(model=dataclasses.replace(model, dtype="bfloat16", fp8=mode == "fp8"), parallel=ParallelConfig(),
-                 train=TrainConfig(batch_size=b, seq_len=t, steps=1000, warmup_steps=10, learning_rate=3e-4))
+    cfg = Config(
+      model=dataclasses.replace(model, dtype="bfloat16", fp8=mode == "fp8"),
+      parallel=ParallelConfig(),
+      train=TrainConfig(batch_size=b, seq_len=t, steps=1000, warmup_steps=10, learning_rate=3e-4),
+    )
     try:  # compilation or the first step may run out of device memory
       step = CompiledTrainStep(cfg, batch)
       first = step.warm_up(args.warmup)
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      print(f"{mode}: does not fit on {dev.device_kind}: {str(e).splitlines()[0][:200]}; try a smaller --batch, "
-            f"--param-dtype bfloat16 or --remat full", flush=True)
+      print(
+        f"{mode}: does not fit on {dev.device_kind}: {str(e).splitlines()[0][:200]}; try a smaller --batch, "
+        f"--param-dtype bfloat16 or --remat full",
+        flush=True,
+      )
       return 1
     seconds, _ = median_seconds(step.run, args.steps)
     rows.append((mode, first, seconds, step.flops))
     del step
-  print(f"\n| matmuls | first-step loss | step (median of {args.steps}) | tokens/s | TFLOP/s | MFU | "
-        f"compiled/analytic matmul FLOPs |\n|---|---|---|---|---|---|---|")
+  print(
+    f"\n| matmuls | first-step loss | step (median of {args.steps}) | tokens/s | TFLOP/s | MFU | "
+    f"compiled/analytic matmul FLOPs |\n|---|---|---|---|---|---|---|"
+  )
   for mode, first, seconds, flops in rows:
-    print(f"| {mode} | {first:.4f} | {seconds:.3f} s | {b * t / seconds:,.0f} | {analytic / seconds / 1e12:.3g} | "
-          f"{analytic / seconds / peak:.1%} | {flops / analytic:.3f} |")
+    print(
+      f"| {mode} | {first:.4f} | {seconds:.3f} s | {b * t / seconds:,.0f} | {analytic / seconds / 1e12:.3g} | "
+      f"{analytic / seconds / peak:.1%} | {flops / analytic:.3f} |"
+    )
   if len(rows) == 2:
     print(f"\nfp8 / bf16 tokens/s: {rows[0][2] / rows[1][2]:.2f}x")
   return 0

@@ -5,8 +5,8 @@
 One sitting, one machine, the same thread count for both:
 1. this machine's float32 matmul peak, measured before and after our steps (JAX and PyTorch square
    matmuls; the best of all);
-2. ours: `training.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy),
-   jit-compiled; the matmul FLOPs of the compiled program (behemoth_jax.flops: every loop body times its
+2. ours: `train.step.make_train_step` (what train.py runs: AdamW, clipping, chunked cross-entropy),
+   jit-compiled; the matmul FLOPs of the compiled program (behemoth_jax.scale.flops: every loop body times its
    trip count, or, for the CPU grouped matmul's data-dependent loops, counted over a profiled step) vs
    the analytic FLOPs a perfect sparse implementation must do (3 × forward);
 3. HF: the same weights loaded into Llama4ForCausalLM (sdpa attention), torch AdamW, the same
@@ -22,19 +22,36 @@ import dataclasses
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
-from common import (BENCH_MOE, CompiledTrainStep, cores, fmt_rate, hf_model, matmul_peak, median_seconds,
-                    profile_top, random_batch, set_torch_threads)
+from common import (
+  BENCH_MOE,
+  CompiledTrainStep,
+  cores,
+  fmt_rate,
+  hf_model,
+  matmul_peak,
+  median_seconds,
+  profile_top,
+  random_batch,
+  set_torch_threads,
+)
 from flax import nnx
 
 from behemoth_jax.config import Config, ParallelConfig, TrainConfig
-from behemoth_jax.training import analytic_train_flops
+from behemoth_jax.train.step import analytic_train_flops
 
 
 def bench_config(args) -> Config:
-  model = dataclasses.replace(BENCH_MOE, remat_policy=args.remat, moe_impl=args.moe_impl,
-                              moe_block_size=args.moe_block, scan_layers=args.scanned, scan_unroll=args.scan_unroll)
-  train = TrainConfig(batch_size=args.batch, seq_len=args.seq, steps=1000, warmup_steps=10, learning_rate=3e-4,
-                      ce_chunk=args.ce_chunk)
+  model = dataclasses.replace(
+    BENCH_MOE,
+    remat_policy=args.remat,
+    moe_impl=args.moe_impl,
+    moe_block_size=args.moe_block,
+    scan_layers=args.scanned,
+    scan_unroll=args.scan_unroll,
+  )
+  train = TrainConfig(
+    batch_size=args.batch, seq_len=args.seq, steps=1000, warmup_steps=10, learning_rate=3e-4, ce_chunk=args.ce_chunk
+  )
   return Config(model=model, parallel=ParallelConfig(), train=train)
 
 
@@ -64,8 +81,9 @@ def hf(cfg: Config, batch: dict, state_dict: dict, args):
 
   model = hf_model(cfg.model, state_dict, args.hf_attn).train()
   tc = cfg.train
-  opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, betas=(tc.adam_b1, tc.adam_b2),
-                          weight_decay=tc.weight_decay)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=tc.learning_rate, betas=(tc.adam_b1, tc.adam_b2), weight_decay=tc.weight_decay
+  )
   inputs = torch.as_tensor(batch["inputs"], dtype=torch.long)
   targets = torch.as_tensor(batch["targets"], dtype=torch.long)
 
@@ -86,8 +104,9 @@ def hf(cfg: Config, batch: dict, state_dict: dict, args):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--steps", type=int, default=5, help="timed steps (median); default 5")
@@ -100,8 +119,11 @@ def main(argv=None) -> int:
   p.add_argument("--ce-chunk", type=int, default=8192, help="vocabulary chunk of our cross-entropy")
   p.add_argument("--scanned", action="store_true", help="scan over the layer cycle (default: unscanned, faster on CPU)")
   p.add_argument("--scan-unroll", type=int, default=1, help="with --scanned: cycles per scan iteration")
-  p.add_argument("--profile", metavar="DIR", help="write a jax profiler trace of our timed steps to DIR and "
-                 "print the ops that took the most time")
+  p.add_argument(
+    "--profile",
+    metavar="DIR",
+    help="write a jax profiler trace of our timed steps to DIR and print the ops that took the most time",
+  )
   p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile")
   args = p.parse_args(argv)
   if args.steps < 1 or args.warmup < 1:
@@ -110,8 +132,10 @@ def main(argv=None) -> int:
   set_torch_threads(n)
   cfg = bench_config(args)
   b, t = args.batch, args.seq
-  print(f"bench-moe training step, batch {b} x seq {t}, float32; {n} cores (torch threads {n}, XLA:CPU all cores); "
-        f"jax {jax.__version__} on {jax.default_backend()}")
+  print(
+    f"bench-moe training step, batch {b} x seq {t}, float32; {n} cores (torch threads {n}, XLA:CPU all cores); "
+    f"jax {jax.__version__} on {jax.default_backend()}"
+  )
   peaks = matmul_peak()
   batch = random_batch(b, t, cfg.model.vocab_size)
   analytic = analytic_train_flops(cfg.model, b, t)
@@ -121,29 +145,45 @@ def main(argv=None) -> int:
   again = matmul_peak()
   peaks = {k: max(v, again[k]) for k, v in peaks.items()}
   peak = max(peaks.values())
-  print("matmul peak (GFLOP/s, float32, best before/after our steps): "
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()) + f"; using {peak / 1e9:.1f}")
+  print(
+    "matmul peak (GFLOP/s, float32, best before/after our steps): "
+    + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
+    + f"; using {peak / 1e9:.1f}"
+  )
   rows = [("ours (jax.jit)", first, sec)]
   if args.hf:
     import torch
     import transformers
 
     hf_first, hf_sec = hf(cfg, batch, state_dict, args)
-    rows.append((f"HF transformers {transformers.__version__} (torch {torch.__version__} eager, {args.hf_attn})",
-                 hf_first, hf_sec))
+    rows.append(
+      (
+        f"HF transformers {transformers.__version__} (torch {torch.__version__} eager, {args.hf_attn})",
+        hf_first,
+        hf_sec,
+      )
+    )
   compiled, how = compiled
-  print(f"\nanalytic FLOPs per step {analytic / 1e9:.1f} G (3 x forward); our compiled matmul FLOPs "
-        f"{compiled / 1e9:.1f} G ({how}): compiled/analytic {compiled / analytic:.3f}")
-  print(f"\n| implementation | first-step loss | step (median of {args.steps}) | tokens/s | useful GFLOP/s | "
-        f"of matmul peak |\n|---|---|---|---|---|---|")
+  print(
+    f"\nanalytic FLOPs per step {analytic / 1e9:.1f} G (3 x forward); our compiled matmul FLOPs "
+    f"{compiled / 1e9:.1f} G ({how}): compiled/analytic {compiled / analytic:.3f}"
+  )
+  print(
+    f"\n| implementation | first-step loss | step (median of {args.steps}) | tokens/s | useful GFLOP/s | "
+    f"of matmul peak |\n|---|---|---|---|---|---|"
+  )
   for name, loss, s in rows:
     gf = analytic / s
     print(f"| {name} | {loss:.5f} | {s:.3f} s | {fmt_rate(b * t / s)} | {gf / 1e9:.1f} | {gf / peak:.1%} |")
   if args.hf:
-    print(f"\nours / HF tokens/s: {rows[1][2] / rows[0][2]:.2f}x; first-step losses differ by "
-          f"{abs(rows[0][1] - rows[1][1]) / abs(rows[1][1]):.1e} (relative)")
-  print("useful GFLOP/s = analytic FLOPs / step time (work a perfect sparse implementation must do; HF "
-        "computes every expert for every token, so its own FLOP rate is higher than its useful rate)")
+    print(
+      f"\nours / HF tokens/s: {rows[1][2] / rows[0][2]:.2f}x; first-step losses differ by "
+      f"{abs(rows[0][1] - rows[1][1]) / abs(rows[1][1]):.1e} (relative)"
+    )
+  print(
+    "useful GFLOP/s = analytic FLOPs / step time (work a perfect sparse implementation must do; HF "
+    "computes every expert for every token, so its own FLOP rate is higher than its useful rate)"
+  )
   return 0
 
 

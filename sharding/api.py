@@ -1,4 +1,7 @@
-"""Turning logical annotations into placements: partition specs, sharded init, constraints, reports."""
+"""Turning logical annotations into placements: partition specs, parameter shardings, constraints, reports.
+
+Depends on jax and flax only: a parameter's logical axes are its `out_sharding` metadata.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from behemoth_jax.config import ModelConfig
-from behemoth_jax.transformer import Llama4, create_model
 from sharding import axes as ax
 from sharding.expert import expert_parallel
 from sharding.mesh import ShardingError
 from sharding.rules import BEST_EFFORT, RULES
 
 
-def logical_to_spec(logical: ax.Axes, mesh: Mesh, shape: tuple[int, ...] | None = None,
-                    name: str | None = None) -> PartitionSpec:
+def logical_to_spec(
+  logical: ax.Axes, mesh: Mesh, shape: tuple[int, ...] | None = None, name: str | None = None
+) -> PartitionSpec:
   """Maps logical axis names through RULES. A mesh axis is used once per tensor (first dim wins).
 
   With `name` (a parameter): a dimension that its mesh axes do not divide raises ShardingError.
@@ -40,8 +42,10 @@ def logical_to_spec(logical: ax.Axes, mesh: Mesh, shape: tuple[int, ...] | None 
       if shape[dim] % size:
         if name is not None and logical_name not in BEST_EFFORT:
           axes_txt = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
-          raise ShardingError(f"{name}: dim {dim} ({logical_name}) of size {shape[dim]} is not divisible "
-                              f"by mesh axes {axes_txt} (= {size})")
+          raise ShardingError(
+            f"{name}: dim {dim} ({logical_name}) of size {shape[dim]} is not divisible "
+            f"by mesh axes {axes_txt} (= {size})"
+          )
         while mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
           mesh_axes.pop()
     used.update(mesh_axes)
@@ -53,34 +57,30 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-  """A State of NamedShardings mirroring `state` (Variables keep their structure)."""
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """A State of NamedShardings mirroring parameter state `state` (Variables keep their structure), from
+  each Variable's logical axes (`out_sharding` metadata) through the rules table."""
+
   def f(path, var):
     logical = var.get_metadata("out_sharding", None) or (None,) * len(var.shape)
     spec = logical_to_spec(logical, mesh, tuple(var.shape), name=_path_name(path))
     return var.replace(NamedSharding(mesh, spec))
+
   return jax.tree_util.tree_map_with_path(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
-  """(graphdef, abstract state with shardings, shardings): nothing is allocated."""
-  abstract = nnx.eval_shape(lambda: create_model(cfg, seed))
-  graphdef, state = nnx.split(abstract)
-  shardings = state_shardings(state, mesh)
-  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-  return graphdef, abs_state, shardings
-
-
-def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama4:
-  """Creates the model directly on its shards (never whole on one device)."""
-  graphdef, _, shardings = abstract_sharded_model(cfg, mesh, seed)
-  state = jax.jit(lambda: nnx.split(create_model(cfg, seed))[1], out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
 
 
 def place(state: nnx.State, mesh: Mesh) -> nnx.State:
   """Moves an existing state onto its shardings."""
-  return jax.device_put(state, state_shardings(state, mesh))
+  return jax.device_put(state, param_shardings(state, mesh))
+
+
+def per_device_bytes(abstract) -> int:
+  """Bytes one device holds of an abstract sharded tree (ShapeDtypeStructs with shardings)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
 
 
 def replication_report(state: nnx.State, mesh: Mesh) -> dict[str, float]:
@@ -89,7 +89,7 @@ def replication_report(state: nnx.State, mesh: Mesh) -> dict[str, float]:
   replicated_fraction: share of parameter bytes held whole by every device (no dimension sharded).
   per_device_bytes vs ideal_per_device_bytes (= total / devices): the cost of partial replication.
   """
-  shardings = state_shardings(state, mesh)
+  shardings = param_shardings(state, mesh)
   total = replicated = per_device = 0
   for var, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
     nbytes = math.prod(var.shape) * np.dtype(var.dtype).itemsize
@@ -97,13 +97,19 @@ def replication_report(state: nnx.State, mesh: Mesh) -> dict[str, float]:
     total += nbytes
     per_device += nbytes / parts
     replicated += nbytes if parts == 1 else 0
-  return {"total_bytes": total, "replicated_bytes": replicated, "replicated_fraction": replicated / total,
-          "per_device_bytes": per_device, "ideal_per_device_bytes": total / mesh.size}
+  return {
+    "total_bytes": total,
+    "replicated_bytes": replicated,
+    "replicated_fraction": replicated / total,
+    "per_device_bytes": per_device,
+    "ideal_per_device_bytes": total / mesh.size,
+  }
 
 
 def constrainer(mesh: Mesh):
   def constrain(x: jax.Array, logical: ax.Axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, mesh, x.shape)))
+
   return constrain
 
 

@@ -35,8 +35,9 @@ ACT_VOCAB = "act_vocab"
 
 Axes = tuple[str | None, ...]
 
-_resolver: contextvars.ContextVar[Callable[[jax.Array, Axes], jax.Array] | None] = (
-    contextvars.ContextVar("behemoth_sharding_resolver", default=None))
+_resolver: contextvars.ContextVar[Callable[[jax.Array, Axes], jax.Array] | None] = contextvars.ContextVar(
+  "behemoth_sharding_resolver", default=None
+)
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
@@ -58,7 +59,8 @@ def use_resolver(fn: Callable[[jax.Array, Axes], jax.Array]) -> Iterator[None]:
 # `sharding.api.use_mesh` installs `sharding.expert.expert_parallel`, which runs it per device under
 # shard_map (local sort, experts split over the `expert` axis with an all-to-all exchange).
 _expert_parallel: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
-    "behemoth_expert_parallel", default=None)
+  "behemoth_expert_parallel", default=None
+)
 
 
 def run_experts(local_fn: Callable, x_TD: jax.Array, *args: jax.Array) -> jax.Array:

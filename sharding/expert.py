@@ -10,8 +10,9 @@ Expert weights enter as P(expert, None, tensor): jit all-gathers the fsdp shards
 Buffer sizing: a dropless exchange with fixed shapes must allow every local row to go to one shard,
 so the send and receive buffers are [expert, rows, D] with rows = local tokens × top-k: `expert`×
 the routed activations. Compute does not grow with it: rows past the received count are ignored by
-the grouped matmul (the CPU kernel's loops stop at each expert's received count). `jax.lax.ragged_all_to_all` removes the
-padding on TPU/GPU and is the natural next step where memory is tight.
+the grouped matmul (the CPU kernel's loops stop at each expert's received count).
+`jax.lax.ragged_all_to_all` removes the padding on TPU/GPU and is the natural next step where memory
+is tight.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from behemoth_jax.moe import inverse_permutation, permute
 from sharding.mesh import ShardingError
 
 TOKEN_AXES = ("data", "fsdp", "expert", "context")
 
 
-def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, *, shards: int, axis: str = "expert"):
-  """All-to-all rows (sorted by global expert) to their expert shard, apply fn, and return them."""
+def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, permute, *, shards: int, axis: str = "expert"):
+  """All-to-all rows (sorted by global expert) to their expert shard, apply fn, and return them.
+
+  `permute(x, order, inverse)` reorders rows (the model's, whose gradient is a gather, not a scatter)."""
   m, d = xs_MD.shape
   per_shard = group_sizes_E.shape[0] // shards
   gs_SL = group_sizes_E.reshape(shards, per_shard)
@@ -47,7 +50,7 @@ def exchange(xs_MD: jax.Array, group_sizes_E: jax.Array, fn, *, shards: int, axi
   ends_SL = jnp.cumsum(recv_gs_SL, axis=1)
   local_SM = jax.vmap(lambda e, j: jnp.searchsorted(e, j, side="right"))(ends_SL, jnp.broadcast_to(j_M, (shards, m)))
   order = jnp.argsort(local_SM.reshape(-1), stable=True).astype(jnp.int32)
-  inverse = inverse_permutation(order)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   rows = permute(recv_SMD.reshape(shards * m, d), order, inverse)
   out = fn(rows, recv_gs_SL.sum(axis=0))
   recv_valid_SM = j_M[None, :] < ends_SL[:, -1:]
@@ -68,8 +71,10 @@ def expert_parallel(mesh: Mesh):
 
   def run(local_fn, x_TD, experts_TA, scores_TA, w_gate_EDF, w_up_EDF, w_down_EFD):
     if x_TD.shape[0] % n_token_shards:
-      raise ShardingError(f"moe tokens: {x_TD.shape[0]} tokens (batch x length) are not divisible by mesh "
-                          f"axes {' x '.join(f'{a}={mesh.shape[a]}' for a in token_axes)}")
+      raise ShardingError(
+        f"moe tokens: {x_TD.shape[0]} tokens (batch x length) are not divisible by mesh "
+        f"axes {' x '.join(f'{a}={mesh.shape[a]}' for a in token_axes)}"
+      )
     if w_gate_EDF.shape[0] % ep:
       raise ShardingError(f"moe experts: {w_gate_EDF.shape[0]} experts not divisible by expert={ep}")
 
@@ -79,8 +84,8 @@ def expert_parallel(mesh: Mesh):
 
     tokens = P(token_axes or None, None)
     w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
-    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
-                         out_specs=tokens, check_vma=False)(x_TD, experts_TA, scores_TA, w_gate_EDF, w_up_EDF,
-                                                            w_down_EFD)
+    return jax.shard_map(
+      body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out), out_specs=tokens, check_vma=False
+    )(x_TD, experts_TA, scores_TA, w_gate_EDF, w_up_EDF, w_down_EFD)
 
   return run

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from behemoth_jax.config import ParallelConfig
 from sharding.rules import MESH_AXES
+
+if TYPE_CHECKING:  # the parallel section of the config; read by attribute, never imported at run time
+  from behemoth_jax.config import ParallelConfig
 
 
 class ShardingError(ValueError):
@@ -24,8 +27,9 @@ def axis_sizes(parallel: ParallelConfig, num_devices: int) -> dict[str, int]:
   for name, size in sizes.items():
     if size == -1:
       if num_devices % known:
-        raise ShardingError(f"parallel.{name}: -1 cannot fill {num_devices} devices "
-                            f"(the other axes multiply to {known})")
+        raise ShardingError(
+          f"parallel.{name}: -1 cannot fill {num_devices} devices (the other axes multiply to {known})"
+        )
       sizes[name] = num_devices // known
   total = math.prod(sizes.values())
   if total != num_devices:
@@ -49,8 +53,9 @@ def make_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
       return Mesh(np.asarray(grid), MESH_AXES, axis_types=types)
   i = MESH_AXES.index(parallel.dcn_axis)
   if shape[i] % parallel.num_slices:
-    raise ShardingError(f"parallel.{parallel.dcn_axis}: size {shape[i]} not divisible by "
-                        f"num_slices {parallel.num_slices}")
+    raise ShardingError(
+      f"parallel.{parallel.dcn_axis}: size {shape[i]} not divisible by num_slices {parallel.num_slices}"
+    )
   ici, dcn = list(shape), [1] * len(shape)
   ici[i] //= parallel.num_slices
   dcn[i] = parallel.num_slices
@@ -59,7 +64,9 @@ def make_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
   by_process = None in slices or len(slices) == 1
   granules = len({d.process_index for d in devices}) if by_process else len(slices)
   if granules != parallel.num_slices:
-    raise ShardingError(f"parallel.num_slices: {parallel.num_slices} requested, but the devices form "
-                        f"{granules} {'processes' if by_process else 'slices'}")
+    raise ShardingError(
+      f"parallel.num_slices: {parallel.num_slices} requested, but the devices form "
+      f"{granules} {'processes' if by_process else 'slices'}"
+    )
   grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
   return Mesh(np.asarray(grid), MESH_AXES, axis_types=types)

@@ -7,10 +7,24 @@ import torch
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 BASE = dict(
-    vocab_size=97, hidden_size=24, intermediate_size=20, intermediate_size_mlp=28, num_hidden_layers=4,
-    num_attention_heads=6, num_key_value_heads=2, head_dim=10, num_local_experts=5, num_experts_per_tok=1,
-    attention_chunk_size=5, floor_scale=4, attn_scale=0.3, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=16384,
+  vocab_size=97,
+  hidden_size=24,
+  intermediate_size=20,
+  intermediate_size_mlp=28,
+  num_hidden_layers=4,
+  num_attention_heads=6,
+  num_key_value_heads=2,
+  head_dim=10,
+  num_local_experts=5,
+  num_experts_per_tok=1,
+  attention_chunk_size=5,
+  floor_scale=4,
+  attn_scale=0.3,
+  rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+  bos_token_id=1,
+  eos_token_id=2,
+  pad_token_id=0,
+  max_position_embeddings=16384,
 )
 
 
@@ -37,9 +51,19 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
 
 
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=28,
-              patch_size=7, pixel_shuffle_ratio=0.5, projector_input_dim=40, projector_output_dim=40,
-              vision_output_dim=40, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+VISION = dict(
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=128,
+  image_size=28,
+  patch_size=7,
+  pixel_shuffle_ratio=0.5,
+  projector_input_dim=40,
+  projector_output_dim=40,
+  vision_output_dim=40,
+  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
 # Image-layout token ids inside the tiny vocabulary (97): <|patch|> 96, <|image_start|> 90, <|image_end|> 91.
 MM_IDS = dict(image_token_index=96, boi_token_index=90, eoi_token_index=91)
 

@@ -10,13 +10,25 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from behemoth_jax.config import ModelConfig, ParallelConfig
-from sharding.api import init_sharded, use_mesh
+from behemoth_jax.train.state import init_sharded
+from sharding.api import use_mesh
 from sharding.mesh import make_mesh
 
 CFG = ModelConfig(
-    vocab_size=64, hidden_size=32, num_layers=8, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=16,
-    intermediate_size_mlp=24, num_experts=8, attention_chunk_size=6, param_dtype="float32", dtype="float32",
-    initializer_range=0.2)
+  vocab_size=64,
+  hidden_size=32,
+  num_layers=8,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  intermediate_size=16,
+  intermediate_size_mlp=24,
+  num_experts=8,
+  attention_chunk_size=6,
+  param_dtype="float32",
+  dtype="float32",
+  initializer_range=0.2,
+)
 PARALLEL_2X4 = ParallelConfig(fsdp=2, expert=4, num_slices=2, dcn_axis="fsdp")
 
 

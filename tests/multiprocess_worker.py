@@ -16,8 +16,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=proc,
-                           initialization_timeout=120)
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=proc, initialization_timeout=120)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multiprocess_common import PARALLEL_2X4, loss_and_grad_norm  # noqa: E402
@@ -25,6 +24,5 @@ from multiprocess_common import PARALLEL_2X4, loss_and_grad_norm  # noqa: E402
 loss, gnorm = loss_and_grad_norm(PARALLEL_2X4)
 if proc == 0:
   with open(out, "w") as f:
-    json.dump({"loss": loss, "grad_norm": gnorm, "devices": jax.device_count(),
-               "processes": jax.process_count()}, f)
+    json.dump({"loss": loss, "grad_norm": gnorm, "devices": jax.device_count(), "processes": jax.process_count()}, f)
 jax.distributed.shutdown()

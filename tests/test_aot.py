@@ -11,14 +11,21 @@ import re
 import pytest
 
 import train
-from behemoth_jax import aot
 from behemoth_jax.config import ConfigError, load_config
+from behemoth_jax.scale import aot
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
-TOPOLOGIES = [("v5p-8", 4, (2, 2, 1), "TPU v5"), ("v5p-128", 64, (4, 4, 4), "TPU v5"),
-              ("v5p-1024", 512, (8, 8, 8), "TPU v5"), ("v4-16", 8, (2, 2, 2), "TPU v4"),
-              ("v5e-16", 16, (4, 4), "TPU v5 lite"), ("v6e-8", 8, (2, 4), "TPU v6 lite")]
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler",
+)
+TOPOLOGIES = [
+  ("v5p-8", 4, (2, 2, 1), "TPU v5"),
+  ("v5p-128", 64, (4, 4, 4), "TPU v5"),
+  ("v5p-1024", 512, (8, 8, 8), "TPU v5"),
+  ("v4-16", 8, (2, 2, 2), "TPU v4"),
+  ("v5e-16", 16, (4, 4), "TPU v5 lite"),
+  ("v6e-8", 8, (2, 4), "TPU v6 lite"),
+]
 
 
 @pytest.mark.parametrize("name,chips,shape,kind", TOPOLOGIES)
@@ -37,9 +44,11 @@ def test_topology_names_give_the_slices_devices(name, chips, shape, kind):
 
 
 def test_bad_topology_names_are_one_line():
-  for bad, msg in [("v5p-7", r"v5p-7: v5p-N counts TensorCores \(2 per chip\); N must be even"),
-                   ("v7x-8", r"'v7x-8' is not a TPU slice name like v5p-1024, v4-128, v5e-256, v6e-64"),
-                   ("v5p-24", r"v5p-24: 12 chips; slices here are powers of two of at least 4 chips")]:
+  for bad, msg in [
+    ("v5p-7", r"v5p-7: v5p-N counts TensorCores \(2 per chip\); N must be even"),
+    ("v7x-8", r"'v7x-8' is not a TPU slice name like v5p-1024, v4-128, v5e-256, v6e-64"),
+    ("v5p-24", r"v5p-24: 12 chips; slices here are powers of two of at least 4 chips"),
+  ]:
     with pytest.raises(ConfigError) as e:
       aot.parse_topology(bad)
     assert re.fullmatch("--compile-topology: " + msg, str(e.value)), str(e.value)
@@ -58,25 +67,62 @@ def _gib(out: str, label: str) -> float:
 @needs_libtpu
 def test_scout_train_step_compiles_for_a_v5p_slice(capsys):
   """Scout's architecture (4 of its 48 layers: one RoPE/NoPE cycle) on 16 chips, fsdp x expert."""
-  rc, out = _compile(capsys, "configs/scout.yaml", "--compile-topology", "v5p-32", "parallel.fsdp=1",
-                     "parallel.expert=16", "model.num_layers=4", "train.seq_len=2048", "train.batch_size=16")
+  rc, out = _compile(
+    capsys,
+    "configs/scout.yaml",
+    "--compile-topology",
+    "v5p-32",
+    "parallel.fsdp=1",
+    "parallel.expert=16",
+    "model.num_layers=4",
+    "train.seq_len=2048",
+    "train.batch_size=16",
+  )
   assert rc == 0, out
   assert "16 chips (2x2x4 TPU v5)" in out and "'expert': 16" in out and "moe ragged" in out and "fits" in out
 
 
 @needs_libtpu
 def test_a_step_that_does_not_fit_exits_1_with_the_reason(capsys):
-  rc, out = _compile(capsys, "configs/tiny.yaml", "--compile-topology", "v5e-1", "parallel.fsdp=1",
-                     "parallel.expert=1", "model.vocab_size=262144", "model.hidden_size=8192", "model.head_dim=256",
-                     "model.num_heads=32", "model.num_kv_heads=8")
-  assert rc == 1 and "DOES NOT FIT on TPU v5 lite" in out and "the chip has 15.75 GiB" in out and "needs 85.33 GiB per chip" in out, out
+  rc, out = _compile(
+    capsys,
+    "configs/tiny.yaml",
+    "--compile-topology",
+    "v5e-1",
+    "parallel.fsdp=1",
+    "parallel.expert=1",
+    "model.vocab_size=262144",
+    "model.hidden_size=8192",
+    "model.head_dim=256",
+    "model.num_heads=32",
+    "model.num_kv_heads=8",
+  )
+  assert (
+    rc == 1
+    and "DOES NOT FIT on TPU v5 lite" in out
+    and "the chip has 15.75 GiB" in out
+    and "needs 85.33 GiB per chip" in out
+  ), out
 
 
-MID = ["model.vocab_size=32768", "model.hidden_size=1024", "model.num_heads=8", "model.head_dim=128",
-       "model.num_layers=8", "model.intermediate_size=2048", "model.intermediate_size_mlp=4096",
-       "model.param_dtype=bfloat16", "model.dtype=bfloat16", "model.remat_policy=full",
-       "model.attention_chunk_size=2048", "train.seq_len=4096", "parallel.fsdp=8", "parallel.expert=1",
-       "model.moe_layers=[]", "train.batch_size=8"]
+MID = [
+  "model.vocab_size=32768",
+  "model.hidden_size=1024",
+  "model.num_heads=8",
+  "model.head_dim=128",
+  "model.num_layers=8",
+  "model.intermediate_size=2048",
+  "model.intermediate_size_mlp=4096",
+  "model.param_dtype=bfloat16",
+  "model.dtype=bfloat16",
+  "model.remat_policy=full",
+  "model.attention_chunk_size=2048",
+  "train.seq_len=4096",
+  "parallel.fsdp=8",
+  "parallel.expert=1",
+  "model.moe_layers=[]",
+  "train.batch_size=8",
+]
 
 
 @needs_libtpu
@@ -84,7 +130,8 @@ def test_calculator_against_compiled_memory(capsys):
   """A dense 8-layer model on v5p-16: the compiled arguments are exactly the train state the
   calculator counts, and its total is within 10% of XLA's. (Scout, Maverick and Behemoth at 8K tokens:
   docs/SCALE.md, within 3%; those compiles take minutes each, so they are not in the suite.)"""
-  from behemoth_jax.memory import train_estimate
+  from behemoth_jax.scale.memory import train_estimate
+
   rc, out = _compile(capsys, "configs/tiny.yaml", "--compile-topology", "v5p-16", *MID)
   assert rc == 0, out
   est = train_estimate(load_config("configs/tiny.yaml", MID), 8)
@@ -94,7 +141,8 @@ def test_calculator_against_compiled_memory(capsys):
 
 
 def test_memory_serving_table_counts_weights_and_the_chunked_kv_ring():
-  from behemoth_jax.memory import kv_cache_bytes
+  from behemoth_jax.model.cost import kv_cache_bytes
+
   cfg = load_config("configs/scout.yaml")
   per_token_layer = 2 * 8 * 128 * 2
   # 48 layers, every 4th global: 36 chunked layers keep one 8192-token chunk, 12 keep everything.

@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from behemoth_jax.attention import causal_attention, segment_positions
+from behemoth_jax.model.kernels import causal_attention, segment_positions
 
 
 def dense_reference(q, k, v, chunk, positions, segments):
-  """Definition (SPEC §2.4) as a full T×T mask: j ≤ i, same position chunk, same segment."""
+  """Definition (docs/ARCHITECTURE.md §2.4) as a full T×T mask: j ≤ i, same position chunk, same segment."""
   b, t, n, h = q.shape
   g = n // k.shape[2]
   k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("bqnh,bknh->bnqk", q, k) * h ** -0.5
+  s = np.einsum("bqnh,bknh->bnqk", q, k) * h**-0.5
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   mask = np.broadcast_to(j <= i, (b, t, t)).copy()
   if chunk is not None:
@@ -48,8 +48,13 @@ def test_packed_segments_and_gapped_positions_match_dense(chunk):
   seg = np.array([[0] * 7 + [1] * 10 + [2] * 6, [5] * 23])
   pos = np.array(segment_positions(jnp.asarray(seg)))
   pos[1] = np.cumsum(np.random.default_rng(2).integers(1, 3, 23))  # gaps; strictly increasing
-  got = causal_attention(*map(jnp.asarray, (q, k, v)), chunk=chunk, positions_BT=jnp.asarray(pos),
-                         segment_ids_BT=jnp.asarray(seg), explicit_positions=True)
+  got = causal_attention(
+    *map(jnp.asarray, (q, k, v)),
+    chunk=chunk,
+    positions_BT=jnp.asarray(pos),
+    segment_ids_BT=jnp.asarray(seg),
+    explicit_positions=True,
+  )
   np.testing.assert_allclose(got, dense_reference(q, k, v, chunk, pos, seg), atol=1e-5)
 
 
@@ -57,8 +62,7 @@ def test_offset_positions_within_one_block_still_chunked():
   """T < chunk but positions straddle a chunk boundary (e.g. a continuation at position 6)."""
   q, k, v = _qkv(3, t=6)
   pos = np.broadcast_to(np.arange(6, 12), (2, 6))
-  got = causal_attention(*map(jnp.asarray, (q, k, v)), chunk=8, positions_BT=jnp.asarray(pos),
-                         explicit_positions=True)
+  got = causal_attention(*map(jnp.asarray, (q, k, v)), chunk=8, positions_BT=jnp.asarray(pos), explicit_positions=True)
   np.testing.assert_allclose(got, dense_reference(q, k, v, 8, pos, None), atol=1e-5)
 
 
@@ -67,15 +71,16 @@ def test_causal_through_gradients():
   t0 = 6
   f = lambda q, k, v: causal_attention(q, k, v, chunk=4)[0, t0].sum()
   gq, gk, gv = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
-  assert np.all(np.asarray(gk)[0, t0 + 1:] == 0) and np.all(np.asarray(gv)[0, t0 + 1:] == 0)
+  assert np.all(np.asarray(gk)[0, t0 + 1 :] == 0) and np.all(np.asarray(gv)[0, t0 + 1 :] == 0)
   assert np.all(np.asarray(gk)[0, :4] == 0)  # chunk [4, 8) never sees keys 0..3
-  assert np.abs(np.asarray(gk)[0, 4:t0 + 1]).sum() > 0
+  assert np.abs(np.asarray(gk)[0, 4 : t0 + 1]).sum() > 0
 
 
 def test_memory_is_chunk_local():
   """The compiled chunked path holds no T×T score tensor."""
   t, c = 512, 32
-  q = jnp.zeros((1, t, 2, 16)); k = jnp.zeros((1, t, 1, 16))
+  q = jnp.zeros((1, t, 2, 16))
+  k = jnp.zeros((1, t, 1, 16))
   hlo = jax.jit(lambda q, k, v: causal_attention(q, k, v, chunk=c)).lower(q, k, k).compile().as_text()
   shapes = re.findall(r"\[([\d,]+)\]", hlo)
   assert not [s for s in shapes if f"{t},{t}" in s]
@@ -93,20 +98,26 @@ def test_blocked_attention_equals_dense_values_and_gradients(case):
   masked softmax, outputs and all three gradients, with GQA, padding, packed segments and chunks."""
   rng = np.random.default_rng(0)
   b, t, n, kv, h = 2, 64, 4, 2, 8
-  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)])
+  q, k, v, w = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)]
+  )
   seg = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1)).at[1, -5:].set(0)
   packed = dict(positions_BT=segment_positions(seg), segment_ids_BT=seg, explicit_positions=True)
-  kw = {"global": dict(chunk=None), "chunked": dict(chunk=32), "packed_chunked": dict(chunk=16, **packed),
-        "packed_global": dict(chunk=None, **packed)}[case]
+  kw = {
+    "global": dict(chunk=None),
+    "chunked": dict(chunk=32),
+    "packed_chunked": dict(chunk=16, **packed),
+    "packed_global": dict(chunk=None, **packed),
+  }[case]
 
   def loss(q, k, v, block):
     return (causal_attention(q, k, v, block=block, **kw) * w).sum()
 
   dense, dense_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 0)
   blocked, blocked_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 8)
-  np.testing.assert_allclose(causal_attention(q, k, v, block=8, **kw), causal_attention(q, k, v, block=0, **kw),
-                             atol=2e-6)
+  np.testing.assert_allclose(
+    causal_attention(q, k, v, block=8, **kw), causal_attention(q, k, v, block=0, **kw), atol=2e-6
+  )
   np.testing.assert_allclose(blocked, dense, rtol=1e-5)
   for got, want in zip(blocked_grads, dense_grads, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -127,13 +138,14 @@ def test_query_blocks_skip_masked_keys_exactly(case, monkeypatch):
   """The dense path split into causal query blocks (each block sees only keys up to its end, or the
   chunk-wide window before it) equals the independent T×T reference, values and gradients, and its
   compiled matmul FLOPs shrink to (n+1)/2n of the unsplit square."""
-  from behemoth_jax import attention
-  from behemoth_jax.flops import compiled_flops
+  from behemoth_jax.model import kernels
+  from behemoth_jax.scale.flops import compiled_flops
 
   rng = np.random.default_rng(5)
   b, t, n, kv, h = 2, 64, 4, 2, 8
-  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)])
+  q, k, v, w = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)]
+  )
   seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
   seg[1, -5:] = 0
   pos = np.array(segment_positions(jnp.asarray(seg)))
@@ -153,7 +165,7 @@ def test_query_blocks_skip_masked_keys_exactly(case, monkeypatch):
   qb = span // 4  # four query blocks per span (jitted: a Python loop of blocks is slow op by op)
   grads = {}
   for block in (qb, 1 << 20):
-    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    monkeypatch.setattr(kernels, "QUERY_BLOCK", block)
     fwd = jax.jit(lambda q, k, v: causal_attention(q, k, v, **kw)).lower(q, k, v).compile()
     if block == qb:
       want = dense_reference(*map(np.asarray, (q, k, v)), chunk, ref_pos, ref_seg)
@@ -173,7 +185,7 @@ def jnp_reference(q, k, v, chunk, positions, segments):
   b, t, n, h = q.shape
   g = n // k.shape[2]
   k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  s = jnp.einsum("bqnh,bknh->bnqk", q, k) * h ** -0.5
+  s = jnp.einsum("bqnh,bknh->bnqk", q, k) * h**-0.5
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   mask = np.broadcast_to(j <= i, (b, t, t)).copy()
   if chunk is not None:
@@ -194,12 +206,13 @@ def test_both_kernels_gradients_equal_jax_grad_of_plain_attention(case, kernel, 
   blocked kernel (`_flash`; key spans a multiple of the block, or padded up to one) against jax.grad
   of `jnp_reference`: GQA (3 query heads per KV head), packed segments with padding (segment 0),
   gapped positions, positions offset past a chunk boundary, chunked and global."""
-  from behemoth_jax import attention
+  from behemoth_jax.model import kernels
 
   rng = np.random.default_rng(7)
   b, t, n, kv, h = 2, 48, 6, 2, 8
-  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)])
+  q, k, v, w = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)]
+  )
   seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
   seg[1, -5:] = 0  # padding at the end of row 1
   chunk = {"global": None, "packed_global": None}.get(case, 16)
@@ -208,11 +221,14 @@ def test_both_kernels_gradients_equal_jax_grad_of_plain_attention(case, kernel, 
     pos, ref_seg = np.array(segment_positions(jnp.asarray(seg))), seg
     kw.update(positions_BT=jnp.asarray(pos), segment_ids_BT=jnp.asarray(seg), explicit_positions=True)
   elif case in ("gapped_chunked", "offset_chunked"):
-    pos = (np.cumsum(rng.integers(1, 3, (b, t)), axis=1) if case == "gapped_chunked" else
-           np.broadcast_to(np.arange(t) + 13, (b, t)))  # a continuation: chunks start mid-sequence
+    pos = (
+      np.cumsum(rng.integers(1, 3, (b, t)), axis=1)
+      if case == "gapped_chunked"
+      else np.broadcast_to(np.arange(t) + 13, (b, t))
+    )  # a continuation: chunks start mid-sequence
     kw.update(positions_BT=jnp.asarray(pos), explicit_positions=True)
   if kernel == "dense_query_blocks":
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(kernels, "QUERY_BLOCK", 8)
   block = {"dense": 0, "dense_query_blocks": 0, "flash": 8, "flash_padded_span": 7}[kernel]
 
   def run(f):  # outputs and the gradients of a weighted sum of them

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 import train
-from behemoth_jax import generate
 from behemoth_jax.convert import cli as convert_cli
+from behemoth_jax.infer import generate
 
 ROOT = Path(__file__).parent.parent
 PROGRESS = re.compile(r"\[\d\d:\d\d")  # a tqdm progress bar's elapsed-time field (conversion shows one)
@@ -28,9 +28,11 @@ CASES: dict[str, tuple[str, callable]] = {}  # id → (the whole message as a re
 def case(expect: str):
   """Registers a case whose one stderr line must be `error: ` + a full match of the regex `expect`
   (the test's temporary directory written as …)."""
+
   def register(fn):
     CASES[fn.__name__] = (expect, fn)
     return fn
+
   return register
 
 
@@ -49,30 +51,36 @@ class Env:
   def hf_dir(self) -> Path:
     def build():
       from hf_utils import make_hf_model, save_hf
+
       path = self.root / "hf"
       save_hf(make_hf_model(), path)
       return path
+
     return self.once("hf", build)
 
   def hf_copy(self, name: str) -> Path:
     import shutil
+
     dst = self.root / name
     shutil.copytree(self.hf_dir(), dst)
     return dst
 
   def ckpt(self) -> Path:
     """Our checkpoint of a tiny model (configs/tiny.yaml with hidden 64) + its config.yaml."""
+
     def build():
       from flax import nnx
 
-      from behemoth_jax.checkpoint import save_params
       from behemoth_jax.config import load_config, to_dict
-      from behemoth_jax.transformer import create_model
+      from behemoth_jax.model.transformer import create_model
+      from behemoth_jax.train.checkpoint import save_params
+
       cfg = load_config("configs/tiny.yaml", ["model.hidden_size=64", "model.head_dim=16"])
       path = self.root / "ckpt"
       save_params(path, nnx.state(create_model(cfg.model, 0), nnx.Param))
       (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
       return path
+
     return self.once("ckpt", build)
 
   def prompts(self) -> Path:
@@ -83,8 +91,10 @@ class Env:
   def mm_model(self):
     def build():
       from behemoth_jax.config import load_config
-      from behemoth_jax.transformer import create_model
+      from behemoth_jax.model.transformer import create_model
+
       return create_model(load_config("configs/tiny_mm.yaml").model, 0)
+
     return self.once("mm", build)
 
 
@@ -225,7 +235,8 @@ def data_prompts_invalid_json(env, capsys):
 # --- token ids -------------------------------------------------------------------------------------
 def _tiny_model():
   from behemoth_jax.config import load_config
-  from behemoth_jax.transformer import create_model
+  from behemoth_jax.model.transformer import create_model
+
   return create_model(load_config("configs/tiny.yaml", ["model.num_layers=1"]).model, 0)
 
 
@@ -252,30 +263,38 @@ def tokens_empty_prompt(env, capsys):
 # --- images ----------------------------------------------------------------------------------------
 def _mm_ids(model, n_images: int) -> np.ndarray:
   vc = model.cfg.vision
-  per_tile = (vc.image_size // vc.patch_size) ** 2 // int(1 / vc.pixel_shuffle_ratio ** 2)
+  per_tile = (vc.image_size // vc.patch_size) ** 2 // int(1 / vc.pixel_shuffle_ratio**2)
   ids = [1] + [vc.image_token_id] * (per_tile * n_images) + [2]
   return np.array([ids], np.int32)
 
 
-@case(r"pixel_values: tiles of shape \(3, 40, 40\), expected \(3, 32, 32\) \(channels, height, width\); see behemoth_jax\.data\.images\.preprocess_image")
+@case(
+  r"pixel_values: tiles of shape \(3, 40, 40\), expected \(3, 32, 32\) \(channels, height, width\); see behemoth_jax\.data\.images\.preprocess_image"
+)
 def images_wrong_size(env, capsys):
   model = env.mm_model()
   return _api(lambda: model(_mm_ids(model, 1), pixel_values=np.zeros((1, 3, 40, 40), np.float32)))
 
 
-@case(r"pixel_values: tiles of shape \(4, 32, 32\), expected \(3, 32, 32\) \(channels, height, width\); see behemoth_jax\.data\.images\.preprocess_image")
+@case(
+  r"pixel_values: tiles of shape \(4, 32, 32\), expected \(3, 32, 32\) \(channels, height, width\); see behemoth_jax\.data\.images\.preprocess_image"
+)
 def images_wrong_channels(env, capsys):
   model = env.mm_model()
   return _api(lambda: model(_mm_ids(model, 1), pixel_values=np.zeros((1, 4, 32, 32), np.float32)))
 
 
-@case(r"pixel_values: the images give 8 image features but input_ids hold 4 image tokens \(id 259\); each tile needs its placeholders")
+@case(
+  r"pixel_values: the images give 8 image features but input_ids hold 4 image tokens \(id 259\); each tile needs its placeholders"
+)
 def images_more_images_than_placeholders(env, capsys):
   model = env.mm_model()
   return _api(lambda: model(_mm_ids(model, 1), pixel_values=np.zeros((2, 3, 32, 32), np.float32)))
 
 
-@case(r"pixel_values: the images give 4 image features but input_ids hold 8 image tokens \(id 259\); each tile needs its placeholders")
+@case(
+  r"pixel_values: the images give 4 image features but input_ids hold 8 image tokens \(id 259\); each tile needs its placeholders"
+)
 def images_fewer_images_than_placeholders(env, capsys):
   model = env.mm_model()
   return _api(lambda: model(_mm_ids(model, 2), pixel_values=np.zeros((1, 3, 32, 32), np.float32)))
@@ -284,13 +303,16 @@ def images_fewer_images_than_placeholders(env, capsys):
 @case(r"…/not-an-image\.png: not an image Pillow can read \(UnidentifiedImageError\)")
 def images_unreadable_file(env, capsys):
   from behemoth_jax.data.images import preprocess_image
+
   (env.root / "not-an-image.png").write_text("plain text")
   vc = env.mm_model().cfg.vision
   return _api(lambda: preprocess_image(env.root / "not-an-image.png", vc))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
-@case(r"train\.init_from: …/ckpt/state: parameter decoder/tail/0/attn/wk_DKH has shape \(64, 2, 16\) in the checkpoint but the config needs \(128, 2, 32\) \(a checkpoint of another model\?\)")
+@case(
+  r"train\.init_from: …/ckpt/state: parameter decoder/tail/0/attn/wk_DKH has shape \(64, 2, 16\) in the checkpoint but the config needs \(128, 2, 32\) \(a checkpoint of another model\?\)"
+)
 def checkpoint_wrong_shapes(env, capsys):
   return _train(env, capsys, f"train.init_from={env.ckpt()}")
 
@@ -305,6 +327,7 @@ def checkpoint_missing_tensor(env, capsys):
   from safetensors.numpy import save_file
 
   from behemoth_jax.convert.safetensors_io import SafetensorsFile
+
   hf = env.hf_copy("hf-missing")
   file = next(hf.glob("*.safetensors"))
   f = SafetensorsFile(file)
@@ -316,7 +339,9 @@ def checkpoint_missing_tensor(env, capsys):
   return status, err, [out, out.with_name(out.name + ".tmp-convert")]
 
 
-@case(r"…/hf-pickle: no \.safetensors files \(found pytorch_model\.bin: pickled checkpoints are never loaded; re-save with safetensors\)")
+@case(
+  r"…/hf-pickle: no \.safetensors files \(found pytorch_model\.bin: pickled checkpoints are never loaded; re-save with safetensors\)"
+)
 def checkpoint_pickle_instead_of_safetensors(env, capsys):
   hf = env.hf_copy("hf-pickle")
   for f in hf.glob("*.safetensors"):
@@ -336,7 +361,9 @@ def checkpoint_other_architecture(env, capsys):
   return status, err, [out, out.with_name(out.name + ".tmp-convert")]
 
 
-@case(r"model\.layers\.1\.self_attn\.o_proj\.weight: truncated or inconsistent in …/hf-truncated/model\.safetensors \(needs 5760 bytes at \[106368, 112128\), file has 107756\)")
+@case(
+  r"model\.layers\.1\.self_attn\.o_proj\.weight: truncated or inconsistent in …/hf-truncated/model\.safetensors \(needs 5760 bytes at \[106368, 112128\), file has 107756\)"
+)
 def checkpoint_truncated_safetensors(env, capsys):
   hf = env.hf_copy("hf-truncated")
   file = next(hf.glob("*.safetensors"))
@@ -349,6 +376,7 @@ def checkpoint_truncated_safetensors(env, capsys):
 @case(r"--config: none given and no config\.yaml beside …/bare-ckpt")
 def checkpoint_without_config(env, capsys):
   import shutil
+
   bare = env.root / "bare-ckpt"
   shutil.copytree(env.ckpt(), bare)
   (bare / "config.yaml").unlink()
@@ -395,8 +423,9 @@ def cli_export_missing_checkpoint(env, capsys):
 @case(r"…/prompts\.missing\.jsonl: prompts file not found")
 def cli_generate_missing_prompts(env, capsys):
   out = env.root / "gen-none.jsonl"
-  status, err = _cli(generate.main, ["--ckpt", env.ckpt(), "--prompts", env.root / "prompts.missing.jsonl",
-                                     "--out", out], capsys)
+  status, err = _cli(
+    generate.main, ["--ckpt", env.ckpt(), "--prompts", env.root / "prompts.missing.jsonl", "--out", out], capsys
+  )
   return status, err, [out, out.with_name(out.name + ".tmp")]
 
 
@@ -412,8 +441,11 @@ def cli_generate_existing_output(env, capsys):
 @case(r"--ckpt: …/no-ckpt not found")
 def cli_generate_missing_checkpoint(env, capsys):
   out = env.root / "gen-nockpt.jsonl"
-  status, err = _cli(generate.main, ["--ckpt", env.root / "no-ckpt", "--prompts", env.prompts(), "--out", out,
-                                     "--config", "configs/tiny.yaml"], capsys)
+  status, err = _cli(
+    generate.main,
+    ["--ckpt", env.root / "no-ckpt", "--prompts", env.prompts(), "--out", out, "--config", "configs/tiny.yaml"],
+    capsys,
+  )
   return status, err, [out, out.with_name(out.name + ".tmp")]
 
 
@@ -436,7 +468,7 @@ def test_bad_input(name, env, capsys):
   assert status not in (0, None), f"{name}: exit status {status}; stderr {err[-1500:]}"
   assert len(lines) == 1, f"{name}: {len(lines)} lines on stderr:\n{err[-3000:]}"
   line = lines[0].replace(str(env.root), "…")
-  assert line.startswith("error: ") and re.fullmatch(expect, line[len("error: "):]), f"{name}: {line}"
+  assert line.startswith("error: ") and re.fullmatch(expect, line[len("error: ") :]), f"{name}: {line}"
   for path in must_not_exist:
     assert not Path(path).exists(), f"{name}: {path} was written"
   if os.environ.get("RELIABILITY_TABLE"):  # regenerating docs/RELIABILITY.md's table: record the answer
@@ -451,10 +483,29 @@ def test_the_table_in_docs_lists_every_case():
 
 
 # Calls that can execute code from a file's contents, by fully qualified name.
-UNSAFE_LOADERS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "torch.load", "yaml.load", "yaml.unsafe_load",
-                  "yaml.full_load", "yaml.unsafe_load_all", "yaml.load_all", "marshal.load", "marshal.loads",
-                  "dill.load", "dill.loads", "joblib.load", "cloudpickle.load", "cloudpickle.loads", "shelve.open",
-                  "eval", "exec", "builtins.eval", "builtins.exec"}
+UNSAFE_LOADERS = {
+  "pickle.load",
+  "pickle.loads",
+  "pickle.Unpickler",
+  "torch.load",
+  "yaml.load",
+  "yaml.unsafe_load",
+  "yaml.full_load",
+  "yaml.unsafe_load_all",
+  "yaml.load_all",
+  "marshal.load",
+  "marshal.loads",
+  "dill.load",
+  "dill.loads",
+  "joblib.load",
+  "cloudpickle.load",
+  "cloudpickle.loads",
+  "shelve.open",
+  "eval",
+  "exec",
+  "builtins.eval",
+  "builtins.exec",
+}
 
 
 def unsafe_calls(source: str) -> list[tuple[int, str]]:
@@ -487,14 +538,17 @@ def unsafe_calls(source: str) -> list[tuple[int, str]]:
     if not isinstance(node, ast.Call) or (name := qualified(node.func)) is None:
       continue
     pickled_numpy = name == "numpy.load" and any(
-        k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-        for k in node.keywords)
+      k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+      for k in node.keywords
+    )
     if name in UNSAFE_LOADERS or pickled_numpy:
       found.append((node.lineno, name))
   return found
 
 
-@pytest.mark.parametrize("snippet,name", [
+@pytest.mark.parametrize(
+  "snippet,name",
+  [
     ("import pickle\npickle.load(f)", "pickle.load"),
     ("import pickle as pk\npk.loads(b)", "pickle.loads"),
     ("from pickle import load\nload(f)", "pickle.load"),
@@ -509,22 +563,30 @@ def unsafe_calls(source: str) -> list[tuple[int, str]]:
     ("import os.path, marshal\nmarshal.loads(b)", "marshal.loads"),
     ("eval(text)", "eval"),
     ("import builtins\nbuiltins.exec(code)", "builtins.exec"),
-])
+  ],
+)
 def test_the_loader_scan_finds_every_import_form(snippet, name):
   assert [n for _, n in unsafe_calls(snippet)] == [name]
 
 
 def test_the_loader_scan_passes_safe_calls():
-  safe = ("import yaml, json, numpy as np\nfrom yaml import safe_load\nyaml.safe_load(t); safe_load(t)\n"
-          "json.load(f); np.load(f); np.load(f, allow_pickle=False)\nfrom orbax import checkpoint\ncheckpoint.load(x)")
+  safe = (
+    "import yaml, json, numpy as np\nfrom yaml import safe_load\nyaml.safe_load(t); safe_load(t)\n"
+    "json.load(f); np.load(f); np.load(f, allow_pickle=False)\nfrom orbax import checkpoint\ncheckpoint.load(x)"
+  )
   assert unsafe_calls(safe) == []
 
 
 def test_no_loader_can_execute_code_from_a_file():
   """Checkpoints, configs and data are read with safetensors, orbax, JSON and yaml.safe_load only:
   no call in the package, the CLIs or the benchmarks can unpickle (or eval) a file's contents."""
-  files = [ROOT / "train.py", *ROOT.glob("behemoth_jax/**/*.py"), *ROOT.glob("sharding/**/*.py"),
-           *ROOT.glob("benchmarks/**/*.py")]
-  offenders = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in files
-               for line, name in unsafe_calls(path.read_text())]
+  files = [
+    ROOT / "train.py",
+    *ROOT.glob("behemoth_jax/**/*.py"),
+    *ROOT.glob("sharding/**/*.py"),
+    *ROOT.glob("benchmarks/**/*.py"),
+  ]
+  offenders = [
+    f"{path.relative_to(ROOT)}:{line}: {name}" for path in files for line, name in unsafe_calls(path.read_text())
+  ]
   assert len(files) > 30 and not offenders, offenders

@@ -27,7 +27,9 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
   assert cfg.model.cycle_length == 4
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("model.hiden_size=3", "model.hiden_size: unknown key"),
     ("model.hidden_size=abc", "model.hidden_size: expected an integer"),
     ("model.hidden_size=true", "model.hidden_size: expected an integer"),
@@ -41,7 +43,8 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
     ("train.steps=0", "train.steps: must be > 0"),
     ("nosection.x=1", "nosection: unknown key"),
     ("model.hidden_size", "override must look like section.key=value"),
-])
+  ],
+)
 def test_errors_name_field_and_rule(override, message):
   overrides = ["model.num_kv_heads=4", override] if "num_heads" in override else [override]
   with pytest.raises(ConfigError) as e:
@@ -76,8 +79,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 # Our fields that HF's config.json does not carry: execution choices, and the vision prompt layout.
-NOT_IN_HF = ("param_dtype", "dtype", "fp8", "scan_layers", "scan_unroll", "remat_policy", "attention_block",
-             "moe_impl", "moe_block_size")
+NOT_IN_HF = (
+  "param_dtype",
+  "dtype",
+  "fp8",
+  "scan_layers",
+  "scan_unroll",
+  "remat_policy",
+  "attention_block",
+  "moe_impl",
+  "moe_block_size",
+)
 LAYOUT_IDS = ("image_marker_id", "tile_x_separator_id", "tile_y_separator_id", "max_tiles")
 
 
@@ -87,12 +99,15 @@ def test_hf_config_round_trip_through_transformers(name):
   layer pattern the same (HF spells it as explicit lists). Behemoth's routed and shared experts have
   different widths, which HF's one `intermediate_size` cannot say: export refuses it by name."""
   from transformers import Llama4Config, Llama4TextConfig
+
   ours = load_config(CONFIGS / f"{name}.yaml").model
   if ours.shared_intermediate_size != ours.intermediate_size:
     with pytest.raises(ConfigError) as e:
       to_hf_config(ours)
-    assert str(e.value) == ("model.shared_intermediate_size: HF Llama4 has one width for routed and shared experts; "
-                            "cannot export differing widths")
+    assert str(e.value) == (
+      "model.shared_intermediate_size: HF Llama4 has one width for routed and shared experts; "
+      "cannot export differing widths"
+    )
     ours = dataclasses.replace(ours, shared_intermediate_size=ours.intermediate_size)
   hf = (Llama4Config if ours.vision is not None else Llama4TextConfig)(**to_hf_config(ours)).to_dict()
   back = from_hf_config(hf, **{k: getattr(ours, k) for k in NOT_IN_HF})
@@ -108,9 +123,22 @@ def test_hf_config_round_trip_through_transformers(name):
 
 
 def test_hf_defaults_and_multimodal_wrapper():
-  cfg = from_hf_config({"model_type": "llama4", "text_config": {"num_hidden_layers": 6, "rope_scaling": {
-      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}})
+  cfg = from_hf_config(
+    {
+      "model_type": "llama4",
+      "text_config": {
+        "num_hidden_layers": 6,
+        "rope_scaling": {
+          "rope_type": "llama3",
+          "factor": 8.0,
+          "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192,
+        },
+        "rope_theta": 500000.0,
+      },
+    }
+  )
   assert cfg.hidden_size == 5120 and cfg.use_qk_norm and cfg.num_layers == 6
   assert cfg.rope_scaling.factor == 8.0 and cfg.rope_scaling.high_freq_factor == 4.0
   assert [cfg.uses_rope(i) for i in range(6)] == [1, 1, 1, 0, 1, 1]

@@ -5,20 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import train
-from behemoth_jax.convert.hf_config import from_hf_config
-from behemoth_jax.convert import from_torch_state_dict, load_hf, save_hf, to_torch_state_dict
-from behemoth_jax.convert.cli import main as convert
-from behemoth_jax.convert.safetensors_io import SafetensorsFile
 from hf_utils import make_hf_mm_model, make_hf_model
 from hf_utils import save_hf as hf_save_pretrained
 
+import train
+from behemoth_jax.convert import from_torch_state_dict, load_hf, save_hf, to_torch_state_dict
+from behemoth_jax.convert.cli import main as convert
+from behemoth_jax.convert.hf_config import from_hf_config
+from behemoth_jax.convert.safetensors_io import SafetensorsFile
+
 MODELS = {
-    "text_interleave1": lambda: make_hf_model(seed=30, num_hidden_layers=6),
-    "text_interleave2": lambda: make_hf_model(seed=31, num_hidden_layers=6, interleave_moe_layer_step=2),
-    "mm_interleave1": lambda: make_hf_mm_model(seed=32),
-    "mm_interleave2": lambda: make_hf_mm_model(seed=33, interleave_moe_layer_step=2, num_hidden_layers=4),
+  "text_interleave1": lambda: make_hf_model(seed=30, num_hidden_layers=6),
+  "text_interleave2": lambda: make_hf_model(seed=31, num_hidden_layers=6, interleave_moe_layer_step=2),
+  "mm_interleave1": lambda: make_hf_mm_model(seed=32),
+  "mm_interleave2": lambda: make_hf_mm_model(seed=33, interleave_moe_layer_step=2, num_hidden_layers=4),
 }
 
 
@@ -36,10 +36,10 @@ def _logits(model, ids):
 
 
 DEFAULT_FLAG_SOURCES = {  # HF model, its dtype; vocabularies far below Llama 4's 202,048
-    "text-float32-no-pad-vocab-211": lambda: make_hf_model(seed=40, vocab_size=211, pad_token_id=None),
-    "text-bfloat16-pad": lambda: make_hf_model(seed=41, interleave_moe_layer_step=2).to(torch.bfloat16),
-    "mm-float32-pad": lambda: make_hf_mm_model(seed=42),
-    "mm-bfloat16-no-pad": lambda: make_hf_mm_model(seed=43, pad_token_id=None).to(torch.bfloat16),
+  "text-float32-no-pad-vocab-211": lambda: make_hf_model(seed=40, vocab_size=211, pad_token_id=None),
+  "text-bfloat16-pad": lambda: make_hf_model(seed=41, interleave_moe_layer_step=2).to(torch.bfloat16),
+  "mm-float32-pad": lambda: make_hf_mm_model(seed=42),
+  "mm-bfloat16-no-pad": lambda: make_hf_mm_model(seed=43, pad_token_id=None).to(torch.bfloat16),
 }
 
 
@@ -69,8 +69,17 @@ def test_export_without_a_source_config_never_writes_an_out_of_vocabulary_pad():
   from behemoth_jax.convert.export import generation_config
   from behemoth_jax.convert.hf_config import export_config
 
-  small = dict(vocab_size=300, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8,
-               intermediate_size=8, intermediate_size_mlp=8, num_experts=2)
+  small = dict(
+    vocab_size=300,
+    hidden_size=16,
+    num_layers=4,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    intermediate_size=8,
+    intermediate_size_mlp=8,
+    num_experts=2,
+  )
   default_pad = ModelConfig(**small)  # pad_token_id 200018 (Llama 4's), outside a 300-token vocabulary
   assert export_config(default_pad, None, "float32")["pad_token_id"] is None
   assert generation_config(default_pad)["pad_token_id"] is None
@@ -84,6 +93,7 @@ def test_export_writes_over_the_source_config_only_what_changed():
   source["some_field_we_do_not_model"] = 7
   cfg = from_hf_config(source, param_dtype="float32", dtype="float32")
   import dataclasses
+
   changed = dataclasses.replace(cfg, rms_norm_eps=1e-6, eos_token_ids=(2, 5))
   got = export_config(changed, source, "bfloat16")
   want = {**source, "rms_norm_eps": 1e-6, "eos_token_id": [2, 5], "dtype": "bfloat16"}
@@ -131,8 +141,20 @@ def test_cli_trained_checkpoint_to_hf_and_back(tmp_path, capsys):
   """A train.py run (optimizer state and all) exports its parameters; transformers agrees with us;
   from-hf of that export, then to-hf again, is bitwise the same directory."""
   run = tmp_path / "run"
-  assert train.main(["--config", "configs/tiny.yaml", "train.seq_len=64", "train.steps=3", "train.eval_batches=1",
-                     "train.warmup_steps=1", f"train.out_dir={run}"]) == 0
+  assert (
+    train.main(
+      [
+        "--config",
+        "configs/tiny.yaml",
+        "train.seq_len=64",
+        "train.steps=3",
+        "train.eval_batches=1",
+        "train.warmup_steps=1",
+        f"train.out_dir={run}",
+      ]
+    )
+    == 0
+  )
   assert convert(["to-hf", str(run), str(tmp_path / "hf"), "--max-shard-size", "2MB"]) == 0
   from transformers import Llama4ForCausalLM
 
@@ -163,9 +185,9 @@ def test_from_hf_writes_layer_leaves_and_restores_restacked_on_a_mesh(tmp_path):
   import jax
   from flax import nnx
 
-  from behemoth_jax.checkpoint import restore_params
   from behemoth_jax.config import ParallelConfig
-  from sharding.api import abstract_sharded_model
+  from behemoth_jax.train.checkpoint import restore_params
+  from behemoth_jax.train.state import abstract_sharded_model
   from sharding.mesh import make_mesh
 
   hf_save_pretrained(make_hf_model(seed=37, num_hidden_layers=10), tmp_path / "hf")

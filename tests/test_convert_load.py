@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from hf_utils import hf_logits, make_hf_model, save_hf
 from safetensors.numpy import load_file, save_file
 
 from behemoth_jax.convert import ConversionError, load_hf
-from hf_utils import hf_logits, make_hf_model, save_hf
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,15 @@ def _single_file_checkpoint(hf_model, path):
   return files[0], load_file(files[0])
 
 
-@pytest.mark.parametrize("mutation,message", [
+@pytest.mark.parametrize(
+  "mutation,message",
+  [
     ("drop", "model.layers.1.feed_forward.router.weight: missing from checkpoint"),
     ("extra", "model.layers.9.extra.weight: unexpected tensor in checkpoint"),
     ("reshape", "model.layers.0.self_attn.q_proj.weight: shape (24, 24) does not match the config (expected (60, 24))"),
     ("dtype", "model.norm.weight: unsupported dtype int32"),
-])
+  ],
+)
 def test_checkpoint_errors_name_the_tensor(hf_model, tmp_path, mutation, message):
   file, tensors = _single_file_checkpoint(hf_model, tmp_path)
   if mutation == "drop":

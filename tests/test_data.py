@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 
 from behemoth_jax.config import DataConfig
-from behemoth_jax.data import (PAD, ByteTokenizer, DataError, builtin_corpus, document_order, load_tokenizer,
-                               make_iterator, open_source, split_indices, tokenize_document)
+from behemoth_jax.data import (
+  PAD,
+  ByteTokenizer,
+  DataError,
+  builtin_corpus,
+  document_order,
+  load_tokenizer,
+  make_iterator,
+  open_source,
+  split_indices,
+  tokenize_document,
+)
 
 T = 16  # short rows so that documents of a few dozen bytes need several pieces
 
@@ -40,10 +50,20 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
   return path
 
 
-def _iterate(cfg: DataConfig, tok=None, *, split="train", batch_size=3, seed=0, process_index=0,
-             process_count=1, num_epochs=1):
-  it = make_iterator(cfg, tok or ByteTokenizer(), split=split, seq_len=T, batch_size=batch_size, seed=seed,
-                     process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+def _iterate(
+  cfg: DataConfig, tok=None, *, split="train", batch_size=3, seed=0, process_index=0, process_count=1, num_epochs=1
+):
+  it = make_iterator(
+    cfg,
+    tok or ByteTokenizer(),
+    split=split,
+    seq_len=T,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_epochs=num_epochs,
+  )
   batches = list(it)
   skipped = it.skipped_documents
   it.close()
@@ -55,8 +75,13 @@ def _segments(batches: list[dict[str, np.ndarray]], pad: int = PAD) -> list[tupl
   out = []
   for b in batches:
     assert set(b) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
-    for k, dtype in (("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32),
-                     ("positions", np.int32), ("loss_mask", np.float32)):
+    for k, dtype in (
+      ("inputs", np.int32),
+      ("targets", np.int32),
+      ("segment_ids", np.int32),
+      ("positions", np.int32),
+      ("loss_mask", np.float32),
+    ):
       assert b[k].dtype == dtype and b[k].shape == b["inputs"].shape == (len(b["inputs"]), T), k
     seg_BT = b["segment_ids"]
     np.testing.assert_array_equal(b["loss_mask"], (seg_BT > 0).astype(np.float32))
@@ -88,8 +113,10 @@ def _expected_pieces(docs: list[str], tok=None) -> dict[int, list[tuple[tuple, t
     if toks is None:
       continue
     inp, tgt = toks[:-1].tolist(), toks[1:].tolist()
-    out[i] = [(tuple(inp[s:s + T]), tuple(tgt[s:s + T]), tuple(range(s, min(s + T, len(inp)))))
-              for s in range(0, len(inp), T)]
+    out[i] = [
+      (tuple(inp[s : s + T]), tuple(tgt[s : s + T]), tuple(range(s, min(s + T, len(inp)))))
+      for s in range(0, len(inp), T)
+    ]
   return out
 
 
@@ -137,7 +164,7 @@ def test_long_documents_continue_positions(tmp_path):
 def test_epochs_reshuffled_and_complete():
   ids = np.arange(100, 140)
   order = [int(i) for i in document_order(ids, shuffle=True, seed=5, num_epochs=3)]
-  epochs = [order[i * 40:(i + 1) * 40] for i in range(3)]
+  epochs = [order[i * 40 : (i + 1) * 40] for i in range(3)]
   for e in epochs:
     assert sorted(e) == ids.tolist()
   assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
@@ -161,8 +188,7 @@ def test_two_processes_see_disjoint_documents_covering_the_split(tmp_path):
   docs = _docs(40, seed=1)
   cfg = DataConfig(source=str(_write_jsonl(tmp_path / "c.jsonl", docs)), heldout_fraction=0.1)
   expected = _expected_pieces(docs)
-  found = [_match(_segments(_iterate(cfg, process_index=p, process_count=2)[0]), expected, docs)
-           for p in range(2)]
+  found = [_match(_segments(_iterate(cfg, process_index=p, process_count=2)[0]), expected, docs) for p in range(2)]
   train = set(split_indices(len(docs), 0.1, "train").tolist()) & set(expected)
   assert found[0] and found[1] and not found[0] & found[1]
   assert found[0] | found[1] == train
@@ -222,12 +248,14 @@ def _write_format(fmt: str, tmp_path: Path, docs: list[str]) -> Path:
   if fmt == "parquet":
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=3)
     assert pq.ParquetFile(path).metadata.num_row_groups > 2
     return path
   if fmt == "arrayrecord":
     from array_record.python.array_record_module import ArrayRecordWriter
+
     path = tmp_path / "c.array_record"
     w = ArrayRecordWriter(str(path), "group_size:1")
     for i, doc in enumerate(docs):  # JSON objects and raw text records mixed
@@ -280,12 +308,18 @@ def test_hf_tokenizer_json(tmp_path):
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(text, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<pad>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    text,
+    trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<pad>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   # A post-processor that adds BOS itself, as Llama's does: the pipeline must not add it twice.
-  tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                     special_tokens=[("<|begin_of_text|>", 0)])
+  tok.post_processor = processors.TemplateProcessing(
+    single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+  )
   tok.save(str(tmp_path / "tokenizer.json"))
 
   hf = load_tokenizer(str(tmp_path / "tokenizer.json"))
@@ -321,17 +355,17 @@ def _error_cases(tmp_path: Path):
   (p / "data.csv").write_text("a,b\n")
   (p / "bad.parquet").write_bytes(b"not parquet at all")
   return [
-      # (source, file named in the message, text in the message)
-      (str(p / "missing.jsonl"), "missing.jsonl", "path not found"),
-      (str(p / "nothing*.jsonl"), "nothing*.jsonl", "path not found"),
-      (str(p / "empty.jsonl"), "empty.jsonl", "empty file"),
-      (str(p / "blank.jsonl"), "blank.jsonl", "empty file"),
-      (str(p / "latin1.txt"), "latin1.txt", "not valid UTF-8"),
-      (str(p / "bad.jsonl"), "bad.jsonl:3", "invalid JSON"),
-      (str(p / "field.jsonl"), "field.jsonl:2", "missing field 'text'"),
-      (str(p / "short.jsonl"), "short.jsonl", "no usable documents"),
-      (str(p / "data.csv"), "data.csv", "cannot tell the format"),
-      (str(p / "bad.parquet"), "bad.parquet", "not a valid Parquet file"),
+    # (source, file named in the message, text in the message)
+    (str(p / "missing.jsonl"), "missing.jsonl", "path not found"),
+    (str(p / "nothing*.jsonl"), "nothing*.jsonl", "path not found"),
+    (str(p / "empty.jsonl"), "empty.jsonl", "empty file"),
+    (str(p / "blank.jsonl"), "blank.jsonl", "empty file"),
+    (str(p / "latin1.txt"), "latin1.txt", "not valid UTF-8"),
+    (str(p / "bad.jsonl"), "bad.jsonl:3", "invalid JSON"),
+    (str(p / "field.jsonl"), "field.jsonl:2", "missing field 'text'"),
+    (str(p / "short.jsonl"), "short.jsonl", "no usable documents"),
+    (str(p / "data.csv"), "data.csv", "cannot tell the format"),
+    (str(p / "bad.parquet"), "bad.parquet", "not a valid Parquet file"),
   ]
 
 
@@ -367,8 +401,9 @@ def test_builtin_corpus_splits():
   cfg = DataConfig(heldout_fraction=0.02)
   segs = _segments(_iterate(cfg, split="heldout", batch_size=8)[0])
   assert _match(segs, {i: p for i, p in _expected_pieces(docs).items() if i in held}, docs) == set(held)
-  it = make_iterator(cfg, ByteTokenizer(), split="train", seq_len=64, batch_size=2, seed=0, process_index=0,
-                     process_count=1)
+  it = make_iterator(
+    cfg, ByteTokenizer(), split="train", seq_len=64, batch_size=2, seed=0, process_index=0, process_count=1
+  )
   first = [next(it) for _ in range(3)]
   it.close()
   assert all(b["loss_mask"].sum() > 0 for b in first)

@@ -21,17 +21,29 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from behemoth_jax.checkpoint import MANIFEST, CheckpointError, verify_manifest
 from behemoth_jax.config import load_config
-from behemoth_jax.training import make_init, make_optimizer, make_schedule, make_train_step, state_shardings
+from behemoth_jax.train.checkpoint import MANIFEST, CheckpointError, verify_manifest
+from behemoth_jax.train.state import abstract_train_state, make_init
+from behemoth_jax.train.step import make_optimizer, make_schedule, make_train_step
 from sharding.mesh import make_mesh
 
 ROOT = Path(__file__).parent.parent
 STEPS = 16
-RUN = ["train.seq_len=64", "train.batch_size=4", "train.eval_batches=1", "train.warmup_steps=2",
-       f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=3",
-       "parallel.fsdp=1", "parallel.expert=1", "model.num_layers=2", "model.hidden_size=64", "model.head_dim=16",
-       "model.nope_layer_interval=2"]
+RUN = [
+  "train.seq_len=64",
+  "train.batch_size=4",
+  "train.eval_batches=1",
+  "train.warmup_steps=2",
+  f"train.steps={STEPS}",
+  "train.checkpoint_every=2",
+  "train.keep_checkpoints=3",
+  "parallel.fsdp=1",
+  "parallel.expert=1",
+  "model.num_layers=2",
+  "model.hidden_size=64",
+  "model.head_dim=16",
+  "model.nope_layer_interval=2",
+]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
@@ -111,8 +123,9 @@ def test_sigkill_at_five_points_resumes_bitwise(reference, tmp_path):
       _wait_for(lambda: _tmp_checkpoint_dirs(out), proc, "an async checkpoint write")
     else:  # a random moment once training has moved 1–3 steps past where this launch resumed
       target = min(done + rng.randint(1, 3), STEPS - 1)
-      _wait_for(lambda: (out / "metrics.jsonl").exists() and max(_metrics(out), default=0) >= target, proc,
-                f"step {target}")
+      _wait_for(
+        lambda: (out / "metrics.jsonl").exists() and max(_metrics(out), default=0) >= target, proc, f"step {target}"
+      )
       time.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it was killed"
@@ -177,10 +190,10 @@ def test_write_error_during_save_is_reported_and_earlier_checkpoints_stay_intact
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-  proc = subprocess.Popen(_cmd(tmp_path, "train.steps=1000"), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and max(_metrics(tmp_path), default=0) >= 3, proc,
-            "step 3")
+  proc = subprocess.Popen(
+    _cmd(tmp_path, "train.steps=1000"), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and max(_metrics(tmp_path), default=0) >= 3, proc, "step 3")
   proc.send_signal(signal.SIGTERM)
   log = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, log[-2000:]
@@ -191,7 +204,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_manifest_detects_a_flipped_byte(tmp_path):
-  from behemoth_jax.checkpoint import write_manifest
+  from behemoth_jax.train.checkpoint import write_manifest
 
   step = tmp_path / "7"
   (step / "state" / "d").mkdir(parents=True)
@@ -207,12 +220,15 @@ def test_manifest_detects_a_flipped_byte(tmp_path):
 
 # --- NaN / Inf ---------------------------------------------------------------------------------------
 
+
 def _tiny_step():
-  cfg = load_config("configs/tiny.yaml", ["train.seq_len=16", "train.batch_size=2", "train.steps=4",
-                                          "parallel.fsdp=1", "parallel.expert=1"])
+  cfg = load_config(
+    "configs/tiny.yaml",
+    ["train.seq_len=16", "train.batch_size=2", "train.steps=4", "parallel.fsdp=1", "parallel.expert=1"],
+  )
   mesh = make_mesh(cfg.parallel, devices=jax.devices()[:1])
   tx = make_optimizer(cfg.train)
-  graphdef, abstract = state_shardings(cfg, mesh, tx)
+  graphdef, abstract = abstract_train_state(cfg, mesh, tx)
   state = make_init(cfg, tx, jax.tree.map(lambda a: a.sharding, abstract["params"]), mesh)()
   step = jax.jit(make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train)))
   return state, step
@@ -220,8 +236,13 @@ def _tiny_step():
 
 def _batch(tokens: np.ndarray) -> dict:
   b, t = tokens.shape
-  return {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones((b, t), np.int32),
-          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": np.ones((b, t), np.float32)}
+  return {
+    "inputs": tokens,
+    "targets": np.roll(tokens, -1, axis=1),
+    "segment_ids": np.ones((b, t), np.int32),
+    "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+    "loss_mask": np.ones((b, t), np.float32),
+  }
 
 
 def test_a_nonfinite_update_is_skipped_bitwise_and_counted():
@@ -243,8 +264,10 @@ def test_a_nonfinite_update_is_skipped_bitwise_and_counted():
   assert int(state["step"]) == 1
   state, m = step(state, clean)
   assert int(m["skipped"]) == 1 and np.isfinite(float(m["loss"]))
-  changed = [not np.array_equal(a, np.asarray(b))
-             for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(state["params"]), strict=True)]
+  changed = [
+    not np.array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(state["params"]), strict=True)
+  ]
   assert any(changed)
 
 
@@ -252,8 +275,8 @@ def test_a_nonfinite_update_is_skipped_bitwise_and_counted():
 def test_nonfinite_loss_halts_or_is_counted_by_config(tmp_path, mode):
   """Initial parameters with a NaN final norm make every loss NaN: `halt` exits 3 at step 1 with one
   line and a hint; `skip` finishes, counting every step as skipped."""
-  from behemoth_jax.checkpoint import save_params
-  from behemoth_jax.transformer import create_model
+  from behemoth_jax.model.transformer import create_model
+  from behemoth_jax.train.checkpoint import save_params
 
   cfg = load_config("configs/tiny.yaml", [x for x in RUN if x.startswith("model.")])
   flat = dict(nnx.to_flat_state(nnx.state(create_model(cfg.model, 0), nnx.Param)))

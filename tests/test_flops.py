@@ -5,108 +5,105 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from behemoth_jax.flops import compiled_flops, executed_flops, hlo_text_flops
+from behemoth_jax.scale.flops import compiled_flops, executed_flops, hlo_text_flops
 
 M, K, N = 128, 256, 256
 MATMUL = 2 * M * K * N  # one [M,K] @ [K,N]
 
 
 def _compile(f, *args):
-    return jax.jit(f).lower(*args).compile()
+  return jax.jit(f).lower(*args).compile()
 
 
 def _xla_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 def _scan_matmuls(x, ws):
-    return lax.scan(lambda c, w: (c @ w, None), x, ws)[0]
+  return lax.scan(lambda c, w: (c @ w, None), x, ws)[0]
 
 
 X = jnp.ones((M, K), jnp.float32)
 
 
 def test_plain_matmul_matches_formula_and_cost_analysis():
-    c = _compile(lambda x, w: x @ w, X, jnp.ones((K, N)))
-    assert compiled_flops(c) == MATMUL
-    assert _xla_flops(c) == MATMUL
+  c = _compile(lambda x, w: x @ w, X, jnp.ones((K, N)))
+  assert compiled_flops(c) == MATMUL
+  assert _xla_flops(c) == MATMUL
 
 
 def test_scan_multiplies_by_trip_count():
-    c = _compile(_scan_matmuls, X, jnp.ones((10, K, N)))
-    assert compiled_flops(c) == 10 * MATMUL  # 167.8M
-    # Why this module exists: XLA counts the while body once (16.7M).
-    assert _xla_flops(c) < compiled_flops(c)
-    assert _xla_flops(c) == pytest.approx(MATMUL, rel=0.01)
+  c = _compile(_scan_matmuls, X, jnp.ones((10, K, N)))
+  assert compiled_flops(c) == 10 * MATMUL  # 167.8M
+  # Why this module exists: XLA counts the while body once (16.7M).
+  assert _xla_flops(c) < compiled_flops(c)
+  assert _xla_flops(c) == pytest.approx(MATMUL, rel=0.01)
 
 
 def test_nested_scan():
-    def f(x, ws):  # ws: [3 outer, 4 inner, K, N]
-        return lax.scan(lambda c, w4: (_scan_matmuls(c, w4), None), x, ws)[0]
+  def f(x, ws):  # ws: [3 outer, 4 inner, K, N]
+    return lax.scan(lambda c, w4: (_scan_matmuls(c, w4), None), x, ws)[0]
 
-    c = _compile(f, X, jnp.ones((3, 4, K, N)))
-    assert compiled_flops(c) == 12 * MATMUL
+  c = _compile(f, X, jnp.ones((3, 4, K, N)))
+  assert compiled_flops(c) == 12 * MATMUL
 
 
 def test_batched_einsum():
-    b, i, j, k = 4, 8, 16, 32
-    c = _compile(lambda a, w: jnp.einsum("bij,bjk->bik", a, w),
-                 jnp.ones((b, i, j)), jnp.ones((b, j, k)))
-    assert compiled_flops(c) == 2 * b * i * j * k
+  b, i, j, k = 4, 8, 16, 32
+  c = _compile(lambda a, w: jnp.einsum("bij,bjk->bik", a, w), jnp.ones((b, i, j)), jnp.ones((b, j, k)))
+  assert compiled_flops(c) == 2 * b * i * j * k
 
 
 def test_grad_of_scanned_loss_is_three_times_forward():
-    # Per layer: fwd c@w, bwd dc = dy @ w.T and dw = c.T @ dy, each 2*M*K*N
-    # (with K == N). dc is computed for every layer since the loop body is uniform.
-    layers = 6
-    loss = lambda ws, x: jnp.sum(_scan_matmuls(x, ws))  # noqa: E731
-    ws = jnp.ones((layers, K, N)) * 0.01
-    c = _compile(jax.grad(loss), ws, X)
-    assert compiled_flops(c) == 3 * layers * MATMUL
+  # Per layer: fwd c@w, bwd dc = dy @ w.T and dw = c.T @ dy, each 2*M*K*N
+  # (with K == N). dc is computed for every layer since the loop body is uniform.
+  layers = 6
+  loss = lambda ws, x: jnp.sum(_scan_matmuls(x, ws))  # noqa: E731
+  ws = jnp.ones((layers, K, N)) * 0.01
+  c = _compile(jax.grad(loss), ws, X)
+  assert compiled_flops(c) == 3 * layers * MATMUL
 
 
 def test_cond_in_scan_counts_max_branch():
-    small = MATMUL  # c @ w1: [M,K]@[K,N]
-    big = 2 * M * K * 512 + 2 * M * 512 * N  # (c @ w2) @ w3
-    assert big > small
+  small = MATMUL  # c @ w1: [M,K]@[K,N]
+  big = 2 * M * K * 512 + 2 * M * 512 * N  # (c @ w2) @ w3
+  assert big > small
 
-    def f(x, w1s, w2s, w3s):
-        def body(c, ws):
-            w1, w2, w3 = ws
-            c = lax.cond(jnp.sum(c) > 0, lambda c: c @ w1, lambda c: (c @ w2) @ w3, c)
-            return c, None
+  def f(x, w1s, w2s, w3s):
+    def body(c, ws):
+      w1, w2, w3 = ws
+      c = lax.cond(jnp.sum(c) > 0, lambda c: c @ w1, lambda c: (c @ w2) @ w3, c)
+      return c, None
 
-        return lax.scan(body, x, (w1s, w2s, w3s))[0]
+    return lax.scan(body, x, (w1s, w2s, w3s))[0]
 
-    trips = 5
-    c = _compile(f, X, jnp.ones((trips, K, N)), jnp.ones((trips, K, 512)),
-                 jnp.ones((trips, 512, N)))
-    assert compiled_flops(c) == trips * big
+  trips = 5
+  c = _compile(f, X, jnp.ones((trips, K, N)), jnp.ones((trips, K, 512)), jnp.ones((trips, 512, N)))
+  assert compiled_flops(c) == trips * big
 
 
 def test_convolution():
-    # NHWC input [2,16,16,8], HWIO kernel [3,3,8,32], SAME padding -> [2,16,16,32].
-    def conv(x, k):
-        return lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # NHWC input [2,16,16,8], HWIO kernel [3,3,8,32], SAME padding -> [2,16,16,32].
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    c = _compile(conv, jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32)))
-    assert compiled_flops(c) == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 8)
+  c = _compile(conv, jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32)))
+  assert compiled_flops(c) == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 8)
 
 
 def test_unknown_trip_count_raises():
-    def f(x, w, n):
-        return lax.fori_loop(0, n, lambda i, c: c @ w, x)
+  def f(x, w, n):
+    return lax.fori_loop(0, n, lambda i, c: c @ w, x)
 
-    c = _compile(f, X, jnp.ones((K, N)), jnp.int32(3))
-    with pytest.raises(ValueError, match="while"):
-        compiled_flops(c)
+  c = _compile(f, X, jnp.ones((K, N)), jnp.int32(3))
+  with pytest.raises(ValueError, match="while"):
+    compiled_flops(c)
 
 
 def test_cublas_gemm_custom_call_in_while():
-    # GPU dots become cuBLAS custom-calls (format from XLA's GPU tests); no GPU needed.
-    hlo = """
+  # GPU dots become cuBLAS custom-calls (format from XLA's GPU tests); no GPU needed.
+  hlo = """
 HloModule m
 
 %body (p: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
@@ -127,31 +124,31 @@ ENTRY %main (a: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
   ROOT %while = (s32[], f32[64,32]{1,0}) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
 }
 """
-    assert hlo_text_flops(hlo) == 7 * 2 * 64 * 32 * 32
+  assert hlo_text_flops(hlo) == 7 * 2 * 64 * 32 * 32
 
 
 def _executed(f, *args):
-    compiled = _compile(f, *args)
-    return executed_flops(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text())
+  compiled = _compile(f, *args)
+  return executed_flops(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text())
 
 
 def test_executed_flops_equal_compiled_flops_without_data_dependent_control_flow():
-    ws = jnp.ones((10, K, N), jnp.float32)
-    f = lambda x, ws: jnp.tanh(_scan_matmuls(x, ws)) @ ws[0]  # a loop of 10 + one more outside it
-    assert _executed(f, X, ws) == compiled_flops(_compile(f, X, ws)) == 11 * MATMUL
+  ws = jnp.ones((10, K, N), jnp.float32)
+  f = lambda x, ws: jnp.tanh(_scan_matmuls(x, ws)) @ ws[0]  # a loop of 10 + one more outside it
+  assert _executed(f, X, ws) == compiled_flops(_compile(f, X, ws)) == 11 * MATMUL
 
 
 @pytest.mark.parametrize("n", [0, 3, 7])
 def test_executed_flops_count_the_real_trips_of_a_data_dependent_loop(n):
-    f = lambda x, w, n: lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)
-    assert _executed(f, X, jnp.ones((K, N)), jnp.int32(n)) == n * MATMUL
+  f = lambda x, w, n: lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)
+  assert _executed(f, X, jnp.ones((K, N)), jnp.int32(n)) == n * MATMUL
 
 
 @pytest.mark.parametrize("take", [True, False])
 def test_executed_flops_count_only_the_branch_that_ran(take):
-    def f(x, w, take):
-        return lax.cond(take, lambda: (x @ w) @ w.T, lambda: x * 2.0)
+  def f(x, w, take):
+    return lax.cond(take, lambda: (x @ w) @ w.T, lambda: x * 2.0)
 
-    c = _compile(f, X, jnp.ones((K, N)), jnp.bool_(take))
-    assert compiled_flops(c) == 2 * MATMUL  # the static count: the most expensive branch
-    assert _executed(f, X, jnp.ones((K, N)), jnp.bool_(take)) == (2 * MATMUL if take else 0)
+  c = _compile(f, X, jnp.ones((K, N)), jnp.bool_(take))
+  assert compiled_flops(c) == 2 * MATMUL  # the static count: the most expensive branch
+  assert _executed(f, X, jnp.ones((K, N)), jnp.bool_(take)) == (2 * MATMUL if take else 0)

@@ -19,8 +19,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from behemoth_jax.fp8 import fp8_einsum, fp8_grouped_matmul
-from behemoth_jax.gmm import grouped_matmul
+from behemoth_jax.model.fp8 import fp8_einsum, fp8_grouped_matmul
+from behemoth_jax.model.gmm import grouped_matmul
 
 EQUATIONS = [  # (equation, x shape, w shape): the model's forms, then a broadcasting ellipsis
   ("BTD,DNH->BTNH", (2, 8, 64), (64, 4, 16)),
@@ -120,15 +120,16 @@ def test_hlo_has_f8_dots_under_scan():
 
   def loss(x, w_LDE):
     h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(fp8_einsum("TD,DE->TE", h, w)), None), x, w_LDE)
-    return jnp.sum(h ** 2)
+    return jnp.sum(h**2)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w)
   # StableHLO (backend-independent): the forward dot is e4m3 x e4m3, the backward ones mix in e5m2.
   tensor = r"tensor<[\dx]+x(\w+)>"
   dots = re.findall(rf"stablehlo\.dot_general .*: \({tensor}, {tensor}\) -> {tensor}", lowered.as_text())
   # y = x·w, dx = dy·wᵀ, dw = xᵀ·dy; every dot has f8 operands and an f32 accumulator.
-  assert set(dots) == {("f8E4M3FN", "f8E4M3FN", "f32"), ("f8E5M2", "f8E4M3FN", "f32"),
-                       ("f8E4M3FN", "f8E5M2", "f32")}, dots
+  assert set(dots) == {("f8E4M3FN", "f8E4M3FN", "f32"), ("f8E5M2", "f8E4M3FN", "f32"), ("f8E4M3FN", "f8E5M2", "f32")}, (
+    dots
+  )
 
   compiled = lowered.compile().as_text()
   if jax.default_backend() == "cpu":
@@ -194,8 +195,7 @@ def test_shard_map_per_shard_scales(op, check_vma):
     return jax.lax.psum(jnp.sum(matmul(x, w) ** 2), "d")
 
   def grads(matmul):
-    f = jax.shard_map(partial(loss, matmul), mesh=mesh, in_specs=(P("d"), P()), out_specs=P(),
-                      check_vma=check_vma)
+    f = jax.shard_map(partial(loss, matmul), mesh=mesh, in_specs=(P("d"), P()), out_specs=P(), check_vma=check_vma)
     return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
 
   (dx, dw), (dx32, dw32) = grads(fp8), grads(f32)

@@ -5,19 +5,24 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from behemoth_jax.convert import load_hf
-from behemoth_jax.generate import Generator, Sampling, decode_logits, main, prefill_logits, sample
 from hf_utils import MM_IDS, make_hf_mm_model, make_hf_model, save_hf
 
+from behemoth_jax.convert import load_hf
+from behemoth_jax.infer.generate import Generator, Sampling, decode_logits, main, prefill_logits, sample
+
 CONFIGS = {
-    # 8 layers (scanned cycles), chunk 5: the 13-token prompt spans 3 chunks, decoding crosses 2 more
-    "scout_like": dict(num_hidden_layers=8),
-    # interleave 2, no qk-norm, chunk 3, 6 layers (cycle + tail)
-    "maverick_like": dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=6, attention_chunk_size=3),
-    # top-2, irregular layer lists, MQA
-    "irregular_top2": dict(num_hidden_layers=5, moe_layers=[0, 2, 3], no_rope_layers=[1, 0, 1, 1, 0],
-                           num_experts_per_tok=2, num_key_value_heads=1),
+  # 8 layers (scanned cycles), chunk 5: the 13-token prompt spans 3 chunks, decoding crosses 2 more
+  "scout_like": dict(num_hidden_layers=8),
+  # interleave 2, no qk-norm, chunk 3, 6 layers (cycle + tail)
+  "maverick_like": dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=6, attention_chunk_size=3),
+  # top-2, irregular layer lists, MQA
+  "irregular_top2": dict(
+    num_hidden_layers=5,
+    moe_layers=[0, 2, 3],
+    no_rope_layers=[1, 0, 1, 1, 0],
+    num_experts_per_tok=2,
+    num_key_value_heads=1,
+  ),
 }
 
 
@@ -34,9 +39,10 @@ def models(tmp_path_factory):
 
 def _hf_greedy(hf, prompt, n, **kw):
   with torch.no_grad():
-    out = hf.generate(torch.as_tensor(np.asarray(prompt)[None]), max_new_tokens=n, do_sample=False, eos_token_id=2,
-                      pad_token_id=0, **kw)
-  return out[0, len(prompt):].numpy()
+    out = hf.generate(
+      torch.as_tensor(np.asarray(prompt)[None]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0, **kw
+    )
+  return out[0, len(prompt) :].numpy()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -48,7 +54,7 @@ def test_greedy_padded_batch_equals_hf_generate_per_prompt(models, name):
   got = Generator(ours, stop_ids=(2,), pad_id=0, bucket=8)(prompts, 12)
   for prompt, row in zip(prompts, got, strict=True):
     want = _hf_greedy(hf, prompt, 12)
-    assert list(row) == list(want[:len(row)]), (len(prompt), row, want)
+    assert list(row) == list(want[: len(row)]), (len(prompt), row, want)
 
 
 @pytest.mark.parametrize("name", ["scout_like", "maverick_like"])
@@ -85,7 +91,7 @@ def test_multimodal_prompt_equals_hf_generate(tmp_path):
   pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32)
   got = Generator(ours, stop_ids=(2,), pad_id=0, bucket=4)([prompt], 8, pixel_values=pixels)[0]
   want = _hf_greedy(hf, prompt, 8, pixel_values=torch.as_tensor(pixels))
-  assert list(got) == list(want[:len(got)])
+  assert list(got) == list(want[: len(got)])
 
 
 def test_sampling_rules():
@@ -97,16 +103,18 @@ def test_sampling_rules():
   assert (np.asarray(sample(logits, key, Sampling(temperature=1.0, top_k=1))) == greedy).all()
   assert (np.asarray(sample(logits, key, Sampling(temperature=1.0, top_p=1e-6))) == greedy).all()
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
-  draws = np.stack([np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=2.0, top_k=3)))
-                    for s in range(64)])
+  draws = np.stack(
+    [np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=2.0, top_k=3))) for s in range(64)]
+  )
   assert all(set(draws[:, b]) <= set(top3[b]) for b in range(4)) and len(set(draws[:, 0])) > 1
   # top-p 0.5 keeps the smallest prefix of the sorted distribution whose mass reaches 0.5
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-  draws = np.stack([np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=1.0, top_p=0.5)))
-                    for s in range(64)])
+  draws = np.stack(
+    [np.asarray(sample(logits, jax.random.key(s), Sampling(temperature=1.0, top_p=0.5))) for s in range(64)]
+  )
   for b in range(4):
     order = np.argsort(-probs[b])
-    keep = order[:np.searchsorted(np.cumsum(probs[b][order]), 0.5) + 1]
+    keep = order[: np.searchsorted(np.cumsum(probs[b][order]), 0.5) + 1]
     assert set(draws[:, b]) <= set(keep)
 
 
@@ -116,16 +124,19 @@ def test_cli_generate_and_score(tmp_path):
   (tmp_path / "cfg.yaml").write_text("model: {dtype: float32, param_dtype: float32}\n")
   (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n{"prompt": "a longer prompt"}\n')
   common = ["--config", str(tmp_path / "cfg.yaml"), "--hf", str(tmp_path / "hf")]
-  assert main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-               "--max-new-tokens", "5"]) == 0
+  assert (
+    main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "5"])
+    == 0
+  )
   rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
   want = _hf_greedy_bytes(hf, "hello", 5)
-  assert rows[0]["prompt"] == "hello" and rows[0]["completion_ids"] == want[:len(rows[0]["completion_ids"])]
+  assert rows[0]["prompt"] == "hello" and rows[0]["completion_ids"] == want[: len(rows[0]["completion_ids"])]
   # an existing output is refused with one line
   assert main([*common, "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
   (tmp_path / "t.jsonl").write_text('{"text": "score me"}\n')
-  assert main([*common, "--prompts", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s.jsonl"),
-               "--score", "3"]) == 0
+  assert (
+    main([*common, "--prompts", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s.jsonl"), "--score", "3"]) == 0
+  )
   rec = json.loads((tmp_path / "s.jsonl").read_text())
   ids = np.asarray(rec["ids"])[None]
   with torch.no_grad():
@@ -137,13 +148,13 @@ def _hf_greedy_bytes(hf, text, n):
   prompt = [256, *text.encode()]
   with torch.no_grad():
     out = hf.generate(torch.as_tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=257, pad_token_id=258)
-  return out[0, len(prompt):].tolist()
+  return out[0, len(prompt) :].tolist()
 
 
 def test_generation_on_a_mesh_equals_one_device():
   """Parameters sharded fsdp 4 × expert 2 (experts exchanged by all-to-all), batch padded to 8 rows."""
   from behemoth_jax.config import ParallelConfig, load_config
-  from behemoth_jax.transformer import create_model
+  from behemoth_jax.model.transformer import create_model
   from sharding.mesh import make_mesh
 
   cfg = load_config("configs/tiny.yaml", ["model.num_layers=4", "model.attention_chunk_size=8"]).model

@@ -2,32 +2,45 @@
 
 import numpy as np
 import pytest
-
-from behemoth_jax.convert import load_hf
 from hf_utils import hf_logits, make_hf_model, save_hf
 
+from behemoth_jax.convert import load_hf
+
 TOL = 1e-4
-LLAMA3_16_1_1 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
-                 "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
-LLAMA3_8_4_1 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_16_1_1 = {
+  "rope_type": "llama3",
+  "rope_theta": 500000.0,
+  "factor": 16.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 1.0,
+  "original_max_position_embeddings": 8192,
+}
+LLAMA3_8_4_1 = {
+  "rope_type": "llama3",
+  "rope_theta": 500000.0,
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 8192,
+}
 
 CONFIGS = {
-    # every layer MoE, qk-norm, no rope scaling, T=17 > 3 chunks of 5, temperature active (floor 4)
-    "scout_like": dict(),
-    # Maverick-like: dense/MoE interleave 2, no qk-norm, llama3 16-1-1 (high == low)
-    "maverick_like": dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=8,
-                          rope_parameters=LLAMA3_16_1_1),
-    # llama3 8-4-1 (smooth band active), 6 layers: one scanned cycle pair + tail
-    "llama3_8_4_1": dict(rope_parameters=LLAMA3_8_4_1, num_hidden_layers=6),
-    # top-2 routing, irregular explicit layer lists, head_dim != hidden / heads
-    "irregular_top2": dict(num_hidden_layers=5, moe_layers=[0, 2, 3], no_rope_layers=[1, 0, 1, 1, 0],
-                           num_experts_per_tok=2, head_dim=8),
-    # dense only, 1 kv head (MQA), temperature tuning off
-    "dense_mqa": dict(moe_layers=[], num_key_value_heads=1, attn_temperature_tuning=False,
-                      num_hidden_layers=3),
-    # 8 layers (two cycles scanned), chunk 3 so a T=17 prompt spans 6 chunks, top-1, MoE every layer
-    "two_cycles_small_chunk": dict(num_hidden_layers=8, attention_chunk_size=3, rope_parameters=LLAMA3_8_4_1),
+  # every layer MoE, qk-norm, no rope scaling, T=17 > 3 chunks of 5, temperature active (floor 4)
+  "scout_like": dict(),
+  # Maverick-like: dense/MoE interleave 2, no qk-norm, llama3 16-1-1 (high == low)
+  "maverick_like": dict(
+    interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=8, rope_parameters=LLAMA3_16_1_1
+  ),
+  # llama3 8-4-1 (smooth band active), 6 layers: one scanned cycle pair + tail
+  "llama3_8_4_1": dict(rope_parameters=LLAMA3_8_4_1, num_hidden_layers=6),
+  # top-2 routing, irregular explicit layer lists, head_dim != hidden / heads
+  "irregular_top2": dict(
+    num_hidden_layers=5, moe_layers=[0, 2, 3], no_rope_layers=[1, 0, 1, 1, 0], num_experts_per_tok=2, head_dim=8
+  ),
+  # dense only, 1 kv head (MQA), temperature tuning off
+  "dense_mqa": dict(moe_layers=[], num_key_value_heads=1, attn_temperature_tuning=False, num_hidden_layers=3),
+  # 8 layers (two cycles scanned), chunk 3 so a T=17 prompt spans 6 chunks, top-1, MoE every layer
+  "two_cycles_small_chunk": dict(num_hidden_layers=8, attention_chunk_size=3, rope_parameters=LLAMA3_8_4_1),
 }
 
 

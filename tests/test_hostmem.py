@@ -7,7 +7,7 @@ import pytest
 
 PROBE = """
 import ctypes, resource, sys
-from behemoth_jax.hostmem import keep_freed_memory
+from behemoth_jax.train.hostmem import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

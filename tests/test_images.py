@@ -9,8 +9,14 @@ from PIL import Image
 
 from behemoth_jax.config import load_config
 from behemoth_jax.data import DataError, load_tokenizer
-from behemoth_jax.data.images import (best_canvas, normalize, preprocess_image, preprocess_video,
-                                      supported_canvases, video_frames)
+from behemoth_jax.data.images import (
+  best_canvas,
+  normalize,
+  preprocess_image,
+  preprocess_video,
+  supported_canvases,
+  video_frames,
+)
 from behemoth_jax.data.multimodal import make_mm_iterator
 
 
@@ -37,7 +43,7 @@ def test_preprocess_image_tiles_padding_and_thumbnail():
   canvas[:, :40, :70] = normalize(np.asarray(image.resize((70, 40), Image.Resampling.BILINEAR)), hf_rounding=False)
   for r in range(2):
     for c in range(3):
-      np.testing.assert_allclose(tiles[r * 3 + c], canvas[:, r * 28:(r + 1) * 28, c * 28:(c + 1) * 28], atol=1e-6)
+      np.testing.assert_allclose(tiles[r * 3 + c], canvas[:, r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28], atol=1e-6)
   thumb = normalize(np.asarray(image.resize((28, 28), Image.Resampling.BILINEAR)), hf_rounding=False)
   np.testing.assert_allclose(tiles[-1], thumb, atol=1e-6)
   single, grid1 = preprocess_image(image, tile=28, max_tiles=1)
@@ -71,8 +77,9 @@ def test_video_sampling_from_gif_directory_and_array(tmp_path):
   assert level(video_frames(array, num_frames=None, fps=2, source_fps=6)) == [0, 3]
   tiles = preprocess_video(array, tile=14, num_frames=3)
   assert tiles.shape == (3, 3, 14, 14)
-  np.testing.assert_allclose(tiles[:, 0, 0, 0], [normalize(np.full((1, 1, 3), 20 * i, np.uint8))[0, 0, 0]
-                                                 for i in (0, 2, 5)])
+  np.testing.assert_allclose(
+    tiles[:, 0, 0, 0], [normalize(np.full((1, 1, 3), 20 * i, np.uint8))[0, 0, 0] for i in (0, 2, 5)]
+  )
   with pytest.raises(DataError, match="frame times unknown"):
     video_frames(array, num_frames=None, fps=2)
   with pytest.raises(DataError, match="missing.gif: video file or directory not found"):
@@ -85,8 +92,18 @@ def _mm_cfg(tmp_path, source, **data):
 
 
 def _iterator(cfg, split="train", batch=4):
-  return make_mm_iterator(cfg.data, cfg.model.vision, load_tokenizer("bytes"), split=split, seq_len=cfg.train.seq_len,
-                          batch_size=batch, seed=0, process_index=0, process_count=1, vocab_size=cfg.model.vocab_size)
+  return make_mm_iterator(
+    cfg.data,
+    cfg.model.vision,
+    load_tokenizer("bytes"),
+    split=split,
+    seq_len=cfg.train.seq_len,
+    batch_size=batch,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    vocab_size=cfg.model.vocab_size,
+  )
 
 
 def test_builtin_shapes_batches_are_consistent(tmp_path):
@@ -107,8 +124,11 @@ def test_jsonl_images_videos_and_text_records(tmp_path):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(tmp_path / "tall.png")
   _gif(tmp_path / "clip.gif", 6)
-  lines = ['{"text": "a tall picture", "image": "tall.png"}', '{"text": "a clip", "video": "clip.gif"}',
-           '{"text": "just text"}']
+  lines = [
+    '{"text": "a tall picture", "image": "tall.png"}',
+    '{"text": "a clip", "video": "clip.gif"}',
+    '{"text": "just text"}',
+  ]
   (tmp_path / "mm.jsonl").write_text("\n".join(lines * 20) + "\n")
   cfg = _mm_cfg(tmp_path, tmp_path / "mm.jsonl", video_frames=2, heldout_fraction=0.5)
   vc = cfg.model.vision
@@ -137,8 +157,9 @@ def test_arrayrecord_of_json_records(tmp_path):
   assert (row == vc.image_token_id).sum() == vc.tokens_per_tile * (row == vc.boi_token_id).sum() > 0
   # the tile is the grey picture: (200/255 − 0.5)/0.5 in every used slot
   used = int((row == vc.boi_token_id).sum())
-  np.testing.assert_allclose(batch["pixel_values"][0, :used], normalize(np.full((1, 1, 3), 200, np.uint8))[0, 0, 0],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    batch["pixel_values"][0, :used], normalize(np.full((1, 1, 3), 200, np.uint8))[0, 0, 0], atol=1e-6
+  )
 
 
 def test_example_too_big_for_a_row_names_the_limits(tmp_path):
@@ -188,8 +209,10 @@ def test_preprocess_image_matches_transformers_llama4_image_processor(tmp_path):
   Gradients agree bitwise. On noise the two bilinear resizes (Pillow's, torchvision's antialiased
   one) round a few pixels to the neighbouring uint8 level: at most 2 levels, in under 5% of values."""
   if not (TORCHVISION / "torchvision").is_dir():
-    pytest.skip(f"torchvision for the HF oracle is not in {TORCHVISION}: pip install --no-deps --target "
-                ".cache/torchvision torchvision==0.28.0 (the README's test command does)")
+    pytest.skip(
+      f"torchvision for the HF oracle is not in {TORCHVISION}: pip install --no-deps --target "
+      ".cache/torchvision torchvision==0.28.0 (the README's test command does)"
+    )
   import subprocess
   import sys
 
@@ -201,8 +224,12 @@ def test_preprocess_image_matches_transformers_llama4_image_processor(tmp_path):
     for kind, pixels in (("smooth", smooth), ("noise", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))):
       paths[h, w, kind] = tmp_path / f"{h}x{w}-{kind}.png"
       Image.fromarray(pixels).save(paths[h, w, kind])
-  r = subprocess.run([sys.executable, "-c", HF_PROCESSOR, str(TORCHVISION), *map(str, paths.values())],
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-c", HF_PROCESSOR, str(TORCHVISION), *map(str, paths.values())],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   for (h, w, kind), path in paths.items():
     want, want_grid = np.load(f"{path}.pixels.npy"), np.load(f"{path}.grid.npy")

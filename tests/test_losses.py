@@ -7,11 +7,16 @@ import pytest
 from flax import nnx
 
 from behemoth_jax.config import load_config
-from behemoth_jax.losses import (chunked_cross_entropy, distillation_terms, load_balancing_loss, router_z_loss,
-                                 soft_weight)
-from behemoth_jax.moe import MoEStats
-from behemoth_jax.training import make_optimizer, make_schedule, make_train_step
-from behemoth_jax.transformer import create_model
+from behemoth_jax.model.moe import MoEStats
+from behemoth_jax.model.transformer import create_model
+from behemoth_jax.train.losses import (
+  chunked_cross_entropy,
+  distillation_terms,
+  load_balancing_loss,
+  router_z_loss,
+  soft_weight,
+)
+from behemoth_jax.train.step import make_optimizer, make_schedule, make_train_step
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 50, 1000])
@@ -25,7 +30,7 @@ def test_chunked_cross_entropy_matches_full_softmax(chunk):
   def reference(h, w):
     logits = h @ w
     lse = jax.nn.logsumexp(logits, -1)
-    return jnp.sum((lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]) * m), jnp.sum(lse ** 2 * m)
+    return jnp.sum((lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]) * m), jnp.sum(lse**2 * m)
 
   got, want = chunked_cross_entropy(h, w, t, m, chunk), reference(h, w)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -47,10 +52,11 @@ def test_one_chunk_cross_entropy_gradient_in_bfloat16_matches_autodiff():
   def autodiff(h, w):
     logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, -1)
-    return jnp.sum((lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]) * m) + 1e-2 * jnp.sum(lse ** 2)
+    return jnp.sum((lse - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]) * m) + 1e-2 * jnp.sum(lse**2)
 
-  got = jax.grad(lambda h, w: (lambda a: a[0] + 1e-2 * a[1])(chunked_cross_entropy(h, w, t, m, 64)),
-                 argnums=(0, 1))(h, w)
+  got = jax.grad(lambda h, w: (lambda a: a[0] + 1e-2 * a[1])(chunked_cross_entropy(h, w, t, m, 64)), argnums=(0, 1))(
+    h, w
+  )
   want = jax.grad(autodiff, argnums=(0, 1))(h, w)
   for a, b in zip(got, want, strict=True):
     assert a.dtype == b.dtype == jnp.bfloat16
@@ -69,17 +75,25 @@ def test_gradient_accumulation_equals_one_batch():
   cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "train.batch_size=4"])
   graphdef, params = nnx.split(create_model(cfg.model, seed=0))
   r = np.random.default_rng(0)
-  batch = {"inputs": r.integers(0, 259, (4, 32)), "targets": r.integers(0, 259, (4, 32)),
-           "segment_ids": np.ones((4, 32), np.int32), "positions": np.tile(np.arange(32), (4, 1)),
-           "loss_mask": (r.random((4, 32)) > 0.2).astype(np.float32)}
+  batch = {
+    "inputs": r.integers(0, 259, (4, 32)),
+    "targets": r.integers(0, 259, (4, 32)),
+    "segment_ids": np.ones((4, 32), np.int32),
+    "positions": np.tile(np.arange(32), (4, 1)),
+    "loss_mask": (r.random((4, 32)) > 0.2).astype(np.float32),
+  }
   batch = jax.tree.map(jnp.asarray, batch)
   results = []
   for accum in (1, 2, 4):
     tc = cfg.train.__class__(**{**cfg.train.__dict__, "grad_accum": accum})  # aux losses: per micro-batch by design
     tx = make_optimizer(tc)
     step = jax.jit(make_train_step(graphdef, tx, tc, make_schedule(tc)))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "skipped": jnp.zeros((), jnp.int32)}
+    state = {
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jnp.zeros((), jnp.int32),
+      "skipped": jnp.zeros((), jnp.int32),
+    }
     new, metrics = step(state, batch)
     results.append((metrics, new["params"]))
   for metrics, p in results[1:]:
@@ -109,16 +123,27 @@ def test_distillation_terms_match_numpy_and_topk_reduces_to_dense():
   np.testing.assert_allclose(margin, p_t1.max(-1) - np.take_along_axis(p_t1, y[..., None], -1)[..., 0], atol=1e-6)
   # top-k with k = V (any order) is the dense case; top-3 renormalises over its support
   order = np.argsort(-t_logp, -1)
-  sparse = distillation_terms(jnp.asarray(s), jnp.asarray(np.take_along_axis(t_logp, order, -1)), jnp.asarray(y),
-                              tau, teacher_ids_BTK=jnp.asarray(order))
+  sparse = distillation_terms(
+    jnp.asarray(s),
+    jnp.asarray(np.take_along_axis(t_logp, order, -1)),
+    jnp.asarray(y),
+    tau,
+    teacher_ids_BTK=jnp.asarray(order),
+  )
   for a, b in zip(sparse, (ce, kl, margin), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   k3 = order[..., :3]
-  _, kl3, _ = distillation_terms(jnp.asarray(s), jnp.asarray(np.take_along_axis(t_logp, k3, -1)), jnp.asarray(y),
-                                 tau, teacher_ids_BTK=jnp.asarray(k3))
+  _, kl3, _ = distillation_terms(
+    jnp.asarray(s),
+    jnp.asarray(np.take_along_axis(t_logp, k3, -1)),
+    jnp.asarray(y),
+    tau,
+    teacher_ids_BTK=jnp.asarray(k3),
+  )
   q = softmax(np.take_along_axis(t_logp, k3, -1) / tau)
-  np.testing.assert_allclose(kl3, tau**2 * (q * (np.log(q) - np.log(np.take_along_axis(p_s, k3, -1)))).sum(-1),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    kl3, tau**2 * (q * (np.log(q) - np.log(np.take_along_axis(p_s, k3, -1)))).sum(-1), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_soft_weights():
@@ -136,15 +161,26 @@ def test_distillation_step_from_itself_has_zero_soft_loss_and_gradient():
   cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "train.batch_size=2"])
   graphdef, params = nnx.split(create_model(cfg.model, seed=0))
   r = np.random.default_rng(0)
-  batch = jax.tree.map(jnp.asarray, {
-      "inputs": r.integers(0, 259, (2, 16)), "targets": r.integers(0, 259, (2, 16)),
-      "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1)),
-      "loss_mask": np.ones((2, 16), np.float32)})
+  batch = jax.tree.map(
+    jnp.asarray,
+    {
+      "inputs": r.integers(0, 259, (2, 16)),
+      "targets": r.integers(0, 259, (2, 16)),
+      "segment_ids": np.ones((2, 16), np.int32),
+      "positions": np.tile(np.arange(16), (2, 1)),
+      "loss_mask": np.ones((2, 16), np.float32),
+    },
+  )
   tx = make_optimizer(cfg.train)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "skipped": jnp.zeros((), jnp.int32)}
-  soft = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="fixed", alpha=1.0),
-                                                                             graphdef))
+  state = {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "skipped": jnp.zeros((), jnp.int32),
+  }
+  soft = make_train_step(
+    graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="fixed", alpha=1.0), graphdef)
+  )
   _, m = jax.jit(soft)(state, batch, params)
   assert abs(float(m["loss"])) < 1e-6 and float(m["grad_norm"]) < 1e-5 and float(m["hard_ce"]) > 1
   hard = make_train_step(graphdef, tx, cfg.train, make_schedule(cfg.train), (DistillConfig(weight="none"), graphdef))
@@ -161,12 +197,19 @@ def test_offline_topk_targets_equal_the_online_teacher(tmp_path):
 
   from behemoth_jax.config import DistillConfig
   from behemoth_jax.data import load_tokenizer, make_iterator
-  from behemoth_jax.generate import topk_logprobs
-  from behemoth_jax.training import loss_and_stats
+  from behemoth_jax.infer.generate import topk_logprobs
+  from behemoth_jax.train.step import loss_and_stats
 
-  cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "model.vocab_size=264",
-                                         f"data.source={tmp_path}/s.jsonl",
-                                         "data.heldout_fraction=0.01", "data.prefetch=0"])
+  cfg = load_config(
+    "configs/tiny.yaml",
+    [
+      "model.num_layers=2",
+      "model.vocab_size=264",
+      f"data.source={tmp_path}/s.jsonl",
+      "data.heldout_fraction=0.01",
+      "data.prefetch=0",
+    ],
+  )
   teacher = create_model(cfg.model, seed=1)
   tok = load_tokenizer("bytes")
   texts = ["the teacher writes this", "and this one too", "short"]
@@ -174,10 +217,15 @@ def test_offline_topk_targets_equal_the_online_teacher(tmp_path):
     for text in texts:
       ids = np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]]).astype(np.int32)
       top_ids, top_lp = topk_logprobs(teacher, ids[None], 264)
-      f.write(json.dumps({"text": text, "ids": ids.tolist(), "topk_ids": top_ids[0].tolist(),
-                          "topk_logprobs": top_lp[0].tolist()}) + "\n")
-  it = make_iterator(cfg.data, tok, split="train", seq_len=32, batch_size=2, seed=0, process_index=0,
-                     process_count=1, teacher_topk=264)
+      f.write(
+        json.dumps(
+          {"text": text, "ids": ids.tolist(), "topk_ids": top_ids[0].tolist(), "topk_logprobs": top_lp[0].tolist()}
+        )
+        + "\n"
+      )
+  it = make_iterator(
+    cfg.data, tok, split="train", seq_len=32, batch_size=2, seed=0, process_index=0, process_count=1, teacher_topk=264
+  )
   batch = jax.tree.map(jnp.asarray, next(it))
   it.close()
   assert batch["teacher_topk_ids"].shape == (2, 32, 264)

@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_utils import make_hf_model, save_hf
 
 from behemoth_jax.config import load_config
 from behemoth_jax.convert import load_hf
 from behemoth_jax.convert.keymap import entries
-from behemoth_jax.params import count_params
-from behemoth_jax.rope import inv_frequencies
-from hf_utils import make_hf_model, save_hf
+from behemoth_jax.model.rope import inv_frequencies
+from behemoth_jax.scale.params import count_params
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,11 @@ def checkpoint(tmp_path_factory):
 
 def _loss_and_grads_by_hf_name(model, ids):
   graphdef, params = nnx.split(model)
+
   def loss(p):
     logits = nnx.merge(graphdef, p)(ids)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(ids.shape[1])[None, :])
+
   value, grads = jax.value_and_grad(loss)(params)
   flat = dict(nnx.to_flat_state(grads))
   out = {}
@@ -54,7 +56,7 @@ def test_scan_equals_loop_values_and_gradients(checkpoint, unroll):
 
 def test_unstack_layers_is_the_same_model(checkpoint):
   """Generation's unscanned copy: every layer its own block, the same logits as the scanned model."""
-  from behemoth_jax.transformer import unstack_layers
+  from behemoth_jax.model.transformer import unstack_layers
 
   ids = np.random.default_rng(2).integers(0, 97, (2, 9))
   scanned = load_hf(checkpoint, scan_layers=True)
@@ -79,7 +81,7 @@ def test_causality_through_gradients(checkpoint):
   t0 = 5
   g = jax.grad(lambda x: model.logits(model.hidden_states(x))[0, t0].sum())(x)
   g = np.abs(np.asarray(g))[0].sum(-1)
-  assert np.all(g[t0 + 1:] == 0) and np.all(g[: t0 + 1] > 0)
+  assert np.all(g[t0 + 1 :] == 0) and np.all(g[: t0 + 1] > 0)
 
 
 def test_bf16_compute_close_to_f32(checkpoint):
@@ -91,25 +93,28 @@ def test_bf16_compute_close_to_f32(checkpoint):
 
 
 def _text_params(d, layers, heads, kv, hd, vocab, experts, routed, shared, moe_every=1, dense=0) -> tuple[int, int]:
-  """(total, active) of a Llama 4 text decoder by hand: SPEC §2, untied embeddings, no biases."""
+  """(total, active) of a Llama 4 text decoder by hand: docs/ARCHITECTURE.md §2, untied embeddings, no biases."""
   moe = layers // moe_every
   attention = layers * (2 * d * heads * hd + 2 * d * kv * hd)
   norms = layers * 2 * d + d
   ffn_unit = 3 * d  # gate, up and down: 3·D parameters per unit of width
   routed_total = moe * experts * ffn_unit * routed
-  fixed = 2 * vocab * d + attention + norms + moe * d * experts + moe * ffn_unit * shared + \
-      (layers - moe) * ffn_unit * dense
+  fixed = (
+    2 * vocab * d + attention + norms + moe * d * experts + moe * ffn_unit * shared + (layers - moe) * ffn_unit * dense
+  )
   return fixed + routed_total, fixed + routed_total // experts
 
 
 def test_parameter_counts_exact():
   """Totals and active counts to the parameter: Scout and Maverick against HF's meta-device counts
-  (SPEC §4), all three against the arithmetic of their shapes."""
+  (docs/ARCHITECTURE.md §1), all three against the arithmetic of their shapes."""
   counts = {n: count_params(load_config(f"configs/{n}.yaml").model) for n in ("scout", "maverick", "behemoth")}
   assert counts["scout"]["total"] == 107_769_861_120 and counts["maverick"]["total"] == 400_711_848_960  # HF
-  want = {"scout": _text_params(5120, 48, 40, 8, 128, 202048, 16, 8192, 8192),
-          "maverick": _text_params(5120, 48, 40, 8, 128, 202048, 128, 8192, 8192, moe_every=2, dense=16384),
-          "behemoth": _text_params(16384, 160, 128, 8, 128, 202048, 16, 14336, 9728)}
+  want = {
+    "scout": _text_params(5120, 48, 40, 8, 128, 202048, 16, 8192, 8192),
+    "maverick": _text_params(5120, 48, 40, 8, 128, 202048, 128, 8192, 8192, moe_every=2, dense=16384),
+    "behemoth": _text_params(16384, 160, 128, 8, 128, 202048, 16, 14336, 9728),
+  }
   for name, (total, active) in want.items():
     assert (counts[name]["total"], counts[name]["active"]) == (total, active), name
   assert counts["behemoth"]["total"] == 1_978_326_335_488 and counts["behemoth"]["active"] == 287_182_962_688
@@ -120,13 +125,21 @@ def test_parameter_counts_exact():
 def test_rope_frequencies_match_hf(scaling):
   from transformers import Llama4TextConfig
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
   from behemoth_jax.config import RopeScaling
+
   rope = {"rope_type": "default", "rope_theta": 500000.0}
   ours_scaling = None
   if scaling:
     f, lo, hi, ctx = scaling
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": f, "low_freq_factor": lo,
-            "high_freq_factor": hi, "original_max_position_embeddings": ctx}
+    rope = {
+      "rope_type": "llama3",
+      "rope_theta": 500000.0,
+      "factor": f,
+      "low_freq_factor": lo,
+      "high_freq_factor": hi,
+      "original_max_position_embeddings": ctx,
+    }
     ours_scaling = RopeScaling(f, lo, hi, ctx)
   hf_cfg = Llama4TextConfig(head_dim=128, rope_parameters=rope, max_position_embeddings=1 << 20)
   if scaling:

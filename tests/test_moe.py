@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from behemoth_jax.gmm import grouped_matmul
-from behemoth_jax.moe import moe_dispatch, route
+from behemoth_jax.model.gmm import grouped_matmul
+from behemoth_jax.model.moe import moe_dispatch, route
 
 
 def dense_moe_reference(x, w_router, wg, wu, wd, k):
@@ -23,14 +23,17 @@ def sparse_moe(x, w_router, wg, wu, wd, k, impl, block):
   def experts(xs, gs):
     gmm = lambda a, w: grouped_matmul(a, w, gs, impl=impl, block=block)
     return gmm(jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu), wd)
+
   r = route(x @ w_router, k)
   return moe_dispatch(x, r.experts_TA, r.scores_TA, wg.shape[0], experts)
 
 
 def _weights(seed, t=37, d=12, f=10, e=7):
   r = np.random.default_rng(seed)
-  return [jnp.asarray(r.standard_normal(s).astype(np.float32) * 0.5)
-          for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d))]
+  return [
+    jnp.asarray(r.standard_normal(s).astype(np.float32) * 0.5)
+    for s in ((t, d), (d, e), (e, d, f), (e, d, f), (e, f, d))
+  ]
 
 
 @pytest.mark.parametrize("impl,block", [("blocked", 8), ("blocked", 4), ("blocked", 64), ("ragged", 0)])
@@ -61,8 +64,9 @@ def test_grouped_matmul_blocked_handles_empty_and_skewed_groups(sizes):
   want_dw = np.stack([x[g].T @ dy[g] for g in groups])
   gs = jnp.asarray(sizes, jnp.int32)
   for block in (1, 4, 16):
-    y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, impl="blocked", block=block),
-                     *(jnp.asarray(a, jnp.float32) for a in (x, w)))
+    y, vjp = jax.vjp(
+      lambda x, w: grouped_matmul(x, w, gs, impl="blocked", block=block), *(jnp.asarray(a, jnp.float32) for a in (x, w))
+    )
     dx, dw = vjp(jnp.asarray(dy, jnp.float32))
     for got, ref in ((y, want), (dx, want_dx), (dw, want_dw)):
       np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
@@ -86,11 +90,15 @@ def test_grouped_matmul_with_fewer_rows_than_experts_matches_dense_with_gradient
 def test_blocked_flops_are_sparse():
   """The CPU grouped matmul executes each expert's own rows (rounded up to b/2), forward and backward:
   matmul FLOPs counted over a profiled run of the compiled program, not E× like ragged_dot on CPU."""
-  from behemoth_jax.flops import executed_flops
+  from behemoth_jax.scale.flops import executed_flops
+
   d, f, b = 64, 128, 16
   sizes = [0, 5, 64, 100, 17, 1, 300, 0, 33, 16, 80, 2, 0, 0, 48, 30]  # skewed, m = 696
   m, e = sum(sizes), len(sizes)
-  x = jnp.ones((m, d)); w = jnp.ones((e, d, f)); dy = jnp.ones((m, f)); gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.ones((m, d))
+  w = jnp.ones((e, d, f))
+  dy = jnp.ones((m, f))
+  gs = jnp.asarray(sizes, jnp.int32)
   step = 8  # tiles of 4b rows (8b for dw), then one of the rest rounded up to b/2 rows, at least 8
   rows = sum(-(-n // step) * step for n in sizes)
   assert m < rows <= m + e * (step - 1)
@@ -101,7 +109,8 @@ def test_blocked_flops_are_sparse():
     return executed_flops(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text())
 
   assert executed(gmm, x, w, gs) == 2 * rows * d * f
-  assert executed(lambda x, w, g, dy: jax.vjp(lambda x, w: gmm(x, w, g), x, w)[1](dy), x, w, gs, dy) \
-      == 2 * (2 * rows * d * f)  # dx and dw
+  assert executed(lambda x, w, g, dy: jax.vjp(lambda x, w: gmm(x, w, g), x, w)[1](dy), x, w, gs, dy) == 2 * (
+    2 * rows * d * f
+  )  # dx and dw
   dense = executed(lambda x, w, g: grouped_matmul(x, w, g, impl="dense"), x, w, gs)
   assert dense == e * 2 * m * d * f  # the oracle does every expert for every row

@@ -3,14 +3,14 @@
 import jax
 import numpy as np
 import pytest
+from hf_utils import MM_IDS, hf_mm_logits, make_hf_mm_model, save_hf
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
 from behemoth_jax.config import VisionConfig, load_config
 from behemoth_jax.convert import load_hf
 from behemoth_jax.data.images import image_prompt_ids
-from behemoth_jax.params import count_params
-from behemoth_jax.vision import pixel_shuffle
-from hf_utils import MM_IDS, hf_mm_logits, make_hf_mm_model, save_hf
+from behemoth_jax.model.vision import pixel_shuffle
+from behemoth_jax.scale.params import count_params
 
 TOL = 1e-4
 PATCH = MM_IDS["image_token_index"]
@@ -18,15 +18,26 @@ PATCH = MM_IDS["image_token_index"]
 LAYOUT = dict(image_marker_id=92, tile_x_separator_id=93, tile_y_separator_id=94)
 
 CONFIGS = {
-    # every text layer MoE + qk-norm; 2 ViT layers, 4 heads × 8, 4×4 patches → 2×2 = 4 tokens per tile
-    "scout_like": (dict(), dict()),
-    # Maverick-like text (interleave 2, no qk-norm); 3 ViT layers, 2 heads × 16, 32 px tiles of 8 px patches
-    "maverick_like": (dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=8),
-                      dict(num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)),
-    # dense text, MQA; ViT 48 wide (head_dim 12), 6×6 patches → 9 tokens per tile, projector 24
-    "dense_wide_grid": (dict(moe_layers=[], num_key_value_heads=1, num_hidden_layers=3),
-                        dict(hidden_size=48, intermediate_size=192, image_size=42, patch_size=7,
-                             projector_input_dim=24, projector_output_dim=24, vision_output_dim=24)),
+  # every text layer MoE + qk-norm; 2 ViT layers, 4 heads × 8, 4×4 patches → 2×2 = 4 tokens per tile
+  "scout_like": (dict(), dict()),
+  # Maverick-like text (interleave 2, no qk-norm); 3 ViT layers, 2 heads × 16, 32 px tiles of 8 px patches
+  "maverick_like": (
+    dict(interleave_moe_layer_step=2, use_qk_norm=False, num_hidden_layers=8),
+    dict(num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8),
+  ),
+  # dense text, MQA; ViT 48 wide (head_dim 12), 6×6 patches → 9 tokens per tile, projector 24
+  "dense_wide_grid": (
+    dict(moe_layers=[], num_key_value_heads=1, num_hidden_layers=3),
+    dict(
+      hidden_size=48,
+      intermediate_size=192,
+      image_size=42,
+      patch_size=7,
+      projector_input_dim=24,
+      projector_output_dim=24,
+      vision_output_dim=24,
+    ),
+  ),
 }
 
 
@@ -65,8 +76,11 @@ def _tiles(vc, rng, grids):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("images", [[(1, 1)], [(1, 1), (1, 1), (1, 1)], [(2, 3), (1, 1), (2, 1)]],
-                         ids=["one_image", "three_images", "multi_tile"])
+@pytest.mark.parametrize(
+  "images",
+  [[(1, 1)], [(1, 1), (1, 1), (1, 1)], [(2, 3), (1, 1), (2, 1)]],
+  ids=["one_image", "three_images", "multi_tile"],
+)
 def test_logits_match_hf(saved, name, images):
   hf_model, ours, vc = saved[name]
   rng = np.random.default_rng(len(images))
@@ -94,20 +108,38 @@ def test_placeholder_count_mismatch_is_one_clear_error(saved):
   _, ours, vc = saved["scout_like"]
   rng = np.random.default_rng(0)
   ids = _prompt(vc, rng, [(1, 1)])
-  with pytest.raises(ValueError, match=r"pixel_values: the images give 8 image features but input_ids hold 4 image "
-                                       rf"tokens \(id {PATCH}\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"pixel_values: the images give 8 image features but input_ids hold 4 image "
+    rf"tokens \(id {PATCH}\)",
+  ):
     ours(ids, pixel_values=_tiles(vc, rng, [(1, 1), (1, 1)]))
   with pytest.raises(ValueError, match="tiles of shape"):
     ours(ids, pixel_values=np.zeros((1, 3, vc.image_size + 1, vc.image_size), np.float32))
 
 
 def test_prompt_layout_matches_hf_processor():
-  vc = VisionConfig(**{**_vision_fields(VisionConfig()), "hidden_size": 32, "num_heads": 4, "intermediate_size": 128,
-                       "image_size": 28, "patch_size": 7, "projector_input_dim": 40, "projector_output_dim": 40,
-                       "vision_output_dim": 40})
-  names = {"<|image_start|>": vc.boi_token_id, "<|image_end|>": vc.eoi_token_id, "<|patch|>": vc.image_token_id,
-           "<|image|>": vc.image_marker_id, "<|tile_x_separator|>": vc.tile_x_separator_id,
-           "<|tile_y_separator|>": vc.tile_y_separator_id}
+  vc = VisionConfig(
+    **{
+      **_vision_fields(VisionConfig()),
+      "hidden_size": 32,
+      "num_heads": 4,
+      "intermediate_size": 128,
+      "image_size": 28,
+      "patch_size": 7,
+      "projector_input_dim": 40,
+      "projector_output_dim": 40,
+      "vision_output_dim": 40,
+    }
+  )
+  names = {
+    "<|image_start|>": vc.boi_token_id,
+    "<|image_end|>": vc.eoi_token_id,
+    "<|patch|>": vc.image_token_id,
+    "<|image|>": vc.image_marker_id,
+    "<|tile_x_separator|>": vc.tile_x_separator_id,
+    "<|tile_y_separator|>": vc.tile_y_separator_id,
+  }
   for grid in [(1, 1), (2, 3), (4, 1), (1, 2)]:
     text = Llama4Processor._prompt_split_image(None, grid, vc.tokens_per_tile)
     want = [names[tok + "|>"] for tok in text.replace("|>", "|>\n").split("|>\n") if tok]
@@ -132,8 +164,9 @@ def test_scout_vision_counts():
 
 def test_multimodal_logits_on_mesh_equal_one_device():
   """Tiles sharded as batch over fsdp × expert (8 devices) give the single-device logits."""
-  from behemoth_jax.transformer import create_model
-  from sharding.api import init_sharded, use_mesh
+  from behemoth_jax.model.transformer import create_model
+  from behemoth_jax.train.state import init_sharded
+  from sharding.api import use_mesh
   from sharding.mesh import make_mesh
 
   cfg = load_config("configs/tiny_mm.yaml", ["model.num_layers=2"])

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from multiprocess_common import loss_and_grad_norm, single_process_parallel
 
 WORKER = Path(__file__).parent / "multiprocess_worker.py"
@@ -22,8 +21,15 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
   out = tmp_path / "result.json"
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", port, str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(WORKER), str(i), "2", port, str(out)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     logs = [p.communicate(timeout=600)[0] for p in procs]
   finally:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from behemoth_jax.rope import apply_rope, inv_frequencies, rope_angles
+from behemoth_jax.model.rope import apply_rope, inv_frequencies, rope_angles
 
 
 def test_angles_are_exact_cos_and_sin():
@@ -17,8 +17,12 @@ def test_angles_are_exact_cos_and_sin():
   # XLA's cos/sin against numpy's: a few ulp apart, never more (the identity matmul adds nothing)
   np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=2e-7)
   np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=2e-7)
-  direct = jax.jit(lambda p: (jnp.cos(p.astype(jnp.float32)[..., None] * inv[None, None]),
-                                jnp.sin(p.astype(jnp.float32)[..., None] * inv[None, None])))
+  direct = jax.jit(
+    lambda p: (
+      jnp.cos(p.astype(jnp.float32)[..., None] * inv[None, None]),
+      jnp.sin(p.astype(jnp.float32)[..., None] * inv[None, None]),
+    )
+  )
   for got, want in zip((cos, sin), direct(jnp.asarray(pos)), strict=True):
     np.testing.assert_array_equal(got, want)  # bitwise what a plain cos/sin gives
 

@@ -8,23 +8,38 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from behemoth_jax.config import ModelConfig, ParallelConfig, load_config
-from behemoth_jax.transformer import abstract_model, create_model
-from sharding.api import init_sharded, logical_to_spec, place, replication_report, state_shardings, use_mesh
+from behemoth_jax.model.transformer import abstract_model, create_model
+from behemoth_jax.train.state import init_sharded
+from sharding.api import logical_to_spec, param_shardings, place, replication_report, use_mesh
 from sharding.mesh import ShardingError, make_mesh
 from sharding.rules import MESH_AXES
 
 CFG = ModelConfig(
-    vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=16,
-    intermediate_size_mlp=24, num_experts=8, num_experts_per_tok=1, attention_chunk_size=6, floor_scale=4.0,
-    attn_scale=0.3, param_dtype="float32", dtype="float32", initializer_range=0.2)
+  vocab_size=64,
+  hidden_size=32,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  intermediate_size=16,
+  intermediate_size_mlp=24,
+  num_experts=8,
+  num_experts_per_tok=1,
+  attention_chunk_size=6,
+  floor_scale=4.0,
+  attn_scale=0.3,
+  param_dtype="float32",
+  dtype="float32",
+  initializer_range=0.2,
+)
 
 MESHES = {
-    "fsdp8": dict(fsdp=8),
-    "data2_fsdp4": dict(data=2, fsdp=4),
-    "fsdp2_expert4": dict(fsdp=2, expert=4),
-    "data2_expert2_tensor2": dict(data=2, expert=2, tensor=2, fsdp=1),
-    "fsdp2_context4": dict(fsdp=2, context=4),
-    "expert8": dict(expert=8, fsdp=1),
+  "fsdp8": dict(fsdp=8),
+  "data2_fsdp4": dict(data=2, fsdp=4),
+  "fsdp2_expert4": dict(fsdp=2, expert=4),
+  "data2_expert2_tensor2": dict(data=2, expert=2, tensor=2, fsdp=1),
+  "fsdp2_context4": dict(fsdp=2, context=4),
+  "expert8": dict(expert=8, fsdp=1),
 }
 
 
@@ -98,7 +113,10 @@ def test_mesh_errors_name_the_problem():
   with pytest.raises(ShardingError, match=r"parallel.fsdp: -1 cannot fill 8 devices"):
     make_mesh(ParallelConfig(fsdp=-1, expert=3))
   mesh = make_mesh(ParallelConfig(fsdp=1, tensor=8))
-  with pytest.raises(ShardingError, match=r"^decoder/tail/0/attn/wk_DKH: dim 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor=8 \(= 8\)$"):
+  with pytest.raises(
+    ShardingError,
+    match=r"^decoder/tail/0/attn/wk_DKH: dim 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor=8 \(= 8\)$",
+  ):
     init_sharded(CFG, mesh)
   with pytest.raises(ShardingError, match=r"w: dim 0 \(experts\) of size 6 is not divisible by mesh axes expert=4"):
     logical_to_spec(("experts", "embed"), make_mesh(ParallelConfig(fsdp=2, expert=4)), (6, 32), name="w")
@@ -120,5 +138,5 @@ def test_multimodal_scout_shards_on_256_devices():
   state = nnx.state(abstract_model(cfg))
   report = replication_report(state, mesh)
   assert report["per_device_bytes"] <= 1.1 * report["ideal_per_device_bytes"]
-  shardings = dict(nnx.to_flat_state(state_shardings(state, mesh)))
+  shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
   assert shardings[("vision", "layers", "fc1_DF")].get_value().spec == PartitionSpec(None, "fsdp", "expert")

@@ -26,7 +26,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import yaml
+from flax import nnx
+
 from behemoth_jax.cli import ArgumentParser
+from behemoth_jax.config import Config, ConfigError, load_config, to_dict
+from behemoth_jax.convert.export import source_configs, write_hf
+from behemoth_jax.convert.hf import ConversionError, convert_hf_to_checkpoint
+from behemoth_jax.model.transformer import create_model
+from behemoth_jax.train.checkpoint import (
+  CONFIG_NAME,
+  CheckpointError,
+  find_config,
+  params_dir,
+  restore_leaf,
+  saved_dtypes,
+)
+from sharding.mesh import ShardingError
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -35,11 +52,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def from_hf(args) -> str:
-  import yaml
-
-  from behemoth_jax.checkpoint import CONFIG_NAME
-  from behemoth_jax.config import Config, to_dict
-  from behemoth_jax.convert.hf import convert_hf_to_checkpoint
 
   out = Path(args.out_dir)
   _check_out(out, args.overwrite)
@@ -58,13 +70,6 @@ def from_hf(args) -> str:
 
 
 def to_hf(args) -> str:
-  import numpy as np
-  from flax import nnx
-
-  from behemoth_jax.checkpoint import find_config, params_dir, restore_leaf, saved_dtypes
-  from behemoth_jax.config import load_config
-  from behemoth_jax.convert.export import source_configs, write_hf
-  from behemoth_jax.transformer import create_model
 
   out = Path(args.out_dir)
   _check_out(out, args.overwrite)
@@ -79,43 +84,65 @@ def to_hf(args) -> str:
   shapes = {k: (tuple(v.get_value().shape), stored.get(k, np.dtype(v.get_value().dtype))) for k, v in flat.items()}
   # One leaf restored at a time: host memory is about the largest leaf (per layer for from-hf output,
   # all layers of one parameter for a scanned train.py checkpoint), not the model.
-  write_hf(cfg, abstract.decoder.num_cycles, shapes, lambda leaf: restore_leaf(path, leaf, *shapes[leaf]), out,
-           max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, progress=True,
-           sources=source_configs(args.ckpt))
+  write_hf(
+    cfg,
+    abstract.decoder.num_cycles,
+    shapes,
+    lambda leaf: restore_leaf(path, leaf, *shapes[leaf]),
+    out,
+    max_shard_size=args.max_shard_size,
+    dtype=args.dtype,
+    overwrite=args.overwrite,
+    progress=True,
+    sources=source_configs(args.ckpt),
+  )
   arch = "Llama4ForConditionalGeneration" if cfg.vision is not None else "Llama4ForCausalLM"
   return f"wrote {out} ({arch}); load with transformers {arch}.from_pretrained({str(out)!r})"
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = ArgumentParser(prog="behemoth-convert", description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n".join(__doc__.splitlines()[1:]))
+  p = ArgumentParser(
+    prog="behemoth-convert",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[1:]),
+  )
   sub = p.add_subparsers(dest="command", required=True)
   a = sub.add_parser("from-hf", help="Hugging Face directory → orbax checkpoint + config.yaml")
   a.add_argument("hf_dir")
   a.add_argument("out_dir")
-  a.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16"),
-                 help="parameter dtype (default: %(default)s = each tensor's dtype in the source)")
+  a.add_argument(
+    "--dtype",
+    default="auto",
+    choices=("auto", "bfloat16", "float32", "float16"),
+    help="parameter dtype (default: %(default)s = each tensor's dtype in the source)",
+  )
   a.add_argument("--overwrite", action="store_true")
   b = sub.add_parser("to-hf", help="our checkpoint → Hugging Face directory (safetensors shards)")
   b.add_argument("ckpt")
   b.add_argument("out_dir")
   b.add_argument("--config", help="our YAML config (default: the config.yaml beside CKPT)")
   b.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default: %(default)s)")
-  b.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
-                 help="tensor dtype (default: each parameter's dtype in the checkpoint)")
+  b.add_argument(
+    "--dtype",
+    choices=("bfloat16", "float32", "float16"),
+    help="tensor dtype (default: each parameter's dtype in the checkpoint)",
+  )
   b.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
-  from behemoth_jax.checkpoint import CheckpointError
-  from behemoth_jax.config import ConfigError
-  from behemoth_jax.convert.hf import ConversionError
-  from sharding.mesh import ShardingError
 
   t0 = time.perf_counter()
   try:
     message = from_hf(args) if args.command == "from-hf" else to_hf(args)
-  except (ConversionError, CheckpointError, ConfigError, ShardingError, FileExistsError, FileNotFoundError,
-          ValueError) as e:
+  except (
+    ConversionError,
+    CheckpointError,
+    ConfigError,
+    ShardingError,
+    FileExistsError,
+    FileNotFoundError,
+    ValueError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"{message} [{time.perf_counter() - t0:.1f}s]")

@@ -20,11 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from behemoth_jax.config import ModelConfig
 from behemoth_jax.convert.hf_config import export_config, hf_pad_token_id
 from behemoth_jax.convert.keymap import Entry, entries
 from behemoth_jax.convert.safetensors_io import write_safetensors
+from behemoth_jax.train.checkpoint import HF_CONFIG, HF_GENERATION_CONFIG, find_beside
 
 
 def _prefix(cfg: ModelConfig) -> str:
@@ -54,8 +56,9 @@ def hf_shape(group: list[Entry], cfg: ModelConfig, leaf_shape: tuple[int, ...], 
 def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, numpy tensor) pairs of `model`, one tensor alive at a time (see the module docstring)."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  return _iter_hf_tensors(model.cfg, model.decoder.num_cycles,
-                          lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), dtype)
+  return _iter_hf_tensors(
+    model.cfg, model.decoder.num_cycles, lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), dtype
+  )
 
 
 def _iter_hf_tensors(cfg: ModelConfig, num_cycles: int, get_leaf, dtype: str | None):
@@ -86,7 +89,7 @@ def _iter_hf_tensors(cfg: ModelConfig, num_cycles: int, get_leaf, dtype: str | N
 
 def to_torch_state_dict(model, dtype: str | None = None) -> dict:
   """HF-named torch tensors (CPU) for `model.load_state_dict` of transformers' Llama4 classes."""
-  import torch
+  import torch  # optional (the test extra): only this in-memory bridge needs it
 
   out = {}
   for name, t in iter_hf_tensors(model, dtype):
@@ -105,15 +108,19 @@ def parse_size(text: str | int) -> int:
   if not m:
     raise ValueError(f"max_shard_size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
   unit = m.group(2).upper().rstrip("B")
-  scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
-           "TI": 2**40}[unit]
+  scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[
+    unit
+  ]
   return int(float(m.group(1)) * scale)
 
 
 def generation_config(cfg: ModelConfig, source: dict | None = None) -> dict:
   """generation_config.json: the source's as it was with our token ids written over it, or ours."""
-  ours = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids),
-          "pad_token_id": hf_pad_token_id(cfg)}
+  ours = {
+    "bos_token_id": cfg.bos_token_id,
+    "eos_token_id": list(cfg.eos_token_ids),
+    "pad_token_id": hf_pad_token_id(cfg),
+  }
   if source is None:
     return ours
   out = dict(source)
@@ -125,24 +132,38 @@ def generation_config(cfg: ModelConfig, source: dict | None = None) -> dict:
   return out
 
 
-def save_hf(model, path: str | Path, max_shard_size: str | int = "5GB", dtype: str | None = None,
-            overwrite: bool = False, progress: bool = False, source: str | Path | None = None) -> Path:
+def save_hf(
+  model,
+  path: str | Path,
+  max_shard_size: str | int = "5GB",
+  dtype: str | None = None,
+  overwrite: bool = False,
+  progress: bool = False,
+  source: str | Path | None = None,
+) -> Path:
   """Writes a directory `transformers` loads with from_pretrained: Llama4ForCausalLM for a text model,
   Llama4ForConditionalGeneration with `cfg.vision`. Tensors keep their dtypes unless `dtype` is given.
   `source`: the HF directory (or our checkpoint of it) the model came from; its config.json and
   generation_config.json are written back with only what our config changed. Returns the directory."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
-  return write_hf(model.cfg, model.decoder.num_cycles, shapes,
-                  lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), path, max_shard_size, dtype,
-                  overwrite, progress, source_configs(source) if source is not None else (None, None))
+  return write_hf(
+    model.cfg,
+    model.decoder.num_cycles,
+    shapes,
+    lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())),
+    path,
+    max_shard_size,
+    dtype,
+    overwrite,
+    progress,
+    source_configs(source) if source is not None else (None, None),
+  )
 
 
 def source_configs(path: str | Path) -> tuple[dict | None, dict | None]:
   """(config.json, generation_config.json) of an HF directory, or the copies kept beside one of our
   checkpoints (behemoth-convert from-hf, or a train.py run started from one); None where absent."""
-  from behemoth_jax.checkpoint import find_beside
-  from behemoth_jax.convert.hf import HF_CONFIG, HF_GENERATION_CONFIG
 
   out = []
   for ours, theirs in ((HF_CONFIG, "config.json"), (HF_GENERATION_CONFIG, "generation_config.json")):
@@ -153,9 +174,18 @@ def source_configs(path: str | Path) -> tuple[dict | None, dict | None]:
   return out[0], out[1]
 
 
-def write_hf(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, get_leaf, path: str | Path,
-             max_shard_size: str | int = "5GB", dtype: str | None = None, overwrite: bool = False,
-             progress: bool = False, sources: tuple[dict | None, dict | None] = (None, None)) -> Path:
+def write_hf(
+  cfg: ModelConfig,
+  num_cycles: int,
+  leaf_shapes: dict,
+  get_leaf,
+  path: str | Path,
+  max_shard_size: str | int = "5GB",
+  dtype: str | None = None,
+  overwrite: bool = False,
+  progress: bool = False,
+  sources: tuple[dict | None, dict | None] = (None, None),
+) -> Path:
   """`save_hf` from any leaf source: `leaf_shapes` {path: (shape, dtype)}, `get_leaf(path)` → host array
   (e.g. one leaf restored from a checkpoint at a time); `sources` the source's (config.json,
   generation_config.json) dicts, or None each."""
@@ -177,31 +207,36 @@ def write_hf(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, get_leaf, pat
     shards[-1].append(item)
     size += nbytes
   n = len(shards)
-  names = (["model.safetensors"] if n == 1 else
-           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   tmp = path.with_name(path.name + ".tmp-export")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in plan)
   bar = None
   if progress:
-    from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {path.name}")
   try:
     tensors = _iter_hf_tensors(cfg, num_cycles, get_leaf, dtype)
     for fname, shard in zip(names, shards, strict=True):
-      write_safetensors(tmp / fname, ((next(tensors)) for _ in shard), shard, metadata={"format": "pt"},
-                        on_bytes=bar.update if bar else None)
+      write_safetensors(
+        tmp / fname,
+        ((next(tensors)) for _ in shard),
+        shard,
+        metadata={"format": "pt"},
+        on_bytes=bar.update if bar else None,
+      )
     if n > 1:
       weight_map = {name: fname for fname, shard in zip(names, shards, strict=True) for name, _, _ in shard}
       (tmp / "model.safetensors.index.json").write_text(
-          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+      )
     dtypes = {d.name for _, _, d in plan}
     hf_cfg = export_config(cfg, sources[0], dtypes.pop() if len(dtypes) == 1 else None)
     # As transformers writes them (sorted keys, 2-space indent, final newline).
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     (tmp / "generation_config.json").write_text(
-        json.dumps(generation_config(cfg, sources[1]), indent=2, sort_keys=True) + "\n")
+      json.dumps(generation_config(cfg, sources[1]), indent=2, sort_keys=True) + "\n"
+    )
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -8,6 +8,7 @@ with one line naming the tensor. No pickle is ever loaded.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import shutil
@@ -16,21 +17,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp1
 from flax import nnx
+from tqdm import tqdm
 
 from behemoth_jax.config import ConfigError, ModelConfig
 from behemoth_jax.convert.hf_config import from_hf_config
 from behemoth_jax.convert.keymap import entries
 from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
-from behemoth_jax.transformer import Llama4, abstract_model
+from behemoth_jax.model.transformer import Llama4, abstract_model
+from behemoth_jax.train.checkpoint import HF_CONFIG, HF_GENERATION_CONFIG
+from sharding.api import place
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 AUTO = "auto"  # keep each tensor's dtype as the checkpoint stores it (transformers' dtype="auto")
-# The source's own configs, kept beside a from-hf checkpoint (and copied into a train.py run directory
-# that starts from it) so that to-hf writes them back with only what our model changed.
-HF_CONFIG = "hf_config.json"
-HF_GENERATION_CONFIG = "hf_generation_config.json"
 
 
 class ConversionError(ValueError):
@@ -145,8 +147,16 @@ def _with_dtypes(cfg: ModelConfig, source, by_leaf, dtype: str, compute_dtype: s
     dtype = max(weight, key=weight.get) if weight else "float32"
   cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=compute_dtype or dtype)
   return cfg, leaf_dtypes
-def load_hf(path: str | Path, dtype: str = AUTO, compute_dtype: str | None = None, progress: bool = False,
-            mesh=None, **config_overrides) -> Llama4:
+
+
+def load_hf(
+  path: str | Path,
+  dtype: str = AUTO,
+  compute_dtype: str | None = None,
+  progress: bool = False,
+  mesh=None,
+  **config_overrides,
+) -> Llama4:
   """Loads a `Llama4ForCausalLM` / `Llama4ForConditionalGeneration` save_pretrained directory as our model.
 
   Args:
@@ -171,7 +181,6 @@ def load_hf(path: str | Path, dtype: str = AUTO, compute_dtype: str | None = Non
   finally:
     source.close()
   if mesh is not None:
-    from sharding.api import place
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, place(state, mesh))
   return model
@@ -199,7 +208,6 @@ def _abstract_leaves(cfg: ModelConfig, by_leaf: dict):
 def _progress(progress: bool, what: str):
   if not progress:
     return None
-  from tqdm import tqdm
   return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {what}")
 
 
@@ -216,8 +224,10 @@ def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, dtype: np.dtype,
       raise ConversionError(f"{entry.hf_name}: last dim {raw.shape[-1]} not divisible into gate/up halves")
     value = entry.rule.to_ours(raw, cfg) if _shape_ok(raw, entry, cfg, per_layer_shape) else None
     if value is None or value.shape != per_layer_shape:
-      raise ConversionError(f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
-                            f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})")
+      raise ConversionError(
+        f"{entry.hf_name}: shape {tuple(raw.shape)} does not match the config "
+        f"(expected {_expected_hf_shape(entry, cfg, per_layer_shape)})"
+      )
     if stacked:
       host[entry.stack] = value
     else:
@@ -231,12 +241,14 @@ def _check_all_consumed(source, by_leaf) -> None:
   consumed = {e.hf_name for ents in by_leaf.values() for e in ents}
   unexpected = sorted(source.keys() - consumed)
   if unexpected:
-    raise ConversionError(f"{unexpected[0]}: unexpected tensor in checkpoint "
-                          f"({len(unexpected)} unexpected; is the config right?)")
+    raise ConversionError(
+      f"{unexpected[0]}: unexpected tensor in checkpoint ({len(unexpected)} unexpected; is the config right?)"
+    )
 
 
-def _assemble(cfg: ModelConfig, source, prefix: str, dtype: str, compute_dtype: str | None,
-              progress: bool = False) -> Llama4:
+def _assemble(
+  cfg: ModelConfig, source, prefix: str, dtype: str, compute_dtype: str | None, progress: bool = False
+) -> Llama4:
   by_leaf = _entries_by_leaf(cfg, prefix)
   _check_all_consumed(source, by_leaf)
   cfg, leaf_dtypes = _with_dtypes(cfg, source, by_leaf, dtype, compute_dtype)
@@ -256,21 +268,20 @@ def _release_freed_memory() -> None:
   """glibc keeps freed large blocks in its arenas; without handing them back, a conversion's resident
   memory creeps up with the number of tensors (measured: +0.35 GiB from 4 to 8 layers)."""
   try:
-    import ctypes
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):  # not glibc: nothing to do
     pass
 
 
-def convert_hf_to_checkpoint(path: str | Path, out: str | Path, dtype: str = AUTO,
-                             progress: bool = False, buffer_bytes: int = 256 << 20) -> ModelConfig:
+def convert_hf_to_checkpoint(
+  path: str | Path, out: str | Path, dtype: str = AUTO, progress: bool = False, buffer_bytes: int = 256 << 20
+) -> ModelConfig:
   """Streams a Hugging Face directory into an orbax parameter checkpoint at `out` (`out/state`),
   one leaf at a time (orbax partial saves), in the unscanned layout (one leaf per layer), so host
   memory stays near one tensor whatever the model size. `dtype` "auto" keeps each tensor's dtype.
   The source's config.json and generation_config.json are kept beside it (`HF_CONFIG`,
   `HF_GENERATION_CONFIG`) for to-hf. Returns the model config (scan_layers False);
   `checkpoint.restore_params` re-stacks the layers for a scanned model."""
-  import orbax.checkpoint.experimental.v1 as ocp1
 
   path, out = Path(path), Path(out).absolute()
   _check_dtype(dtype)
@@ -318,17 +329,6 @@ def keep_source_configs(hf_dir: Path, dst: Path) -> None:
       shutil.copyfile(Path(hf_dir) / src_name, Path(dst) / dst_name)
 
 
-def carry_source_configs(ckpt: str | Path, dst: Path) -> None:
-  """Copies the HF configs kept beside checkpoint `ckpt` (a from-hf output, or a run started from
-  one) into `dst`, so that a run's export still writes its source's config.json."""
-  from behemoth_jax.checkpoint import find_beside
-
-  for name in (HF_CONFIG, HF_GENERATION_CONFIG):
-    found = find_beside(ckpt, name)
-    if found is not None:
-      shutil.copyfile(found, Path(dst) / name)
-
-
 class _StateDictSource:
   """A torch state dict (name → tensor) read like a checkpoint directory."""
 
@@ -344,8 +344,8 @@ class _StateDictSource:
       raise ConversionError(f"{name}: missing from the state dict")
     t = self.sd[name].detach().cpu()
     if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret the bits
-      import ml_dtypes
       import torch
+
       return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 

@@ -22,10 +22,18 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
@@ -63,8 +71,10 @@ class SafetensorsFile:
         raise SafetensorsError(f"{name}: unsupported dtype {info['dtype']} in {self.path}")
       want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
       if end - begin != want or self._data_start + end > size:
-        raise SafetensorsError(f"{name}: truncated or inconsistent in {self.path} "
-                               f"(needs {want} bytes at [{begin}, {end}), file has {size - self._data_start})")
+        raise SafetensorsError(
+          f"{name}: truncated or inconsistent in {self.path} "
+          f"(needs {want} bytes at [{begin}, {end}), file has {size - self._data_start})"
+        )
     self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
   def keys(self) -> list[str]:
@@ -100,9 +110,13 @@ class SafetensorsFile:
       pass
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
-                      plan: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str] | None = None,
-                      on_bytes=None) -> None:
+def write_safetensors(
+  path: str | Path,
+  tensors: Iterable[tuple[str, np.ndarray]],
+  plan: list[tuple[str, tuple[int, ...], np.dtype]],
+  metadata: dict[str, str] | None = None,
+  on_bytes=None,
+) -> None:
   """Writes `plan`'s tensors (name, shape, dtype, in that order) as they come from `tensors`, each
   written and dropped before the next is produced. A tensor that does not match its plan raises."""
   header: dict = {"__metadata__": metadata} if metadata else {}
@@ -121,8 +135,10 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]
       want = next(expected)
       array = np.ascontiguousarray(array)
       if (name, tuple(array.shape), array.dtype) != (want[0], tuple(want[1]), np.dtype(want[2])):
-        raise ValueError(f"{name}: {array.shape} {array.dtype} does not match the planned "
-                         f"{want[0]} {tuple(want[1])} {np.dtype(want[2])}")
+        raise ValueError(
+          f"{name}: {array.shape} {array.dtype} does not match the planned "
+          f"{want[0]} {tuple(want[1])} {np.dtype(want[2])}"
+        )
       if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
       f.write(memoryview(array.reshape(-1).view(np.uint8)))

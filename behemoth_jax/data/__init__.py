@@ -11,13 +11,41 @@ The built-in corpus (`source: builtin`) is CPython's pydoc topics: nothing is do
 """
 
 from behemoth_jax.data.errors import DataError
-from behemoth_jax.data.pipeline import (DataIterator, count_usable_documents, document_order, make_iterator,
-                                        split_indices, tokenize_document)
+from behemoth_jax.data.pipeline import (
+  DataIterator,
+  count_usable_documents,
+  document_order,
+  make_iterator,
+  split_indices,
+  tokenize_document,
+)
 from behemoth_jax.data.sources import Corpus, builtin_corpus, open_source
-from behemoth_jax.data.tokenizer import BOS, EOS, PAD, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from behemoth_jax.data.tokenizer import (
+  BOS,
+  EOS,
+  PAD,
+  ByteTokenizer,
+  HFTokenizer,
+  Tokenizer,
+  load_tokenizer,
+)
 
 __all__ = [
-    "BOS", "EOS", "PAD", "ByteTokenizer", "Corpus", "DataError", "DataIterator", "HFTokenizer", "Tokenizer",
-    "builtin_corpus", "count_usable_documents", "document_order", "load_tokenizer",
-    "make_iterator", "open_source", "split_indices", "tokenize_document",
+  "BOS",
+  "EOS",
+  "PAD",
+  "ByteTokenizer",
+  "Corpus",
+  "DataError",
+  "DataIterator",
+  "HFTokenizer",
+  "Tokenizer",
+  "builtin_corpus",
+  "count_usable_documents",
+  "document_order",
+  "load_tokenizer",
+  "make_iterator",
+  "open_source",
+  "split_indices",
+  "tokenize_document",
 ]

@@ -1,6 +1,6 @@
 """Image and video preprocessing for the vision encoder (numpy + Pillow), and the prompt token layout.
 
-Images (HF `Llama4ImageProcessor`'s algorithm, SPEC §3):
+Images (HF `Llama4ImageProcessor`'s algorithm, docs/ARCHITECTURE.md §3):
   1. canvases: every (rows × cols) grid of tiles with rows·cols ≤ max_tiles;
   2. best fit: the smallest upscale that fits the image without distortion, or if none, the mildest
      downscale; ties go to the smallest canvas area; upscaling is capped at the tile size;
@@ -45,8 +45,9 @@ def supported_canvases(max_tiles: int) -> list[tuple[int, int]]:
   return [grid for grids in by_ratio.values() for grid in grids]
 
 
-def best_canvas(height: int, width: int, tile: int, max_tiles: int,
-                resize_to_max_canvas: bool = False) -> tuple[int, int]:
+def best_canvas(
+  height: int, width: int, tile: int, max_tiles: int, resize_to_max_canvas: bool = False
+) -> tuple[int, int]:
   """The canvas (rows, cols) an image of `height` × `width` is fitted to (HF `get_best_fit`)."""
   grids = np.array(supported_canvases(max_tiles))
   scale_h, scale_w = grids[:, 0] * tile / height, grids[:, 1] * tile / width
@@ -104,8 +105,9 @@ def normalize(pixels_HWC: np.ndarray, hf_rounding: bool = True) -> np.ndarray:
   return (x / np.float32(0.5)).astype(bf16).astype(np.float32)
 
 
-def preprocess_image(image: Any, tile: int = 336, max_tiles: int = 16, *, resize_to_max_canvas: bool = False,
-                     hf_rounding: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess_image(
+  image: Any, tile: int = 336, max_tiles: int = 16, *, resize_to_max_canvas: bool = False, hf_rounding: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
   """An image → (tiles float32 [n, 3, tile, tile], (rows, cols)); n = rows·cols, plus one global
   thumbnail tile when rows·cols > 1."""
   im = load_image(image)
@@ -126,8 +128,14 @@ def preprocess_image(image: Any, tile: int = 336, max_tiles: int = 16, *, resize
 
 
 def check_layout_ids(vc: VisionConfig, vocab_size: int) -> None:
-  for name in ("image_token_id", "boi_token_id", "eoi_token_id", "image_marker_id", "tile_x_separator_id",
-               "tile_y_separator_id"):
+  for name in (
+    "image_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "image_marker_id",
+    "tile_x_separator_id",
+    "tile_y_separator_id",
+  ):
     if not 0 <= getattr(vc, name) < vocab_size:
       raise DataError(f"model.vision.{name}: {getattr(vc, name)} is outside the vocabulary [0, {vocab_size})")
 
@@ -146,8 +154,9 @@ def image_prompt_ids(vc: VisionConfig, grid: tuple[int, int]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def video_frames(video: Any, *, num_frames: int | None = 8, fps: float | None = None,
-                 source_fps: float | None = None) -> list[Image.Image]:
+def video_frames(
+  video: Any, *, num_frames: int | None = 8, fps: float | None = None, source_fps: float | None = None
+) -> list[Image.Image]:
   """Frames sampled in time order from an array [T, H, W, C], a list of frame files or images, a
   directory of images, or a file of frames.
 
@@ -172,8 +181,11 @@ def video_frames(video: Any, *, num_frames: int | None = 8, fps: float | None = 
     if num_frames is None or num_frames < 1:
       raise DataError(f"num_frames: must be >= 1, got {num_frames}")
     n = len(frames)
-    idx = list(range(n)) if n <= num_frames else [round(i * (n - 1) / (num_frames - 1)) if num_frames > 1 else 0
-                                                  for i in range(num_frames)]
+    idx = (
+      list(range(n))
+      if n <= num_frames
+      else [round(i * (n - 1) / (num_frames - 1)) if num_frames > 1 else 0 for i in range(num_frames)]
+    )
   return [frames[i] for i in idx]
 
 
@@ -233,8 +245,15 @@ def _read_frames(video: Any, source_fps: float | None) -> tuple[list[Image.Image
   return frames, None if per_frame is None else np.arange(len(frames)) * per_frame
 
 
-def preprocess_video(video: Any, tile: int = 336, *, num_frames: int | None = 8, fps: float | None = None,
-                     source_fps: float | None = None, hf_rounding: bool = True) -> np.ndarray:
+def preprocess_video(
+  video: Any,
+  tile: int = 336,
+  *,
+  num_frames: int | None = 8,
+  fps: float | None = None,
+  source_fps: float | None = None,
+  hf_rounding: bool = True,
+) -> np.ndarray:
   """A video → tiles float32 [frames, 3, tile, tile], one single-tile image per sampled frame."""
   frames = video_frames(video, num_frames=num_frames, fps=fps, source_fps=source_fps)
   return np.stack([preprocess_image(f, tile, max_tiles=1, hf_rounding=hf_rounding)[0][0] for f in frames])

@@ -8,7 +8,7 @@ Sources (`data.source`):
   *.array_record   records holding the same JSON objects.
 Records without media are plain text documents, packed alongside.
 
-Each example becomes [BOS] + media blocks (SPEC §3 layout; a video is one single-tile block per
+Each example becomes [BOS] + media blocks (docs/ARCHITECTURE.md §3 layout; a video is one single-tile block per
 sampled frame) + text + [EOS]; the loss covers the text and EOS only (never image-layout tokens).
 Examples are packed whole, in a seeded order, into rows of `seq_len` tokens and at most
 `data.max_tiles_per_row` tiles (next fit); the packing plan is made once, and rows are reshuffled
@@ -31,8 +31,15 @@ from PIL import Image
 from behemoth_jax.config import VisionConfig
 from behemoth_jax.data import shapes
 from behemoth_jax.data.errors import DataError
-from behemoth_jax.data.images import (best_canvas, check_layout_ids, image_prompt_ids, preprocess_image,
-                                      count_frames, preprocess_video, video_prompt_ids)
+from behemoth_jax.data.images import (
+  best_canvas,
+  check_layout_ids,
+  count_frames,
+  image_prompt_ids,
+  preprocess_image,
+  preprocess_video,
+  video_prompt_ids,
+)
 from behemoth_jax.data.pipeline import SPLITS, DataIterator, split_indices
 from behemoth_jax.data.sources import _JsonlFile
 from behemoth_jax.data.tokenizer import Tokenizer
@@ -89,8 +96,10 @@ class MMSource:
       if fmt == "auto":
         fmt = {".jsonl": "jsonl", ".array_record": "arrayrecord"}.get(Path(data_cfg.source).suffix, "")
       if fmt not in ("jsonl", "arrayrecord"):
-        raise DataError(f"{data_cfg.source}: a model with vision reads data.source builtin_shapes, a .jsonl or an "
-                        ".array_record file of image/video–text records")
+        raise DataError(
+          f"{data_cfg.source}: a model with vision reads data.source builtin_shapes, a .jsonl or an "
+          ".array_record file of image/video–text records"
+        )
       if not Path(data_cfg.source).is_file():
         raise DataError(f"{data_cfg.source}: file not found")
       self.records = _Records(data_cfg.source, fmt)
@@ -176,7 +185,7 @@ class MMSource:
     media token is the first text token), tiles [k, 3, S, S]."""
     ids = np.concatenate([[self.tok.bos_id], media_ids, self.tok.encode(text), [self.tok.eos_id]]).astype(np.int32)
     text_mask = np.zeros(len(ids) - 1, np.float32)
-    text_mask[len(media_ids):] = 1.0
+    text_mask[len(media_ids) :] = 1.0
     return {"ids": ids, "text_mask": text_mask, "tiles": tiles}
 
   def encode(self, i: int) -> dict[str, np.ndarray]:
@@ -190,8 +199,10 @@ def packing_plan(source: MMSource, ids_N: np.ndarray, seq_len: int, max_tiles: i
   for i in order:
     n, k = source.sizes(int(i))
     if n > seq_len or k > max_tiles:
-      raise DataError(f"{source.source}: example {i} needs {n} tokens and {k} tiles, more than a row holds "
-                      f"(train.seq_len={seq_len}, data.max_tiles_per_row={max_tiles})")
+      raise DataError(
+        f"{source.source}: example {i} needs {n} tokens and {k} tiles, more than a row holds "
+        f"(train.seq_len={seq_len}, data.max_tiles_per_row={max_tiles})"
+      )
     if cur and (cur_len + n > seq_len or cur_tiles + k > max_tiles):
       rows.append(tuple(cur))
       cur, cur_len, cur_tiles = [], 0, 0
@@ -208,28 +219,43 @@ class _LoadRow(grain.transforms.Map):
 
   def map(self, row: tuple) -> dict[str, np.ndarray]:
     t, k, vc = self.seq_len, self.max_tiles, self.source.vc
-    out = {"inputs": np.full(t, self.pad_id, np.int32), "targets": np.full(t, self.pad_id, np.int32),
-           "segment_ids": np.zeros(t, np.int32), "positions": np.zeros(t, np.int32),
-           "loss_mask": np.zeros(t, np.float32),
-           "pixel_values": np.zeros((k, 3, vc.image_size, vc.image_size), np.float32)}
+    out = {
+      "inputs": np.full(t, self.pad_id, np.int32),
+      "targets": np.full(t, self.pad_id, np.int32),
+      "segment_ids": np.zeros(t, np.int32),
+      "positions": np.zeros(t, np.int32),
+      "loss_mask": np.zeros(t, np.float32),
+      "pixel_values": np.zeros((k, 3, vc.image_size, vc.image_size), np.float32),
+    }
     at = tiles_at = 0
     for seg, i in enumerate(row, start=1):
       ex = self.source.encode(i)
       n = len(ex["ids"]) - 1
-      out["inputs"][at:at + n] = ex["ids"][:-1]
-      out["targets"][at:at + n] = ex["ids"][1:]
-      out["segment_ids"][at:at + n] = seg
-      out["positions"][at:at + n] = np.arange(n)
-      out["loss_mask"][at:at + n] = ex["text_mask"]
+      out["inputs"][at : at + n] = ex["ids"][:-1]
+      out["targets"][at : at + n] = ex["ids"][1:]
+      out["segment_ids"][at : at + n] = seg
+      out["positions"][at : at + n] = np.arange(n)
+      out["loss_mask"][at : at + n] = ex["text_mask"]
       m = len(ex["tiles"])
-      out["pixel_values"][tiles_at:tiles_at + m] = ex["tiles"]
+      out["pixel_values"][tiles_at : tiles_at + m] = ex["tiles"]
       at, tiles_at = at + n, tiles_at + m
     return out
 
 
-def make_mm_iterator(data_cfg: Any, vc: VisionConfig, tokenizer: Tokenizer, *, split: str, seq_len: int,
-                     batch_size: int, seed: int, process_index: int, process_count: int,
-                     num_epochs: int | None = None, vocab_size: int | None = None) -> DataIterator:
+def make_mm_iterator(
+  data_cfg: Any,
+  vc: VisionConfig,
+  tokenizer: Tokenizer,
+  *,
+  split: str,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None = None,
+  vocab_size: int | None = None,
+) -> DataIterator:
   """Batches of packed multimodal rows (module docstring); the same contract as `make_iterator`."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -251,10 +277,21 @@ def make_mm_iterator(data_cfg: Any, vc: VisionConfig, tokenizer: Tokenizer, *, s
   it = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
   if data_cfg.prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data_cfg.prefetch)
-  fingerprint = dict(kind="multimodal", version=STATE_VERSION, num_examples=len(source), split=split,
-                     seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
-                     process_count=process_count, num_epochs=num_epochs, max_tiles=data_cfg.max_tiles_per_row,
-                     video_frames=data_cfg.video_frames, tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}")
+  fingerprint = dict(
+    kind="multimodal",
+    version=STATE_VERSION,
+    num_examples=len(source),
+    split=split,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_epochs=num_epochs,
+    max_tiles=data_cfg.max_tiles_per_row,
+    video_frames=data_cfg.video_frames,
+    tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}",
+  )
   return DataIterator(it, fingerprint, _NoReader(), num_documents=end - start)
 
 

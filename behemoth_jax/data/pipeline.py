@@ -41,6 +41,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from behemoth_jax.data.errors import DataError
 from behemoth_jax.data.sources import Corpus, open_source
@@ -122,13 +123,15 @@ class _ReadScored(_ReadAndTokenize):
     except KeyError as e:
       raise DataError(f"{where}: missing field {e.args[0]!r} (write records with `generate --score K`)") from None
     if top_ids.shape != top_lp.shape or top_ids.ndim != 2 or len(top_ids) != len(ids) or top_ids.shape[1] < self.k:
-      raise DataError(f"{where}: topk_ids {top_ids.shape} / topk_logprobs {top_lp.shape} must be [len(ids) = "
-                      f"{len(ids)}, >= distill.topk = {self.k}]")
+      raise DataError(
+        f"{where}: topk_ids {top_ids.shape} / topk_logprobs {top_lp.shape} must be [len(ids) = "
+        f"{len(ids)}, >= distill.topk = {self.k}]"
+      )
     if len(ids) < MIN_TOKENS:
       with self._lock:
         self.skipped += 1
       return None
-    return {"doc": ids, "topk_ids": top_ids[:, :self.k], "topk_logp": top_lp[:, :self.k]}
+    return {"doc": ids, "topk_ids": top_ids[:, : self.k], "topk_logp": top_lp[:, : self.k]}
 
 
 def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray | None:
@@ -165,8 +168,15 @@ class _SplitIntoPieces(grain.experimental.FlatMapTransform):
     inputs, targets = doc[:-1], doc[1:]
     positions = np.arange(len(inputs), dtype=np.int32)
     t = self.seq_len
-    return [{"inputs": inputs[s:s + t], "targets": targets[s:s + t], "positions": positions[s:s + t],
-             **{k: v[s:s + t] for k, v in extra.items()}} for s in range(0, len(inputs), t)]
+    return [
+      {
+        "inputs": inputs[s : s + t],
+        "targets": targets[s : s + t],
+        "positions": positions[s : s + t],
+        **{k: v[s : s + t] for k, v in extra.items()},
+      }
+      for s in range(0, len(inputs), t)
+    ]
 
 
 class _Finalize(grain.transforms.Map):
@@ -181,13 +191,13 @@ class _Finalize(grain.transforms.Map):
     # Rows added by batch_and_pad are all zeros; set every padding slot to the pad id alike.
     extra = {k: batch[k] for k in ("teacher_topk_ids", "teacher_topk_logp") if k in batch}
     return {
-        **extra,
-        "inputs": np.where(real_BT, batch["inputs"], self.pad_id).astype(np.int32),
-        "targets": np.where(real_BT, batch["targets"], self.pad_id).astype(np.int32),
-        "segment_ids": segment_ids_BT,
-        "positions": np.where(real_BT, batch["positions"], 0).astype(np.int32),
-        # Every real slot's target is its document's next token (shifted before packing).
-        "loss_mask": real_BT.astype(np.float32),
+      **extra,
+      "inputs": np.where(real_BT, batch["inputs"], self.pad_id).astype(np.int32),
+      "targets": np.where(real_BT, batch["targets"], self.pad_id).astype(np.int32),
+      "segment_ids": segment_ids_BT,
+      "positions": np.where(real_BT, batch["positions"], 0).astype(np.int32),
+      # Every real slot's target is its document's next token (shifted before packing).
+      "loss_mask": real_BT.astype(np.float32),
     }
 
 
@@ -195,8 +205,9 @@ class _Finalize(grain.transforms.Map):
 class DataIterator:
   """Iterator of batch dicts with grain's checkpointing (`get_state` / `set_state`)."""
 
-  def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any], reader: _ReadAndTokenize,
-               num_documents: int):
+  def __init__(
+    self, dataset: grain.IterDataset, fingerprint: dict[str, Any], reader: _ReadAndTokenize, num_documents: int
+  ):
     self._dataset = dataset
     self._it = iter(dataset)
     # Stop grain's prefetch thread / workers before interpreter teardown (grain's own __del__ then
@@ -224,13 +235,14 @@ class DataIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-      raise DataError(f"data iterator state: expected version {STATE_VERSION}, got "
-                      f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+      raise DataError(
+        f"data iterator state: expected version {STATE_VERSION}, got "
+        f"{state.get('version') if isinstance(state, dict) else type(state).__name__}"
+      )
     saved = state["fingerprint"]
     for key, value in self._fingerprint.items():
       if saved.get(key) != value:
-        raise DataError(f"data iterator state: saved with {key}={saved.get(key)!r}, "
-                        f"this iterator has {value!r}")
+        raise DataError(f"data iterator state: saved with {key}={saved.get(key)!r}, this iterator has {value!r}")
     self._it.set_state(state["grain"])
 
   def close(self) -> None:
@@ -242,7 +254,6 @@ def _absl_flags_parsed() -> None:
   """grain 0.2.18's mp_prefetch reads an absl flag, which raises UnparsedFlagAccessError in programs
   that do not start through absl.app (google/grain#1355, fixed upstream after 0.2.18). Marking the
   flags parsed keeps every flag at its default; a later absl.app / FLAGS(argv) still parses argv."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -267,9 +278,19 @@ def _noop() -> None:
   pass
 
 
-def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: int, batch_size: int,
-                  seed: int, process_index: int, process_count: int,
-                  num_epochs: int | None = None, teacher_topk: int = 0) -> DataIterator:
+def make_iterator(
+  data_cfg: Any,
+  tokenizer: Tokenizer,
+  *,
+  split: str,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None = None,
+  teacher_topk: int = 0,
+) -> DataIterator:
   """Batches of `split` for process `process_index` of `process_count` (see the module docstring).
 
   `teacher_topk` > 0: the source is a JSONL written by `generate --score`; records give the token ids
@@ -295,8 +316,10 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   start = len(ids_N) * process_index // process_count
   end = len(ids_N) * (process_index + 1) // process_count
   if end == start:
-    raise DataError(f"{data_cfg.source}: no documents for split {split!r} of process {process_index} "
-                    f"of {process_count} ({len(corpus)} documents in the source, {len(ids_N)} in the split)")
+    raise DataError(
+      f"{data_cfg.source}: no documents for split {split!r} of process {process_index} "
+      f"of {process_count} ({len(corpus)} documents in the source, {len(ids_N)} in the split)"
+    )
   _check_usable(corpus, tokenizer, ids_N[start:end], split)
 
   seed = int(seed) % 2**32  # grain's shuffle takes 32-bit seeds
@@ -311,14 +334,14 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   it = ds.to_iter_dataset(read_options)
   it = grain.experimental.FlatMapIterDataset(it, _SplitIntoPieces(seq_len))
   it = grain.experimental.FirstFitPackIterDataset(
-      it,
-      length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len, **topk_struct(seq_len)},
-      num_packing_bins=max(batch_size, MIN_PACKING_BINS),
-      seed=seed,
-      shuffle_bins=split == "train",
-      # Our own positions (continuing through long documents) are packed as given, not re-derived.
-      meta_features=("positions",),
-      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0, **topk_struct(0)},
+    it,
+    length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len, **topk_struct(seq_len)},
+    num_packing_bins=max(batch_size, MIN_PACKING_BINS),
+    seed=seed,
+    shuffle_bins=split == "train",
+    # Our own positions (continuing through long documents) are packed as given, not re-derived.
+    meta_features=("positions",),
+    padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0, **topk_struct(0)},
   )
   # A last partial batch (finite epochs) is filled with empty rows, not dropped: eval sees every document.
   pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
@@ -326,23 +349,31 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, *, split: str, seq_len: i
   it = it.map(_Finalize(tokenizer.pad_id))
   if data_cfg.worker_count > 0:
     _absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
-                                                     per_worker_buffer_size=max(data_cfg.prefetch, 1)))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=data_cfg.worker_count, per_worker_buffer_size=max(data_cfg.prefetch, 1))
+    )
   elif data_cfg.prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data_cfg.prefetch)
 
   # What a saved state is only valid for. Not the source path: a corpus may move between runs.
-  fingerprint = dict(num_documents=len(corpus), heldout_fraction=data_cfg.heldout_fraction, split=split,
-                     seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
-                     process_count=process_count, num_epochs=num_epochs, worker_count=data_cfg.worker_count,
-                     **({"teacher_topk": teacher_topk} if teacher_topk else {}),
-                     tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.bos_id}:"
-                               f"{tokenizer.eos_id}")
+  fingerprint = dict(
+    num_documents=len(corpus),
+    heldout_fraction=data_cfg.heldout_fraction,
+    split=split,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_epochs=num_epochs,
+    worker_count=data_cfg.worker_count,
+    **({"teacher_topk": teacher_topk} if teacher_topk else {}),
+    tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.bos_id}:{tokenizer.eos_id}",
+  )
   return DataIterator(it, fingerprint, reader, num_documents=end - start)
 
 
-def document_order(ids_N: np.ndarray, *, shuffle: bool, seed: int,
-                   num_epochs: int | None) -> grain.MapDataset:
+def document_order(ids_N: np.ndarray, *, shuffle: bool, seed: int, num_epochs: int | None) -> grain.MapDataset:
   """The document indices in reading order: `ids_N` per epoch, shuffled anew each epoch if `shuffle`."""
   ds = grain.MapDataset.source(ids_N)
   if shuffle:
@@ -358,8 +389,9 @@ def _check_usable(corpus: Corpus, tokenizer: Tokenizer, ids_N: np.ndarray, split
   for i in ids_N:
     if tokenize_document(corpus[int(i)], tokenizer) is not None:
       return
-  raise DataError(f"{corpus.name}: no usable documents in split {split!r} (all {len(ids_N)} are shorter "
-                  f"than {MIN_TOKENS} tokens)")
+  raise DataError(
+    f"{corpus.name}: no usable documents in split {split!r} (all {len(ids_N)} are shorter than {MIN_TOKENS} tokens)"
+  )
 
 
 def count_usable_documents(corpus: Corpus, tokenizer: Tokenizer) -> tuple[int, int]:

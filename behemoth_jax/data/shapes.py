@@ -12,8 +12,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40),
-           "purple": (160, 60, 210), "white": (235, 235, 235)}
+COLOURS = {
+  "red": (220, 40, 40),
+  "green": (40, 190, 60),
+  "blue": (50, 90, 230),
+  "yellow": (235, 215, 40),
+  "purple": (160, 60, 210),
+  "white": (235, 235, 235),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 NUM_EXAMPLES = 50_000
@@ -24,9 +30,13 @@ def attributes(i: int) -> dict:
   """The generator's choices for example i (no drawing)."""
   rng = np.random.default_rng([7, i])
   video = bool(rng.random() < VIDEO_FRACTION)
-  return {"colour": list(COLOURS)[rng.integers(len(COLOURS))], "shape": SHAPES[rng.integers(len(SHAPES))],
-          "direction": list(DIRECTIONS)[rng.integers(len(DIRECTIONS))] if video else None, "video": video,
-          "seed": int(rng.integers(2**31))}
+  return {
+    "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+    "shape": SHAPES[rng.integers(len(SHAPES))],
+    "direction": list(DIRECTIONS)[rng.integers(len(DIRECTIONS))] if video else None,
+    "video": video,
+    "seed": int(rng.integers(2**31)),
+  }
 
 
 def caption(attrs: dict) -> str:

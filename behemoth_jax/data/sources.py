@@ -27,24 +27,30 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from pydoc_data import topics
 from typing import Any
 
+import grain
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from behemoth_jax.data.errors import DataError
 
 FORMATS = ("text", "jsonl", "parquet", "arrayrecord")
 EXTENSIONS = {
-    ".txt": "text", ".md": "text",
-    ".jsonl": "jsonl", ".json": "jsonl",
-    ".parquet": "parquet",
-    ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord",
+  ".txt": "text",
+  ".md": "text",
+  ".jsonl": "jsonl",
+  ".json": "jsonl",
+  ".parquet": "parquet",
+  ".array_record": "arrayrecord",
+  ".arrayrecord": "arrayrecord",
 }
 
 
 def builtin_corpus() -> list[str]:
   """CPython's `pydoc_data` topics (~465 KB of English documentation, 79 documents), sorted by key."""
-  from pydoc_data import topics  # part of the standard library: nothing is downloaded
   return [topics.topics[k] for k in sorted(topics.topics)]
 
 
@@ -87,7 +93,7 @@ class _FileDocs:
     try:
       return data.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})") from None
+      raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r})") from None
 
   def _from_json(self, text: str, where: str, *, required: bool = True) -> str | None:
     """The `text_field` of a JSON object; None when not required and `text` is not a JSON object."""
@@ -206,7 +212,6 @@ class _ParquetFile(_FileDocs):
 
   def __init__(self, path: str, text_field: str):
     super().__init__(path, text_field)
-    import pyarrow as pa
 
     self._file = None
     self._cache: OrderedDict[int, list] = OrderedDict()
@@ -217,8 +222,12 @@ class _ParquetFile(_FileDocs):
     if text_field not in schema.names:
       raise DataError(f"{path}: missing field {text_field!r} (columns: {', '.join(schema.names[:8])})")
     kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind)):
+    if not (
+      pa.types.is_string(kind)
+      or pa.types.is_large_string(kind)
+      or pa.types.is_binary(kind)
+      or pa.types.is_large_binary(kind)
+    ):
       raise DataError(f"{path}: field {text_field!r} has type {kind}, expected a string")
     rows_G = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], np.int64)
     self.offsets_G = np.concatenate([[0], np.cumsum(rows_G)])
@@ -232,7 +241,6 @@ class _ParquetFile(_FileDocs):
 
   def _open(self):
     if self._file is None:
-      import pyarrow.parquet as pq
       try:
         self._file = pq.ParquetFile(self.path)
       except Exception as e:  # pyarrow raises several types for a damaged or non-Parquet file
@@ -265,7 +273,6 @@ class _ParquetFile(_FileDocs):
 
 
 def _binary_type(kind):
-  import pyarrow as pa
   large = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
   return pa.large_binary() if large else pa.binary()
 
@@ -277,7 +284,6 @@ class _ArrayRecordFile(_FileDocs):
 
   def __init__(self, path: str, text_field: str):
     super().__init__(path, text_field)
-    import grain
 
     try:
       self._source = grain.sources.ArrayRecordDataSource([path])
@@ -391,8 +397,7 @@ def _find_files(source: str, format: str) -> list[tuple[str, str]]:
     if fmt == "auto":
       fmt = EXTENSIONS.get(_extension(path), "")
       if not fmt and named:
-        raise DataError(f"{path}: cannot tell the format from the extension; set data.format "
-                        f"({', '.join(FORMATS)})")
+        raise DataError(f"{path}: cannot tell the format from the extension; set data.format ({', '.join(FORMATS)})")
     if os.path.getsize(path) == 0:
       raise DataError(f"{path}: empty file")
     out.append((path, fmt))

@@ -7,8 +7,9 @@ would add them too is bypassed), `decode(ids)`, and the ids `bos_id`, `eos_id`, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -61,8 +62,7 @@ class ByteTokenizer:
 class HFTokenizer:
   """A Hugging Face `tokenizers` tokenizer.json (e.g. Llama 4's), with explicit or looked-up specials."""
 
-  def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None,
-               pad_id: int | None = None):
+  def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
     import tokenizers  # imported here so the byte tokenizer works without the package
 
     self.path = str(path)

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from behemoth_jax.config import DISTILL_WEIGHTS
-from behemoth_jax.moe import MoEStats
+from behemoth_jax.model.moe import MoEStats
 
 
-def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
-                          chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+  h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
   """Σ mask · (logsumexp(h·W) − (h·W)[target]) and Σ mask · logsumexp², logits in float32.
 
   Returns (nll_sum, z_sum): sums, so callers normalise over the whole (accumulated) batch.
@@ -28,7 +29,7 @@ def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arr
   else:
     lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk)
   mask_BT = mask_BT.astype(jnp.float32)
-  return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT ** 2 * mask_BT)
+  return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT**2 * mask_BT)
 
 
 def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int):
@@ -76,8 +77,9 @@ def _logits_bwd(res, g_BTV):
   f32 = jnp.float32
   dh = jax.lax.dot_general(g_BTV, w_DV, (((2,), (1,)), ((), ())), preferred_element_type=f32)
   h_DN = jax.lax.optimization_barrier(h_BTD.reshape(-1, h_BTD.shape[-1]).T)
-  dw = jax.lax.dot_general(h_DN, g_BTV.reshape(-1, g_BTV.shape[-1]), (((1,), (0,)), ((), ())),
-                           preferred_element_type=f32)
+  dw = jax.lax.dot_general(
+    h_DN, g_BTV.reshape(-1, g_BTV.shape[-1]), (((1,), (0,)), ((), ())), preferred_element_type=f32
+  )
   return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype)
 
 
@@ -126,10 +128,13 @@ def router_z_loss(stats: MoEStats) -> jax.Array:
   return jnp.mean(stats.z) if stats.z.shape[0] else jnp.zeros((), jnp.float32)
 
 
-
-
-def distillation_terms(student_logits_BTV: jax.Array, teacher_logp_BTK: jax.Array, targets_BT: jax.Array,
-                       temperature: float, teacher_ids_BTK: jax.Array | None = None):
+def distillation_terms(
+  student_logits_BTV: jax.Array,
+  teacher_logp_BTK: jax.Array,
+  targets_BT: jax.Array,
+  temperature: float,
+  teacher_ids_BTK: jax.Array | None = None,
+):
   """Per-token (hard CE, soft KL, teacher margin max_v p_T(v) − p_T(label)), all float32 [B, T].
 
   Teacher: log-probs over the whole vocabulary (online: `teacher_ids_BTK` None, K = V) or its top-k

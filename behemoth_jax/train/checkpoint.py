@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 class _JsonState:
@@ -93,9 +95,13 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, every: int, keep: int, use_async: bool):
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                           enable_async_checkpointing=use_async, create=True,
-                                           cleanup_tmp_directories=True)  # a save killed half-way
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      save_interval_steps=every,
+      enable_async_checkpointing=use_async,
+      create=True,
+      cleanup_tmp_directories=True,
+    )  # a save killed half-way
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self.lead = jax.process_index() == 0
     self._hasher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-manifest")
@@ -114,9 +120,13 @@ class Checkpointer:
       return False
     self._finish_in_flight()
     try:
-      saved = self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_JsonState(data_iter))),
-          force=force)
+      saved = self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_JsonState(data_iter))
+        ),
+        force=force,
+      )
     except Exception as e:
       raise self._write_error(step, e) from e
     self._in_flight = step if saved else None
@@ -133,8 +143,10 @@ class Checkpointer:
 
   def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
     intact = [s for s in self.manager.all_steps() if s != step]
-    return CheckpointError(f"writing checkpoint step {step} to {self.directory} failed ({_one_line(e)}); "
-                           f"intact checkpoints: steps {intact or 'none'}")
+    return CheckpointError(
+      f"writing checkpoint step {step} to {self.directory} failed ({_one_line(e)}); "
+      f"intact checkpoints: steps {intact or 'none'}"
+    )
 
   def _seal(self) -> None:
     """Manifests for committed steps that lack one (lead process; background thread)."""
@@ -153,8 +165,12 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iter):
     """The state at `step`, placed by `abstract_state`'s shardings; `data_iter` is set in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(_JsonState(data_iter))))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(_JsonState(data_iter))
+      ),
+    )
     return restored["state"]
 
   def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -166,9 +182,11 @@ class Checkpointer:
     for key, want in sorted(_shapes_by_key(abstract_state).items(), key=lambda kv: kv[0][0] != "params"):
       got = saved.get(key)
       if got is not None and got != want:
-        raise CheckpointError(f"{self.directory / str(step)}: {'/'.join(key)} has shape {got} but "
-                              f"the config needs {want} (another model's checkpoint? use another "
-                              f"train.out_dir)")
+        raise CheckpointError(
+          f"{self.directory / str(step)}: {'/'.join(key)} has shape {got} but "
+          f"the config needs {want} (another model's checkpoint? use another "
+          f"train.out_dir)"
+        )
 
   def restore_latest(self, abstract_state, data_iter, warn=print):
     """(state, step) of the newest step that verifies and restores, or (None, None) with no steps.
@@ -194,8 +212,9 @@ class Checkpointer:
       self._move_aside([s for s, _ in broken])
       return state, step
     if broken:
-      raise CheckpointError(f"no readable checkpoint in {self.directory}: " +
-                            "; ".join(f"step {s}: {_one_line(e)}" for s, e in broken))
+      raise CheckpointError(
+        f"no readable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {_one_line(e)}" for s, e in broken)
+      )
     return None, None
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -205,7 +224,6 @@ class Checkpointer:
       for s in steps:
         os.replace(self.directory / str(s), self.directory / f"corrupt-{s}-{int(time.time())}")
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("checkpoint-move-aside")
     self.manager.reload()
     self._sealed -= set(steps)
@@ -280,13 +298,19 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
     got = shapes.get(tuple(map(str, _saved_key(key, flat) if restack else key)))
     want = var.get_value().shape[1:] if restack and key[:2] == ("decoder", "cycles") else var.get_value().shape
     if got is not None and got != tuple(want):
-      raise CheckpointError(f"{what}: {path}: parameter {'/'.join(map(str, key))} has shape {got} in the "
-                            f"checkpoint but the config needs {tuple(want)} (a checkpoint of another model?)")
+      raise CheckpointError(
+        f"{what}: {path}: parameter {'/'.join(map(str, key))} has shape {got} in the "
+        f"checkpoint but the config needs {tuple(want)} (a checkpoint of another model?)"
+      )
   if restack:
     return _restore_restacked(path, flat)
   target = {"params": abstract_params}
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  restored = ocp.PyTreeCheckpointer().restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    ),
+  )
   return restored["params"]
 
 
@@ -305,8 +329,12 @@ def restore_leaf(path: Path, leaf: tuple, shape: tuple[int, ...], dtype) -> np.n
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   var = nnx.Param(jax.ShapeDtypeStruct(shape, dtype, sharding=cpu))
   sub = {"params": nnx.from_flat_state({leaf: var})}
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True))
+  restored = ocp.PyTreeCheckpointer().restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True
+    ),
+  )
   return np.asarray(dict(nnx.to_flat_state(restored["params"]))[leaf].get_value())
 
 
@@ -331,8 +359,12 @@ def _restore_restacked(path: Path, flat: dict):
     sds = var.get_value()
     if key[:3] == ("decoder", "cycles", "blocks"):
       j, rest = key[3], key[4:]
-      value = np.stack([restore_leaf(path, ("decoder", "tail", c * len(blocks) + j, *rest), sds.shape[1:], sds.dtype)
-                        for c in range(n_cycles)])
+      value = np.stack(
+        [
+          restore_leaf(path, ("decoder", "tail", c * len(blocks) + j, *rest), sds.shape[1:], sds.dtype)
+          for c in range(n_cycles)
+        ]
+      )
     elif key[:2] == ("decoder", "tail"):
       value = restore_leaf(path, ("decoder", "tail", first_tail + key[2], *key[3:]), sds.shape, sds.dtype)
     else:
@@ -342,6 +374,10 @@ def _restore_restacked(path: Path, flat: dict):
 
 
 CONFIG_NAME = "config.yaml"
+# The Hugging Face configs a checkpoint was converted from, kept beside it (behemoth-convert from-hf)
+# and copied into a run that starts from it, so that to-hf writes them back with only what changed.
+HF_CONFIG = "hf_config.json"
+HF_GENERATION_CONFIG = "hf_generation_config.json"
 
 
 def save_params(path: str | Path, params) -> None:
@@ -362,3 +398,11 @@ def find_beside(path: str | Path, name: str) -> Path | None:
     if (p / name).is_file():
       return p / name
   return None
+
+
+def carry_source_configs(ckpt: str | Path, dst: Path) -> None:
+  """Copies the HF configs kept beside checkpoint `ckpt` (if any) into directory `dst`."""
+  for name in (HF_CONFIG, HF_GENERATION_CONFIG):
+    found = find_beside(ckpt, name)
+    if found is not None:
+      shutil.copyfile(found, Path(dst) / name)

@@ -1,17 +1,15 @@
 """Grouped matmul for sparse MoE: rows sorted by expert, `out[r] = x[r] @ w[expert(r)]`.
 
-Implementations (SPEC §2.6):
+Implementations (docs/ARCHITECTURE.md §2.6; the measurements behind the CPU kernel's shape are in
+docs/PERFORMANCE.md, "Design measurements"):
 - `ragged`: `jax.lax.ragged_dot`, native on TPU (and the GPU lowering of XLA).
-- `blocked`: on CPU `ragged_dot` lowers to one masked dense matmul per expert (measured with jax 0.10.2:
-  16 experts cost 16× the useful FLOPs), so this path scans over the experts, reads each expert's
+- `blocked`: on CPU `ragged_dot` lowers to one masked dense matmul per expert (E× the useful
+  FLOPs), so this path scans over the experts, reads each expert's
   weight once and multiplies its own rows in tiles of 4·b rows (a `while` loop with a data-dependent
   trip count), then its remaining rows in one tile whose size (the rows rounded up to b/2) a
   `lax.switch` picks. The backward pass runs the same tiles for dx = dy·wᵀ and, per expert, dw[e] =
   Σ xᵀ·dy in tiles of 8·b rows: no E×-dense work and no scatter-add over tokens. Compiled FLOPs of
-  these loops are counted at run time (`behemoth_jax.flops.executed_flops`).
-  Replaced (2026-12-02): a scan over a static number of b-row blocks of the padded layout, each block
-  copying its expert's weight slice before its matmul: 1.2-1.25× slower forward and backward on
-  bench-moe's shapes (docs/PERFORMANCE.md), though its FLOPs could be counted statically.
+  these loops are counted at run time (`behemoth_jax.scale.flops.executed_flops`).
   With fewer rows than experts (decoding), each row instead multiplies a gathered copy of its own
   expert's weight.
 - `dense`: every expert on every row, then select; a test oracle only (E× the FLOPs).
@@ -39,8 +37,9 @@ def default_block_size(rows: int, experts: int) -> int:
   return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
 
-def grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, *, impl: str,
-                   block: int = 0) -> jax.Array:
+def grouped_matmul(
+  x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, *, impl: str, block: int = 0
+) -> jax.Array:
   """Rows of `x_MK` are sorted by expert; `group_sizes_E` (int32, sums to M) counts rows per expert."""
   impl = resolve_impl(impl)
   if impl == "ragged":
@@ -79,12 +78,9 @@ def _last_tile(rest, big: int, step: int, m: int, compute, empty):
   """`compute(rows)` for `rest` (< big, <= m) rows rounded up to a multiple of `step`; `empty()` if 0.
 
   Each size is a static shape, so one `lax.switch` picks among (at most) big/step matmul shapes: an
-  expert's last rows cost one matmul, not several b-row tiles (a matmul pays ~28 rows' worth of fixed
-  cost on XLA:CPU). Measured on bench-moe's shapes against b-row tiles (benchmarks/gmm.py, alternated
-  in one process, medians of 11, three runs): forward 18.5-23.9 -> 16.8-18.2 ms, backward 55-62 ->
-  46-50 ms. Callers slice the operands (`big` rows) before the `switch` so each branch is one static
-  slice and a matmul: branches cost compile time (~30 ms each on XLA:CPU); steps of b/4 rows doubled
-  the branches for no measurable gain, steps of b rows lost some (more padding rows)."""
+  expert's last rows cost one matmul, not several b-row tiles (a matmul pays a large fixed cost on
+  XLA:CPU). Callers slice the operands (`big` rows) before the `switch` so each branch is one static
+  slice and a matmul (branches cost compile time). Measurements: docs/PERFORMANCE.md."""
   sizes = range(step, min(big, -(-m // step) * step) + 1, step)
   return jax.lax.switch((rest + step - 1) // step, [empty] + [partial(compute, rows) for rows in sizes])
 
@@ -96,7 +92,7 @@ def _expert_products(x_MK, w_EKN, group_sizes_E, b: int, transpose_w: bool):
   That tile runs past its group into rows of the next group, which that group overwrites when its turn
   comes (experts run in ascending order); the last group's overrun lands in 4·b padding rows. It is
   zero-padded to 4·b rows and written outside the `switch`: a `switch` that wrote into the carried
-  output made XLA copy the whole output per expert (forward 19.5 -> 33 ms)."""
+  output made XLA copy the whole output per expert."""
   m, k = x_MK.shape
   n_out = w_EKN.shape[1] if transpose_w else w_EKN.shape[2]
   eq = "bN,KN->bK" if transpose_w else "bK,KN->bN"
@@ -113,9 +109,14 @@ def _expert_products(x_MK, w_EKN, group_sizes_E, b: int, transpose_w: bool):
       out = jax.lax.fori_loop(0, full, lambda i, o: write(o, start + i * big, tile(start + i * big)), out)
     rest0 = start + full * big
     x_bK = jax.lax.dynamic_slice_in_dim(x_pad, rest0, big)
-    last = _last_tile(n - full * big, big, _step(b), m,
-                      lambda rows: jnp.pad(product(x_bK[:rows]), ((0, big - rows), (0, 0))),
-                      lambda: jnp.zeros((big, n_out), out.dtype))  # (rows of the next group or padding)
+    last = _last_tile(
+      n - full * big,
+      big,
+      _step(b),
+      m,
+      lambda rows: jnp.pad(product(x_bK[:rows]), ((0, big - rows), (0, 0))),
+      lambda: jnp.zeros((big, n_out), out.dtype),
+    )  # (rows of the next group or padding)
     return write(out, rest0, last), None
 
   out = jnp.zeros((m + big, n_out), x_MK.dtype)
@@ -141,11 +142,18 @@ def _expert_weight_grads(x_MK, dy_MN, group_sizes_E, b: int):
     rest0 = start + full * big
     x_bK = jnp.where((rest0 + jnp.arange(big) < start + n)[:, None], rows_at(x_pad, rest0), 0)  # rows
     dy_bN = rows_at(dy_pad, rest0)  # past the group belong to the next expert: masked
-    acc = _last_tile(n - full * big, big, _step(b), m, lambda rows: product(x_bK[:rows], dy_bN[:rows]),
-                     lambda: jnp.zeros((k, n_out), jnp.float32))
+    acc = _last_tile(
+      n - full * big,
+      big,
+      _step(b),
+      m,
+      lambda rows: product(x_bK[:rows], dy_bN[:rows]),
+      lambda: jnp.zeros((k, n_out), jnp.float32),
+    )
     if m >= big:  # (static: no loop to compile when no group can fill a tile)
-      acc = jax.lax.fori_loop(0, full, lambda i, a: a + product(rows_at(x_pad, start + i * big),
-                                                                rows_at(dy_pad, start + i * big)), acc)
+      acc = jax.lax.fori_loop(
+        0, full, lambda i, a: a + product(rows_at(x_pad, start + i * big), rows_at(dy_pad, start + i * big)), acc
+      )
     return None, acc
 
   return jax.lax.scan(expert, None, (_tile_starts(group_sizes_E), group_sizes_E))[1]

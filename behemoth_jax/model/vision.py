@@ -1,4 +1,4 @@
-"""The Llama 4 vision encoder (HF `Llama4VisionModel`, SPEC §3) and early fusion into the text stream.
+"""The Llama 4 vision encoder (HF `Llama4VisionModel`, docs/ARCHITECTURE.md §3) and early fusion into the text stream.
 
 Per tile: unfold patches (c, kh, kw order) → linear → append CLS *last* → add the learned position
 table → LayerNorm → pre-LN ViT layers (biases, exact GELU, non-causal attention with 2D RoPE, x
@@ -18,8 +18,15 @@ import numpy as np
 from flax import nnx
 
 from behemoth_jax.config import VisionConfig
-from behemoth_jax.layers import BIAS, EMBEDDING, SCALE, param, remat, stack_modules
-from behemoth_jax.rope import apply_rope
+from behemoth_jax.model.layers import (
+  BIAS,
+  EMBEDDING,
+  SCALE,
+  param,
+  remat,
+  stack_modules,
+)
+from behemoth_jax.model.rope import apply_rope
 from sharding import axes as ax
 
 
@@ -116,7 +123,7 @@ def unfold_patches(pixels_NCHW: jax.Array, patch: int) -> jax.Array:
 
 def pixel_shuffle(x_NPC: jax.Array, ratio: float) -> jax.Array:
   """HF's pixel shuffle, op for op: [N, s², C] → [N, (s·r)², C/r²]. Channel blocks come out in the
-  order (2i,2j), (2i,2j+1), (2i+1,2j), (2i+1,2j+1) for r = 0.5 (SPEC §3)."""
+  order (2i,2j), (2i,2j+1), (2i+1,2j), (2i+1,2j+1) for r = 0.5 (docs/ARCHITECTURE.md §3)."""
   n, p, c = x_NPC.shape
   s = math.isqrt(p)
   x = x_NPC.reshape(n, s, s, c)
@@ -132,8 +139,8 @@ class VisionEncoder(nnx.Module):
     d, std, pd = cfg.hidden_size, cfg.initializer_range, param_dtype
     self.cfg = cfg
     self.remat_policy = remat_policy
-    s = cfg.patches_per_side ** 2
-    scale = d ** -0.5
+    s = cfg.patches_per_side**2
+    scale = d**-0.5
     self.patch_embed_PD = param(rngs, (cfg.num_channels * cfg.patch_size**2, d), (None, ax.VISION_EMBED), pd, std)
     self.class_embedding_D = param(rngs, (d,), (ax.VISION_EMBED,), pd, scale, EMBEDDING)
     self.pos_embedding_SD = param(rngs, (s + 1, d), (None, ax.VISION_EMBED), pd, scale, EMBEDDING)
@@ -149,13 +156,15 @@ class VisionEncoder(nnx.Module):
     n = pixels_NCHW.shape[0]
     want = (cfg.num_channels, cfg.image_size, cfg.image_size)
     if tuple(pixels_NCHW.shape[1:]) != want:
-      raise ValueError(f"pixel_values: tiles of shape {tuple(pixels_NCHW.shape[1:])}, expected {want} "
-                       "(channels, height, width); see behemoth_jax.data.images.preprocess_image")
+      raise ValueError(
+        f"pixel_values: tiles of shape {tuple(pixels_NCHW.shape[1:])}, expected {want} "
+        "(channels, height, width); see behemoth_jax.data.images.preprocess_image"
+      )
     w = lambda p: p[...].astype(dtype)  # noqa: E731
     x = ax.constrain(pixels_NCHW.astype(dtype), (ax.BATCH, None, None, None))
     x = jnp.einsum("NSP,PD->NSD", unfold_patches(x, cfg.patch_size), w(self.patch_embed_PD))
     cls = jnp.broadcast_to(w(self.class_embedding_D), (n, 1, cfg.hidden_size))
-    x = jnp.concatenate([x, cls], axis=1) + w(self.pos_embedding_SD)[None]  # CLS last (SPEC §3)
+    x = jnp.concatenate([x, cls], axis=1) + w(self.pos_embedding_SD)[None]  # CLS last (docs/ARCHITECTURE.md §3)
     x = ax.constrain(self.ln_pre(x), (ax.BATCH, None, ax.ACT_EMBED))
     angles = rope_2d_angles(cfg)
     cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
@@ -168,8 +177,9 @@ class VisionEncoder(nnx.Module):
     return gelu(jnp.einsum("NSP,PQ->NSQ", x, w(self.adapter_fc2_PP)))
 
 
-def fuse_image_features(x_BTD: jax.Array, input_ids_BT: jax.Array, features: jax.Array,
-                        image_token_id: int) -> jax.Array:
+def fuse_image_features(
+  x_BTD: jax.Array, input_ids_BT: jax.Array, features: jax.Array, image_token_id: int
+) -> jax.Array:
   """Replaces the embeddings of `<|patch|>` tokens by image features, in order.
 
   features: [F, D] in row-major (batch, time) order over the whole batch (HF's layout), or
@@ -183,11 +193,15 @@ def fuse_image_features(x_BTD: jax.Array, input_ids_BT: jax.Array, features: jax
     if per_row:
       bad = np.nonzero(counts > features.shape[1])[0]
       if bad.size:
-        raise ValueError(f"pixel_values: row {bad[0]} has {counts[bad[0]]} image tokens (id {image_token_id}) "
-                         f"but only {features.shape[1]} image features")
+        raise ValueError(
+          f"pixel_values: row {bad[0]} has {counts[bad[0]]} image tokens (id {image_token_id}) "
+          f"but only {features.shape[1]} image features"
+        )
     elif counts.sum() != features.shape[0]:
-      raise ValueError(f"pixel_values: the images give {features.shape[0]} image features but input_ids hold "
-                       f"{counts.sum()} image tokens (id {image_token_id}); each tile needs its placeholders")
+      raise ValueError(
+        f"pixel_values: the images give {features.shape[0]} image features but input_ids hold "
+        f"{counts.sum()} image tokens (id {image_token_id}); each tile needs its placeholders"
+      )
   if per_row:
     idx = jnp.cumsum(mask, axis=1) - 1
     gathered = jnp.take_along_axis(features, jnp.clip(idx, 0, features.shape[1] - 1)[..., None], axis=1)

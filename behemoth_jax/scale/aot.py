@@ -1,9 +1,9 @@
 """Ahead-of-time compilation for a TPU topology on any machine (libtpu: `pip install -e ".[tpu]"`).
 
-`train.py --compile-topology v5p-1024` compiles the real train step (train.py's own state shardings,
-`make_train_step`, batch layout) for the chips of that slice, without TPU hardware, and reports XLA's
-per-chip memory analysis against the chip's HBM. `python -m behemoth_jax.memory --compile-topology`
-does the same for a prefill (serving) step.
+`train.py --compile-topology v5p-1024` compiles the real train step (the trainer's own state
+shardings, `make_train_step` and batch layout) for the chips of that slice, without TPU hardware, and
+reports XLA's per-chip memory analysis against the chip's HBM; `python -m behemoth_jax.memory
+--prefill N --compile-topology` does the same for a prefill (serving) step. One report for both.
 
 Names follow Cloud TPU: v4-N and v5p-N count TensorCores (2 per chip, so v5p-1024 is 512 chips);
 v5e-N and v6e-N count chips. One jax device per chip (megacore).
@@ -12,34 +12,33 @@ v5e-N and v6e-N count chips. One jax device per chip (megacore).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
+from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError
-
-
-@dataclass(frozen=True)
-class Chip:
-  generation: str  # libtpu's topology prefix
-  device_kind: str
-  hbm_bytes: int  # usable HBM per chip: the largest buffer libtpu accepts (measured, libtpu 0.0.42)
-  peak_bf16_flops: float  # dense, per chip (vendor figures)
-  cores_per_chip_in_name: int  # v4-N / v5p-N count TensorCores
-  dims: int  # torus dimensions
-
-
-CHIPS = {
-    "v4": Chip("v4", "TPU v4", 33_013_592_064, 275e12, 2, 3),
-    "v5p": Chip("v5", "TPU v5", 102_802_796_544, 459e12, 2, 3),
-    "v5e": Chip("v5e", "TPU v5 lite", 16_908_767_232, 197e12, 1, 2),
-    "v6e": Chip("v6e", "TPU v6 lite", 33_549_930_496, 918e12, 1, 2),
-}
+from behemoth_jax.infer.generate import prefill
+from behemoth_jax.model.cost import kv_cache_bytes
+from behemoth_jax.platforms import user_platforms
+from behemoth_jax.scale.params import count_params
+from behemoth_jax.train.batch import batch_specs
+from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state
+from behemoth_jax.train.step import (
+  analytic_train_flops,
+  make_optimizer,
+  make_schedule,
+  make_train_step,
+)
+from sharding import axes as ax
+from sharding.api import logical_to_spec, per_device_bytes, use_mesh
+from sharding.mesh import make_mesh
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,6 @@ class Topology:
 
   @property
   def devices(self) -> list:
-    from jax.experimental import topologies
 
     kw = {"chip_config_name": "megacore"} if self.chip.dims == 3 else {}
     kw["chips_per_host_bounds"] = (min(2, self.shape[0]), min(2, self.shape[1]), 1)  # one host: 2x2x1 chips
@@ -62,8 +60,9 @@ class Topology:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU is opened
-    desc = topologies.get_topology_desc(topology_name=f"{self.chip.generation}:{'x'.join(map(str, self.shape))}",
-                                        platform="tpu", **kw)
+    desc = topologies.get_topology_desc(
+      topology_name=f"{self.chip.tpu_generation}:{'x'.join(map(str, self.shape))}", platform="tpu", **kw
+    )
     return list(desc.devices)
 
   def describe(self) -> str:
@@ -91,8 +90,10 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     raise ConfigError(f"--compile-topology: {name}: {m.group(1)}-N counts TensorCores (2 per chip); N must be even")
   chips = n // chip.cores_per_chip_in_name
   if chips < (4 if chip.dims == 3 else 1) or chips & (chips - 1):
-    raise ConfigError(f"--compile-topology: {name}: {chips} chips; slices here are powers of two of at least "
-                      f"{4 if chip.dims == 3 else 1} chips")
+    raise ConfigError(
+      f"--compile-topology: {name}: {chips} chips; slices here are powers of two of at least "
+      f"{4 if chip.dims == 3 else 1} chips"
+    )
   if num_slices < 1:
     raise ConfigError(f"--num-slices: must be >= 1, got {num_slices}")
   return Topology(name, chip, chips, _torus_shape(chips, chip.dims), num_slices)
@@ -118,8 +119,14 @@ class MemoryReport:
   @classmethod
   def of(cls, compiled) -> MemoryReport:
     m = compiled.memory_analysis()
-    return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes,
-               m.generated_code_size_in_bytes, getattr(m, "peak_memory_in_bytes", 0))
+    return cls(
+      m.argument_size_in_bytes,
+      m.output_size_in_bytes,
+      m.alias_size_in_bytes,
+      m.temp_size_in_bytes,
+      m.generated_code_size_in_bytes,
+      getattr(m, "peak_memory_in_bytes", 0),
+    )
 
   @property
   def total(self) -> int:
@@ -142,60 +149,77 @@ def compile_report(lowered, topo: Topology) -> tuple[MemoryReport | None, str | 
       raise
     m = re.search(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", text)
     unit = lambda u: f" {u}iB" if u else " bytes"  # XLA's human-readable sizes are binary
-    reason = (f"needs {m.group(1)}{unit(m.group(2))} per chip, the chip has {m.group(3)}{unit(m.group(4))}" if m
-              else text.strip().splitlines()[0][:300])
+    reason = (
+      f"needs {m.group(1)}{unit(m.group(2))} per chip, the chip has {m.group(3)}{unit(m.group(4))}"
+      if m
+      else text.strip().splitlines()[0][:300]
+    )
     return None, reason, None
   return MemoryReport.of(compiled), None, compiled
 
 
-def train_batch_specs(cfg: Config, mesh) -> dict:
-  """Abstract global batch, sharded as train.py's `to_global` shards it."""
-  from sharding import axes as ax
-  from sharding.api import logical_to_spec
-
-  b, t = cfg.train.batch_size, cfg.train.seq_len
-
-  def sds(shape, dtype):
-    logical = (ax.BATCH, ax.LENGTH) if len(shape) == 2 else (ax.BATCH,) + (None,) * (len(shape) - 1)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(logical, mesh, shape)))
-
-  batch = {k: sds((b, t), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-  batch["loss_mask"] = sds((b, t), jnp.float32)
-  vc = cfg.model.vision
-  if vc is not None:
-    batch["pixel_values"] = sds((b, cfg.data.max_tiles_per_row, vc.num_channels, vc.image_size, vc.image_size),
-                                jnp.float32)
-  return batch
-
-
-def per_device_bytes(abstract) -> int:
-  """Bytes one device holds of an abstract sharded tree (ShapeDtypeStructs with shardings)."""
-  total = 0
-  for leaf in jax.tree.leaves(abstract):
-    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-  return total
+def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: str = "") -> int:
+  """Compiles `cfg`'s real train step (train.py's state shardings, step function and batch layout)
+  for a TPU slice on this machine; prints the mesh, FLOPs and per-chip memory; 0 if it fits, 1 if not."""
+  topo = parse_topology(topology, num_slices)
+  if cfg.distill.teacher or cfg.distill.topk:
+    raise ConfigError("--compile-topology: distillation steps are not compiled here (compile the student alone)")
+  cfg = for_tpu(cfg)
+  if topo.num_slices != cfg.parallel.num_slices:
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, num_slices=topo.num_slices))
+  mc, tc = cfg.model, cfg.train
+  t0 = time.perf_counter()
+  mesh = make_mesh(cfg.parallel, topo.devices)
+  print(f"compiling the train step of {name or 'the model'} for {topo.describe()}")
+  print(
+    f"  mesh {dict(mesh.shape)}; batch {tc.batch_size} x {tc.seq_len} tokens "
+    f"(grad_accum {tc.grad_accum}); dtypes: params {mc.param_dtype}, compute {mc.dtype}"
+    f"{', fp8 matmuls' if mc.fp8 else ''}; remat {mc.remat_policy}; moe {mc.moe_impl}"
+  )
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = abstract_train_state(cfg, mesh, tx)
+  step = jax.jit(
+    make_train_step(graphdef, tx, tc, schedule),
+    donate_argnums=0,
+    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None),
+  )
+  with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
+    lowered = step.lower(abstract, batch_specs(cfg, mesh))
+  mem, reason, _ = compile_report(lowered, topo)
+  flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
+  chips, peak = topo.chips * topo.num_slices, topo.chip.peak_bf16_flops
+  print(
+    f"  parameters {count_params(mc)['total']:,}; train state (params + optimizer) per chip "
+    f"{gib(per_device_bytes(abstract))}"
+  )
+  print(
+    f"  FLOPs per step {flops:.4g} (analytic, 3 x forward), per chip {flops / chips:.4g}; at 100% of the "
+    f"bf16 peak ({peak / 1e12:.0f} TFLOP/s per chip) a step takes {flops / chips / peak:.2f} s, at 50% "
+    f"{2 * flops / chips / peak:.2f} s"
+  )
+  return _fits(
+    mem,
+    reason,
+    topo,
+    t0,
+    f"outputs {gib(mem.outputs) if mem else ''} "
+    f"({gib(mem.aliased) if mem else ''} of them written over donated arguments)",
+  )
 
 
 def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: int = 1) -> int:
-  """Compiles a batch-1 prefill of `tokens` tokens (generate.py's: prompt → KV caches + next-token
+  """Compiles a batch-1 prefill of `tokens` tokens (generation's: prompt → KV caches + next-token
   logits) for a TPU slice, the sequence split over `parallel.context`; prints per-chip memory; 0 if it fits."""
-  import time
-
-  from behemoth_jax.generate import _prefill
-  from behemoth_jax.memory import kv_cache_bytes
-  from sharding import axes as ax
-  from sharding.api import abstract_sharded_model, logical_to_spec, use_mesh
-  from sharding.mesh import make_mesh
-
   if topology is None:
     raise ConfigError("--prefill needs --compile-topology (a TPU slice to compile for)")
   topo = parse_topology(topology, num_slices)
   cfg = for_tpu(cfg)
   t0 = time.perf_counter()
   mesh = make_mesh(cfg.parallel, topo.devices)
-  print(f"compiling a {tokens:,}-token prefill of {cfg.model.num_layers}-layer model for {topo.describe()}; "
-        f"mesh {dict(mesh.shape)}")
+  print(
+    f"compiling a {tokens:,}-token prefill of {cfg.model.num_layers}-layer model for {topo.describe()}; "
+    f"mesh {dict(mesh.shape)}"
+  )
   graphdef, abstract, _ = abstract_sharded_model(cfg.model, mesh)
 
   def sharded(shape, logical, dtype):
@@ -203,8 +227,12 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
 
   ids = sharded((1, tokens), (None, ax.LENGTH), jnp.int32)
   mask = sharded((1, tokens), (None, ax.LENGTH), jnp.int32)
-  caches = jax.eval_shape(lambda p: _prefill(graphdef, p, jnp.zeros((1, tokens), jnp.int32),
-                                             jnp.ones((1, tokens), jnp.int32), None, tokens)[1], abstract)
+  caches = jax.eval_shape(
+    lambda p: prefill(graphdef, p, jnp.zeros((1, tokens), jnp.int32), jnp.ones((1, tokens), jnp.int32), None, tokens)[
+      1
+    ],
+    abstract,
+  )
 
   def cache_sharding(leaf):  # keys/values [.., B, S, K, H] and positions [.., B, S]: S over context
     lead = (None,) * (leaf.ndim - (4 if leaf.ndim >= 4 else 2))
@@ -214,18 +242,33 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))
 
   out_shardings = (None, jax.tree.map(cache_sharding, caches), None)
-  step = jax.jit(lambda p, i, m: _prefill(graphdef, p, i, m, None, tokens), out_shardings=out_shardings)
+  step = jax.jit(lambda p, i, m: prefill(graphdef, p, i, m, None, tokens), out_shardings=out_shardings)
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
     lowered = step.lower(abstract, ids, mask)
   mem, reason, _ = compile_report(lowered, topo)
-  weights = per_device_bytes(abstract)
-  cache_total = kv_cache_bytes(cfg, tokens)
-  print(f"  weights per chip {gib(weights)}; KV cache {gib(cache_total)} in all")
+  print(f"  weights per chip {gib(per_device_bytes(abstract))}; KV cache {gib(kv_cache_bytes(cfg, tokens))} in all")
+  return _fits(mem, reason, topo, t0, f"outputs (KV caches, logits) {gib(mem.outputs) if mem else ''}")
+
+
+def _fits(mem: MemoryReport | None, reason: str | None, topo: Topology, t0: float, outputs: str) -> int:
+  """The report's last lines, one for both programs: 1 (with XLA's reason) if it does not fit, else 0."""
   if mem is None:
     print(f"  DOES NOT FIT on {topo.chip.device_kind}: {reason} [{time.perf_counter() - t0:.0f}s]")
     return 1
-  print(f"  per chip: arguments {gib(mem.arguments)}, outputs (KV caches, logits) {gib(mem.outputs)}, "
-        f"temporaries {gib(mem.temporaries)}, code {gib(mem.generated_code)}")
-  print(f"  peak {gib(mem.total)} of {gib(topo.chip.hbm_bytes)} HBM ({mem.total / topo.chip.hbm_bytes:.0%}): fits "
-        f"[{time.perf_counter() - t0:.0f}s]")
+  hbm = topo.chip.hbm_bytes
+  print(
+    f"  per chip: arguments {gib(mem.arguments)}, {outputs}, temporaries {gib(mem.temporaries)}, "
+    f"code {gib(mem.generated_code)}"
+  )
+  print(
+    f"  peak {gib(mem.total)} of {gib(hbm)} HBM ({mem.total / hbm:.0%}; XLA's live-buffer peak): fits "
+    f"[{time.perf_counter() - t0:.0f}s]"
+  )
   return 0
+
+
+def compile_only_host() -> None:
+  """This process compiles for another machine: start no accelerator backend here (the user's
+  JAX_PLATFORMS wins). Before jax starts its backends."""
+  if not user_platforms():
+    jax.config.update("jax_platforms", "cpu")

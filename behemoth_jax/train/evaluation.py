@@ -27,11 +27,13 @@ def _score_fn(graphdef):
     logits = model(inputs, pixel_values=pixel_values)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * mask).sum(-1)
+
   return score
 
 
-def caption_accuracy(graphdef, params, source: MMSource, heldout_fraction: float, num_examples: int = 200,
-                     batch: int = 64) -> dict[str, float]:
+def caption_accuracy(
+  graphdef, params, source: MMSource, heldout_fraction: float, num_examples: int = 200, batch: int = 64
+) -> dict[str, float]:
   """{"colour": acc, "shape": acc, "direction": acc (clips only), "examples": n} on held-out examples."""
   ids = split_indices(len(source), heldout_fraction, "heldout")[:num_examples]
   seqs, owners = [], []  # owners: (field, example, candidate index, true index)
@@ -47,7 +49,7 @@ def caption_accuracy(graphdef, params, source: MMSource, heldout_fraction: float
   score = _score_fn(graphdef)
   scores = np.zeros(len(seqs))
   for start in range(0, len(seqs), batch):
-    chunk = seqs[start:start + batch]
+    chunk = seqs[start : start + batch]
     n = len(chunk)
     inputs = np.full((batch, length), pad, np.int32)
     targets = np.full((batch, length), pad, np.int32)
@@ -56,8 +58,8 @@ def caption_accuracy(graphdef, params, source: MMSource, heldout_fraction: float
     for r, s in enumerate(chunk):
       m = len(s["ids"]) - 1
       inputs[r, :m], targets[r, :m], mask[r, :m] = s["ids"][:-1], s["ids"][1:], s["text_mask"]
-      pixels[r, :len(s["tiles"])] = s["tiles"]
-    scores[start:start + n] = np.asarray(score(params, inputs, targets, mask, pixels))[:n]
+      pixels[r, : len(s["tiles"])] = s["tiles"]
+    scores[start : start + n] = np.asarray(score(params, inputs, targets, mask, pixels))[:n]
   best: dict[tuple[str, int], tuple[float, int, int]] = {}
   for (field, i, c, true), sc in zip(owners, scores, strict=True):
     if (field, i) not in best or sc > best[(field, i)][0]:

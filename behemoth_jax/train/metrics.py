@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -16,7 +17,6 @@ class MetricsWriter:
     self.enabled = enabled
     self.last: dict = {}
     if enabled:
-      from tensorboardX import SummaryWriter  # event files without TensorFlow
       out_dir.mkdir(parents=True, exist_ok=True)
       self._jsonl = open(out_dir / "metrics.jsonl", "a")
       self._tb = SummaryWriter(str(out_dir / "tensorboard"))
@@ -62,4 +62,4 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     f(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best

@@ -1,13 +1,20 @@
-"""GQA attention: chunked local (RoPE layers) and global causal (NoPE layers), QK-norm, temperature.
+"""Attention kernels: causal GQA softmax attention, local within position chunks or global, and the
+masks that decide who sees whom. The math only; the layer (projections, RoPE, QK-norm, temperature)
+and the KV cache are model/attention.py.
 
 Chunked attention is computed chunk by chunk, O(T·C) memory and FLOPs, never as a masked T×T matrix:
-query i sees key j iff `pos_i // C == pos_j // C` and j ≤ i (chunks aligned to position 0, SPEC §2.4).
+query i sees key j iff `pos_i // C == pos_j // C` and j ≤ i (chunks aligned to position 0,
+docs/ARCHITECTURE.md §2.4).
 
 - Default positions (0..T-1): queries of index-block c attend keys of block c only.
 - Explicit positions or packed segments: queries of block c attend keys of blocks c-1 and c (2C keys),
   masked by position-chunk, index causality and segment. This is exact whenever positions increase
   strictly within a segment (then every key a query may see lies fewer than C indices back), which
   holds for packed documents whose positions restart at 0 and for left-padded batches.
+
+Two kernels, each with a hand-written backward tested against `jax.grad` of a plain reference: the
+dense one (key spans up to `block`; causal query blocks skip the masked upper triangle) and the
+blocked one (online softmax over key blocks, FlashAttention's recomputing backward).
 """
 
 from __future__ import annotations
@@ -17,24 +24,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
 
-from behemoth_jax.config import LayerKind, ModelConfig
-from behemoth_jax.layers import matmul, param, rms_norm
-from behemoth_jax.rope import apply_rope
-from sharding import axes as ax
-
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-class Positions(NamedTuple):
-  """Per-token position information shared by every layer of one forward pass."""
-
-  positions_BT: jax.Array  # int32 true positions (RoPE, temperature, chunk membership)
-  segment_ids_BT: jax.Array | None  # tokens attend only within their segment
-  cos_BTJ: jax.Array
-  sin_BTJ: jax.Array
-  explicit: bool  # positions are not simply 0..T-1 (use the windowed chunk path)
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked scores: finite, so a fully masked row is no NaN
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -57,9 +48,17 @@ def _with_previous(x: jax.Array, fill) -> jax.Array:
   return jnp.concatenate([prev, x], axis=2)
 
 
-def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, chunk: int | None,
-                     positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                     explicit_positions: bool = False, block: int = 0) -> jax.Array:
+def causal_attention(
+  q_BTNH: jax.Array,
+  k_BTKH: jax.Array,
+  v_BTKH: jax.Array,
+  *,
+  chunk: int | None,
+  positions_BT: jax.Array | None = None,
+  segment_ids_BT: jax.Array | None = None,
+  explicit_positions: bool = False,
+  block: int = 0,
+) -> jax.Array:
   """Causal GQA attention, local within position chunks of size `chunk` (None: global).
 
   Returns [B, T, N, H] in q's dtype; scores and softmax in float32. With `block` > 0 and a key span
@@ -103,8 +102,11 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
     if extra:  # padding keys after every real one: causality masks them (index past every query)
       widen = lambda x, fill: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=fill)
       k, v = (jnp.pad(x, [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]) for x in (k, v))  # [B, n, s, K, H]
-      masks = masks._replace(idx_k=widen(masks.idx_k, nc * c + s), pos_k=None if pos_k is None else widen(pos_k, 0),
-                             seg_k=None if seg_k is None else widen(seg_k, -1))
+      masks = masks._replace(
+        idx_k=widen(masks.idx_k, nc * c + s),
+        pos_k=None if pos_k is None else widen(pos_k, 0),
+        seg_k=None if seg_k is None else widen(seg_k, -1),
+      )
     out = _flash(q, k, v, masks, block)
   else:
     out = _dense(q, k, v, masks, windowed)
@@ -114,16 +116,13 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *,
 QUERY_BLOCK = 64  # rows per causal query block of the dense path
 
 
-def _dense(q, k, v, masks: "_Masks", windowed: bool) -> jax.Array:
+def _dense(q, k, v, masks: _Masks, windowed: bool) -> jax.Array:
   """Softmax attention of each query block over only the keys it can see: rows [i·b, (i+1)·b) of a
   block of c queries see keys [0, (i+1)·b) (or, windowed, the c + b keys ending at the row block), so
   the upper triangle of masked-out scores is never computed ((n+1)/2n of the full square for n row
   blocks). The row blocks are a static loop; each is an ordinary masked softmax, with a hand-written
-  backward (`_dense_hm_bwd`).
-
-  On XLA:CPU this layout and backward took a 1024-token global layer's forward + backward from 133 to
-  87 ms and a 256-chunk layer's from 42 to 37 (bench-moe shapes, paired): autodiff's version spent
-  most of its time transposing per-block copies and reducing p·dp over the keys."""
+  backward (`_dense_hm_bwd`): autodiff's version spent most of its time on XLA:CPU transposing
+  per-block copies and reducing p·dp over the keys (docs/PERFORMANCE.md, "Design measurements")."""
   c = q.shape[2]
   qb = QUERY_BLOCK if c % QUERY_BLOCK == 0 and c > QUERY_BLOCK else c
   spans = tuple((i * qb, i * qb + c + qb) if windowed else (0, (i + 1) * qb) for i in range(c // qb))
@@ -133,7 +132,7 @@ def _dense(q, k, v, masks: "_Masks", windowed: bool) -> jax.Array:
   return jnp.moveaxis(_dense_hm(qh, kh, vh, masks, spans), 2, 3)
 
 
-def _block_mask(masks: "_Masks", i: int, qb: int, lo: int, hi: int) -> jax.Array:
+def _block_mask(masks: _Masks, i: int, qb: int, lo: int, hi: int) -> jax.Array:
   """[B or 1, n, 1, qb, 1, hi - lo]: which keys of the span the queries of row block i see."""
   return masks.rows(i * qb, qb).block(lo, hi - lo)[:, :, None, :, None, :]
 
@@ -142,12 +141,16 @@ def _dense_forward(qh, kh, vh, masks, spans):
   qb, scale = qh.shape[3] // len(spans), qh.shape[-1] ** -0.5
   outs, probs = [], []
   for i, (lo, hi) in enumerate(spans):
-    sc = jnp.einsum("BnKqGH,BnKsH->BnKqGs", qh[:, :, :, i * qb:(i + 1) * qb], kh[:, :, :, lo:hi],
-                    preferred_element_type=jnp.float32)
-    p = jax.nn.softmax(jnp.where(_block_mask(masks, i, qb, lo, hi), sc * scale, _NEG), axis=-1)
+    sc = jnp.einsum(
+      "BnKqGH,BnKsH->BnKqGs", qh[:, :, :, i * qb : (i + 1) * qb], kh[:, :, :, lo:hi], preferred_element_type=jnp.float32
+    )
+    p = jax.nn.softmax(jnp.where(_block_mask(masks, i, qb, lo, hi), sc * scale, NEG_INF), axis=-1)
     probs.append(p)
-    outs.append(jnp.einsum("BnKqGs,BnKsH->BnKqGH", p.astype(vh.dtype), vh[:, :, :, lo:hi],
-                           preferred_element_type=jnp.float32).astype(qh.dtype))
+    outs.append(
+      jnp.einsum(
+        "BnKqGs,BnKsH->BnKqGH", p.astype(vh.dtype), vh[:, :, :, lo:hi], preferred_element_type=jnp.float32
+      ).astype(qh.dtype)
+    )
   return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0], probs
 
 
@@ -179,8 +182,9 @@ def _dense_hm_bwd(spans, res, d_out):
     # dK and dV transposed ([H, keys]): their dots contract the rows of ds and p where they lie
     # instead of XLA transposing a copy of each block's [rows, keys] matrix.
     dkT = dkT.at[..., lo:hi].add(jnp.einsum("BnKqGH,BnKqGs->BnKHs", q_i, ds, preferred_element_type=jnp.float32))
-    dvT = dvT.at[..., lo:hi].add(jnp.einsum("BnKqGH,BnKqGs->BnKHs", do_i, p.astype(d_out.dtype),
-                                            preferred_element_type=jnp.float32))
+    dvT = dvT.at[..., lo:hi].add(
+      jnp.einsum("BnKqGH,BnKqGs->BnKHs", do_i, p.astype(d_out.dtype), preferred_element_type=jnp.float32)
+    )
   dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
   unT = lambda x, like: jnp.swapaxes(x, 3, 4).astype(like.dtype)
   return dq.astype(qh.dtype), unT(dkT, kh), unT(dvT, vh), None
@@ -200,9 +204,9 @@ class _Masks(NamedTuple):
   seg_k: jax.Array | None
   chunk: int | None
 
-  def rows(self, start: int, size: int) -> "_Masks":
+  def rows(self, start: int, size: int) -> _Masks:
     """The masks of queries [start, start + size) only."""
-    cut = lambda x: None if x is None else x[..., start:start + size]
+    cut = lambda x: None if x is None else x[..., start : start + size]
     return self._replace(idx_q=cut(self.idx_q), pos_q=cut(self.pos_q), seg_q=cut(self.seg_q))
 
   def block(self, start: int | jax.Array, size: int) -> jax.Array:
@@ -220,7 +224,7 @@ class _Masks(NamedTuple):
 def _block_scores(q, k_j, masks: _Masks, start, size: int) -> jax.Array:
   """Masked float32 scores [B, n, K, G, cq, size] of one key block."""
   s = jnp.einsum("BcqKGH,BcsKH->BcKGqs", q, k_j, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-  return jnp.where(masks.block(start, size)[:, :, None, None], s, _NEG)
+  return jnp.where(masks.block(start, size)[:, :, None, None], s, NEG_INF)
 
 
 def _key_block(x, j, block: int):
@@ -231,7 +235,7 @@ def _flash_forward(q, k, v, masks: _Masks, block: int):
   """Online softmax over key blocks (a scan): O(queries · block) live scores instead of queries × keys.
   Returns the output [B, n, cq, K, G, H] in q's dtype and the log-sum-exp [B, n, K, G, cq] (float32)."""
   b, n, cq, kv, g, h = q.shape
-  m0 = jnp.full((b, n, kv, g, cq), _NEG, jnp.float32)
+  m0 = jnp.full((b, n, kv, g, cq), NEG_INF, jnp.float32)
   acc0 = jnp.zeros((b, n, kv, g, cq, h), jnp.float32)
 
   def body(carry, j):
@@ -241,8 +245,9 @@ def _flash_forward(q, k, v, masks: _Masks, block: int):
     p = jnp.exp(sc - m_new[..., None])
     corr = jnp.exp(m - m_new)
     l = l * corr + p.sum(axis=-1)
-    pv = jnp.einsum("BcKGqs,BcsKH->BcKGqH", p.astype(v.dtype), _key_block(v, j, block),
-                    preferred_element_type=jnp.float32)
+    pv = jnp.einsum(
+      "BcKGqs,BcsKH->BcKGqH", p.astype(v.dtype), _key_block(v, j, block), preferred_element_type=jnp.float32
+    )
     return (m_new, l, acc * corr[..., None] + pv), None
 
   (m, l, acc), _ = jax.lax.scan(body, (m0, jnp.zeros_like(m0), acc0), jnp.arange(k.shape[2] // block))
@@ -285,132 +290,3 @@ def _flash_bwd(block, res, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-class Attention(nnx.Module):
-  """GQA self-attention of one decoder layer (SPEC §2.2): project → RoPE → QK-norm → temperature."""
-
-  def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
-    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    std, pd = cfg.initializer_range, cfg.param_dtype
-    self.cfg = cfg
-    self.kind = kind
-    self.wq_DNH = param(rngs, (d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pd, std)
-    self.wk_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
-    self.wv_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
-    self.wo_NHD = param(rngs, (n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pd, std)
-
-  def _qkv(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, jax.Array, jax.Array]:
-    cfg, dt = self.cfg, x_BTD.dtype
-    q = matmul("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], cfg.fp8)
-    k = matmul("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], cfg.fp8)
-    v = matmul("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], cfg.fp8)
-    if self.kind.rope:
-      q = apply_rope(q, pos.cos_BTJ, pos.sin_BTJ)
-      k = apply_rope(k, pos.cos_BTJ, pos.sin_BTJ)
-      if cfg.use_qk_norm:  # weightless, per head over head_dim, RoPE layers only
-        q, k = rms_norm(q, cfg.rms_norm_eps), rms_norm(k, cfg.rms_norm_eps)
-    elif cfg.attn_temperature_tuning:  # NoPE layers; true positions, not cache length
-      p = pos.positions_BT.astype(jnp.float32)
-      scale = 1.0 + cfg.attn_scale * jnp.log1p(jnp.floor((p + 1.0) / cfg.floor_scale))
-      q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
-    return q, k, v
-
-  def _attend(self, q, k, v, pos: Positions) -> jax.Array:
-    cfg = self.cfg
-    q = ax.constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
-    if not self.kind.chunked:  # global layers: every query needs every key (all-gather over context)
-      k = ax.constrain(k, (ax.BATCH, None, ax.ACT_HEADS, None))
-      v = ax.constrain(v, (ax.BATCH, None, ax.ACT_HEADS, None))
-    return causal_attention(
-        q, k, v, chunk=cfg.attention_chunk_size if self.kind.chunked else None,
-        positions_BT=pos.positions_BT, segment_ids_BT=pos.segment_ids_BT, explicit_positions=pos.explicit,
-        block=cfg.attention_block)
-
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
-    q, k, v = self._qkv(x_BTD, pos)
-    return matmul("BTNH,NHD->BTD", self._attend(q, k, v, pos), self.wo_NHD[...], self.cfg.fp8)
-
-  def cached(self, x_BTD: jax.Array, pos: Positions, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
-    """Prefill (the prompt, attended as in training, written to the cache) or one decode step (T = 1)."""
-    q, k, v = self._qkv(x_BTD, pos)
-    if prefill:
-      out = self._attend(q, k, v, pos)
-      cache = cache.fill(k, v, pos)
-    else:
-      cache = cache.append(k, v, pos)
-      out = cache.attend(q, pos)
-    return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], self.cfg.fp8), cache
-
-
-class KVCache(struct.PyTreeNode):
-  """One layer's keys and values for decoding.
-
-  Chunked (RoPE) layers keep a ring of `window` = chunk slots, slot = position mod chunk: a query
-  sees only its own chunk, so memory is O(chunk) whatever the generated length. Global layers keep
-  every token by sequence index. `pos_BS` is each slot's true position, -1 when empty or padding.
-  """
-
-  k_BSKH: jax.Array
-  v_BSKH: jax.Array
-  pos_BS: jax.Array
-  length: jax.Array  # int32 scalar: tokens written so far (sequence index of the next one)
-  chunk: int | None = struct.field(pytree_node=False, default=None)  # None: global attention
-  window: int | None = struct.field(pytree_node=False, default=None)  # ring size; None: stored by index
-
-  @classmethod
-  def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, chunk: int | None) -> KVCache:
-    window = chunk if chunk is not None and chunk < max_len else None
-    s = max_len if window is None else window
-    zeros = jnp.zeros((batch, s, kv_heads, head_dim), dtype)
-    return cls(zeros, zeros, jnp.full((batch, s), -1, jnp.int32), jnp.zeros((), jnp.int32), chunk, window)
-
-  def _valid(self, pos: Positions) -> jax.Array:
-    real = pos.segment_ids_BT > 0 if pos.segment_ids_BT is not None else jnp.ones(pos.positions_BT.shape, bool)
-    return jnp.where(real, pos.positions_BT, -1)
-
-  def fill(self, k_BTKH: jax.Array, v_BTKH: jax.Array, pos: Positions) -> KVCache:
-    t = k_BTKH.shape[1]
-    p_BT = self._valid(pos)
-    if self.window is None:
-      k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), 0, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), 0, axis=1)
-      p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_BT, 0, axis=1)
-      return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32))
-    # The last `window` tokens hold the current chunk; consecutive positions never share a slot.
-    w = self.window
-    keep = min(t, w)
-    k_new, v_new, p_new = k_BTKH[:, t - keep:], v_BTKH[:, t - keep:], p_BT[:, t - keep:]
-    slot_BT = jnp.where(p_new >= 0, p_new % w, w)  # padding goes to a dropped out-of-range slot
-    rows = jnp.arange(k_new.shape[0])[:, None]
-    k = self.k_BSKH.at[rows, slot_BT].set(k_new.astype(self.k_BSKH.dtype), mode="drop")
-    v = self.v_BSKH.at[rows, slot_BT].set(v_new.astype(self.v_BSKH.dtype), mode="drop")
-    p = self.pos_BS.at[rows, slot_BT].set(p_new, mode="drop")
-    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32))
-
-  def append(self, k_B1KH: jax.Array, v_B1KH: jax.Array, pos: Positions) -> KVCache:
-    p_B1 = self._valid(pos)
-    if self.window is None:
-      idx = self.length
-      k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_B1KH.astype(self.k_BSKH.dtype), idx, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_B1KH.astype(self.v_BSKH.dtype), idx, axis=1)
-      p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_B1, idx, axis=1)
-    else:
-      hit_BS = jnp.arange(self.pos_BS.shape[1])[None, :] == (p_B1 % self.window)  # p_B1 >= 0 when decoding
-      k = jnp.where(hit_BS[:, :, None, None], k_B1KH.astype(self.k_BSKH.dtype), self.k_BSKH)
-      v = jnp.where(hit_BS[:, :, None, None], v_B1KH.astype(self.v_BSKH.dtype), self.v_BSKH)
-      p = jnp.where(hit_BS, p_B1, self.pos_BS)
-    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=self.length + 1)
-
-  def attend(self, q_B1NH: jax.Array, pos: Positions) -> jax.Array:
-    b, _, n, h = q_B1NH.shape
-    kv = self.k_BSKH.shape[2]
-    q = q_B1NH.reshape(b, kv, n // kv, h)
-    p_B1 = pos.positions_BT
-    mask_BS = (self.pos_BS >= 0) & (self.pos_BS <= p_B1)
-    if self.chunk is not None:
-      mask_BS &= self.pos_BS // self.chunk == p_B1 // self.chunk
-    scores = jnp.einsum("BKGH,BSKH->BKGS", q, self.k_BSKH.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BS[:, None, None, :], scores * (h ** -0.5), _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGS,BSKH->BKGH", probs, self.v_BSKH.astype(q.dtype)).reshape(b, 1, n, h)

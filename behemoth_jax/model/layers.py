@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from behemoth_jax.model.fp8 import fp8_einsum
 from sharding import axes as ax
 
 
@@ -22,8 +23,9 @@ BIAS = "bias"  # an added per-channel offset
 KINDS = (WEIGHT, EMBEDDING, SCALE, BIAS)
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std: float | None,
-          kind: str = WEIGHT) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: ax.Axes, dtype: str, std: float | None, kind: str = WEIGHT
+) -> nnx.Param:
   """A parameter with logical axis names and its kind; `std=None` means ones (scales), `std=0`
   zeros (biases; no random key is drawn).
 
@@ -42,9 +44,9 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: ax.Axes, dtype: s
 
 
 REMAT_POLICIES = {
-    "full": None,  # save nothing but the block inputs
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing but the block inputs
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -73,13 +75,12 @@ def stack_modules(factory, n: int, key: jax.Array) -> nnx.Module:
 def matmul(eq: str, x: jax.Array, w: jax.Array, fp8: bool) -> jax.Array:
   """A weight matmul in x's dtype, or in fp8 (e4m3 forward, e5m2 gradients) when the policy says so."""
   if fp8:
-    from behemoth_jax.fp8 import fp8_einsum
     return fp8_einsum(eq, x, w.astype(x.dtype))
   return jnp.einsum(eq, x, w.astype(x.dtype))
 
 
 def rms_norm(x: jax.Array, eps: float) -> jax.Array:
-  """`x * rsqrt(mean(x², -1) + eps)` in float32, cast back to x's dtype (SPEC §2.1)."""
+  """`x * rsqrt(mean(x², -1) + eps)` in float32, cast back to x's dtype (docs/ARCHITECTURE.md §2.1)."""
   x32 = x.astype(jnp.float32)
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 

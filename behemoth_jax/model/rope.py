@@ -1,4 +1,4 @@
-"""Rotary position embeddings: 1D text RoPE with llama3 scaling, interleaved-pair layout (SPEC §2.3).
+"""Rotary position embeddings: 1D text RoPE with llama3 scaling, interleaved-pair layout (docs/ARCHITECTURE.md §2.3).
 
 HF Llama 4 stores q/k projection rows with dims (2j, 2j+1) forming complex number j, so we rotate
 interleaved pairs and convert checkpoints without any permutation.
@@ -41,9 +41,9 @@ def rope_angles(positions_BT: jax.Array, inv_freq_J: np.ndarray) -> tuple[jax.Ar
   They leave through a matmul with the identity (exact: HIGHEST precision, one product by 1.0 per
   output) so that they are materialised: otherwise XLA:CPU fused cos and sin into every consumer's
   loop (q and k, forward and backward, every RoPE layer), evaluating both transcendentals once per
-  element of [B, T, heads, H] instead of once per angle (~8 ms per fusion on bench-moe, ~0.2 s of each
-  training step). `optimization_barrier` does not prevent it (the CPU pipeline removes barriers before
-  fusion), and a `cond` is folded away when positions are the default 0..T-1."""
+  element of [B, T, heads, H] instead of once per angle (docs/PERFORMANCE.md). `optimization_barrier`
+  does not prevent it (the CPU pipeline removes barriers before fusion), and a `cond` is folded away
+  when positions are the default 0..T-1."""
   j = len(inv_freq_J)
   a = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_J, jnp.float32)[None, None, :]
   both = jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)

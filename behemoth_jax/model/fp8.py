@@ -38,8 +38,8 @@ meant to run natively (XLA:GPU rewrites f8 dots to cuBLASLt f8 GEMMs on Hopper);
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +104,7 @@ def _resolve(eq: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tup
     raise ValueError(f"fp8_einsum: more subscripts than operand dimensions in {eq!r}")
   ell_n = max(ell)
   # Right-aligned like numpy: a shorter ellipsis takes the trailing ones of the fresh letters.
-  terms = [t.replace("...", "".join(fresh[ell_n - n:ell_n])) for t, n in zip(terms, ell)]
+  terms = [t.replace("...", "".join(fresh[ell_n - n : ell_n])) for t, n in zip(terms, ell)]
   out = out.replace("...", "".join(fresh[:ell_n]))
   xs, ws = terms
   for term, shape in ((xs, x_shape), (ws, w_shape)):
@@ -152,8 +152,13 @@ def _fp8_einsum_bwd(eq, res, dy):
 _fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
 
 
-def fp8_grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array,
-                       gmm_fn: GroupedMatmul, carrier_dtype: DTypeLike | None = None) -> jax.Array:
+def fp8_grouped_matmul(
+  x_MK: jax.Array,
+  w_EKN: jax.Array,
+  group_sizes_E: jax.Array,
+  gmm_fn: GroupedMatmul,
+  carrier_dtype: DTypeLike | None = None,
+) -> jax.Array:
   """Grouped `out[r] = x[r] @ w[expert(r)]` with e4m3 operands; result in `x_MK.dtype`.
 
   `gmm_fn(x, w, group_sizes)` computes the grouped product (rows of x sorted by expert). One scale
@@ -163,7 +168,7 @@ def fp8_grouped_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Arr
     path that gives native f8 grouped matmuls on TPU/GPU.
   - `carrier_dtype=jnp.bfloat16` (or f32): the quantized values are handed over in that dtype,
     for implementations whose output dtype follows the operands, such as
-    `behemoth_jax.gmm.grouped_matmul(..., impl="blocked")`. Exact: every e4m3/e5m2 value and every
+    `behemoth_jax.model.gmm.grouped_matmul(..., impl="blocked")`. Exact: every e4m3/e5m2 value and every
     product of two of them is representable in bf16, so only the accumulation differs.
   Backward: dx = gmm_fn(q(dy) in e5m2, q(w)ᵀ), in f8 like the forward. dw[e] = x_eᵀ·dy_e has no
   f8 grouped-transposed kernel here: it is `jax.vjp` of gmm_fn w.r.t. w (the gmm's own backward:
@@ -180,8 +185,10 @@ def _carry(q: jax.Array, carrier_dtype: DTypeLike | None) -> jax.Array:
 def _rescale(y: jax.Array, scale: jax.Array, dtype: DTypeLike) -> jax.Array:
   if jnp.dtype(y.dtype).itemsize == 1:
     # An f8-typed product has overflowed/rounded to 3 bits already; nothing downstream can fix it.
-    raise ValueError(f"fp8_grouped_matmul: gmm_fn returned {y.dtype}; give it a wide "
-                     "preferred_element_type or pass carrier_dtype=jnp.bfloat16")
+    raise ValueError(
+      f"fp8_grouped_matmul: gmm_fn returned {y.dtype}; give it a wide "
+      "preferred_element_type or pass carrier_dtype=jnp.bfloat16"
+    )
   return (y.astype(jnp.float32) * scale).astype(dtype)
 
 
@@ -201,8 +208,7 @@ def _fp8_gmm_bwd(gmm_fn, carrier_dtype, res, dy_MN):
   qx, sx, qw, sw, group_sizes_E, x_tag, w_tag = res
   qdy, sdy = quantize(dy_MN, E5M2)
   qw_ENK = jnp.swapaxes(qw, 1, 2)
-  dx = _rescale(gmm_fn(_carry(qdy, carrier_dtype), _carry(qw_ENK, carrier_dtype), group_sizes_E),
-                sdy * sw, x_tag.dtype)
+  dx = _rescale(gmm_fn(_carry(qdy, carrier_dtype), _carry(qw_ENK, carrier_dtype), group_sizes_E), sdy * sw, x_tag.dtype)
   # dw: gmm_fn's own vjp on the dequantized x and dy (the quantized values, rounded to x's dtype). The
   # scales go in *before* the vjp: under shard_map each shard has its own scales, and the vjp sums
   # over shards itself when w is replicated. The primal output is dead code after jit.

@@ -1,4 +1,4 @@
-"""Llama 4 MoE feed-forward: sigmoid top-k router, sparse dropless dispatch, shared expert (SPEC §2.6).
+"""Llama 4 MoE feed-forward: sigmoid top-k router, sparse dropless dispatch, shared expert (docs/ARCHITECTURE.md §2.6).
 
 `out = shared(x) + Σ_a expert_{e_a}(σ(logit_{e_a}) · x)`: the router score scales the expert's
 *input* (SwiGLU is not homogeneous, so scaling the output would give other numbers). Tokens are
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from behemoth_jax.config import ModelConfig
-from behemoth_jax.fp8 import fp8_grouped_matmul
-from behemoth_jax.gmm import grouped_matmul
-from behemoth_jax.layers import SwiGLU, param
+from behemoth_jax.model.fp8 import fp8_grouped_matmul
+from behemoth_jax.model.gmm import grouped_matmul
+from behemoth_jax.model.layers import SwiGLU, param
 from sharding import axes as ax
 
 
@@ -55,11 +55,12 @@ def _permute_bwd(inverse, g):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def moe_dispatch(x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array, num_experts: int,
-                 expert_fn) -> jax.Array:
+def moe_dispatch(
+  x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array, num_experts: int, expert_fn
+) -> jax.Array:
   """Sorts token-expert pairs by expert, applies `expert_fn(xs_MD, group_sizes_E)`, unsorts, sums over k.
 
-  Each pair's input is the token scaled by its router score (SPEC §2.6)."""
+  Each pair's input is the token scaled by its router score (docs/ARCHITECTURE.md §2.6)."""
   t, d = x_TD.shape
   k = experts_TA.shape[1]
   expert_M = experts_TA.reshape(-1)  # pair m = token * k + slot
@@ -87,12 +88,20 @@ def routing_stats(routing: Routing, num_experts: int) -> MoEStats:
   return MoEStats(counts / counts.sum(), jnp.mean(jax.nn.sigmoid(routing.logits_TE), axis=0), z)
 
 
-def routed_experts(cfg: ModelConfig, x_TD: jax.Array, experts_TA: jax.Array, scores_TA: jax.Array,
-                   w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array, exchange=None) -> jax.Array:
+def routed_experts(
+  cfg: ModelConfig,
+  x_TD: jax.Array,
+  experts_TA: jax.Array,
+  scores_TA: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+  exchange=None,
+) -> jax.Array:
   """Sparse experts on the tokens at hand (weights may hold only this device's experts).
 
-  `exchange(xs_MD, group_sizes_E, fn)`, when given, moves the expert-sorted rows to the devices that
-  own their experts, applies `fn(rows, local_group_sizes)` there and brings the results back.
+  `exchange(xs_MD, group_sizes_E, fn, permute)`, when given, moves the expert-sorted rows to the
+  devices that own their experts, applies `fn(rows, local_group_sizes)` there and brings the results back.
   """
   dt = x_TD.dtype
 
@@ -102,9 +111,10 @@ def routed_experts(cfg: ModelConfig, x_TD: jax.Array, experts_TA: jax.Array, sco
       if cfg.fp8:  # f8 values carried exactly in bf16 so every grouped-matmul backend accepts them
         return fp8_grouped_matmul(x, w.astype(dt), group_sizes, run, carrier_dtype=jnp.bfloat16).astype(dt)
       return run(x, w.astype(dt), group_sizes)
+
     return gmm(jax.nn.silu(gmm(xs_MD, w_gate_EDF)) * gmm(xs_MD, w_up_EDF), w_down_EFD)
 
-  expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu))
+  expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu, permute))
   return moe_dispatch(x_TD, experts_TA, scores_TA, cfg.num_experts, expert_fn)
 
 
@@ -122,10 +132,18 @@ class MoE(nnx.Module):
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
     b, t, d = x_BTD.shape
     x_TD = x_BTD.reshape(b * t, d)
-    logits_TE = jnp.einsum("TD,DE->TE", x_TD, self.w_router_DE[...].astype(x_TD.dtype),
-                           preferred_element_type=jnp.float32)
+    logits_TE = jnp.einsum(
+      "TD,DE->TE", x_TD, self.w_router_DE[...].astype(x_TD.dtype), preferred_element_type=jnp.float32
+    )
     routing = route(logits_TE, self.cfg.num_experts_per_tok)
-    routed = ax.run_experts(partial(routed_experts, self.cfg), x_TD, routing.experts_TA, routing.scores_TA,
-                            self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+    routed = ax.run_experts(
+      partial(routed_experts, self.cfg),
+      x_TD,
+      routing.experts_TA,
+      routing.scores_TA,
+      self.w_gate_EDF[...],
+      self.w_up_EDF[...],
+      self.w_down_EFD[...],
+    )
     y = (self.shared(x_TD) + routed).reshape(b, t, d)
     return y, routing_stats(routing, self.cfg.num_experts)

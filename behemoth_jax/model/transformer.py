@@ -15,13 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from behemoth_jax.attention import Attention, KVCache, Positions, segment_positions
 from behemoth_jax.config import LayerKind, ModelConfig
-from behemoth_jax.layers import EMBEDDING, Embed, RMSNorm, SwiGLU, dtype_of, param, remat, stack_modules
-from behemoth_jax.moe import MoE, MoEStats
-from behemoth_jax.rope import inv_frequencies, rope_angles
-from behemoth_jax.vision import VisionEncoder, fuse_image_features
+from behemoth_jax.model.attention import Attention, KVCache, Positions
+from behemoth_jax.model.kernels import segment_positions
+from behemoth_jax.model.layers import (
+  EMBEDDING,
+  Embed,
+  RMSNorm,
+  SwiGLU,
+  dtype_of,
+  param,
+  remat,
+  stack_modules,
+)
+from behemoth_jax.model.moe import MoE, MoEStats
+from behemoth_jax.model.rope import inv_frequencies, rope_angles
+from behemoth_jax.model.vision import VisionEncoder, fuse_image_features
 from sharding import axes as ax
+
 
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
@@ -31,18 +42,21 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs, fp8=cfg.fp8)
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats | None]:
-    return self._after_attention(x_BTD, self.attn(self.input_norm(x_BTD), pos))
-
-  def cached(self, x_BTD: jax.Array, pos: Positions, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
-    a, cache = self.attn.cached(self.input_norm(x_BTD), pos, cache, prefill)
-    return self._after_attention(x_BTD, a)[0], cache
-
-  def _after_attention(self, x_BTD: jax.Array, attn_BTD: jax.Array) -> tuple[jax.Array, MoEStats | None]:
+  def __call__(
+    self, x_BTD: jax.Array, pos: Positions, cache: KVCache | None = None
+  ) -> tuple[jax.Array, MoEStats | None, KVCache | None]:
+    """(residual stream, router statistics of an MoE layer or None, KV cache: see `Attention`)."""
+    attn_BTD, cache = self.attn(self.input_norm(x_BTD), pos, cache)
     x_BTD = x_BTD + attn_BTD
     y = self.ffn(self.post_attn_norm(x_BTD))
     y, stats = y if isinstance(self.ffn, MoE) else (y, None)
-    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats
+    return ax.constrain(x_BTD + y, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED)), stats, cache
+
+
+def _run_block(block: Block, x_BTD: jax.Array, pos: Positions, cache, remat_policy: str):
+  """One block as its own remat unit: the backward pass recomputes and holds one layer at a time."""
+  graphdef, state = nnx.split(block)
+  return remat(lambda x, st, c: nnx.merge(graphdef, st)(x, pos, c), remat_policy)(x_BTD, state, cache)
 
 
 class Cycle(nnx.Module):
@@ -51,23 +65,17 @@ class Cycle(nnx.Module):
   def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], rngs: nnx.Rngs):
     self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in kinds])
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions, remat_policy: str = "none"
-               ) -> tuple[jax.Array, tuple[MoEStats | None, ...]]:
-    """Each block is its own remat unit: the backward pass recomputes and holds one layer at a time
-    (rematerialising the whole cycle held P layers' MoE buffers at once: 4 x 10 GiB per chip for Scout)."""
-    stats = []
-    for block in self.blocks:
-      graphdef, state = nnx.split(block)
-      x_BTD, s = remat(lambda x, st: nnx.merge(graphdef, st)(x, pos), remat_policy)(x_BTD, state)
+  def __call__(
+    self, x_BTD: jax.Array, pos: Positions, caches: tuple[KVCache, ...] | None = None, remat_policy: str = "none"
+  ):
+    """(x, per-block router statistics, per-block caches or None). Each block is its own remat unit
+    (rematerialising the whole cycle held P layers' MoE buffers at once: docs/SCALE.md)."""
+    stats, out = [], []
+    for i, block in enumerate(self.blocks):
+      x_BTD, s, c = _run_block(block, x_BTD, pos, None if caches is None else caches[i], remat_policy)
       stats.append(s)
-    return x_BTD, tuple(stats)
-
-  def cached(self, x_BTD, pos, caches: tuple[KVCache, ...], prefill: bool):
-    out = []
-    for block, cache in zip(self.blocks, caches, strict=True):
-      x_BTD, cache = block.cached(x_BTD, pos, cache, prefill)
-      out.append(cache)
-    return x_BTD, tuple(out)
+      out.append(c)
+    return x_BTD, tuple(stats), None if caches is None else tuple(out)
 
 
 class Decoder(nnx.Module):
@@ -78,48 +86,47 @@ class Decoder(nnx.Module):
     self.scan_unroll = cfg.scan_unroll
     self.num_experts = cfg.num_experts
     self.first_tail = first_tail = self.num_cycles * p  # index of the first unscanned layer
-    self.cycles = (stack_modules(lambda r: Cycle(cfg, kinds[:p], r), self.num_cycles, rngs.params())
-                   if self.num_cycles else None)
+    self.cycles = (
+      stack_modules(lambda r: Cycle(cfg, kinds[:p], r), self.num_cycles, rngs.params()) if self.num_cycles else None
+    )
     self.tail = nnx.List([Block(cfg, kinds[i], rngs) for i in range(first_tail, cfg.num_layers)])
 
-  def __call__(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, MoEStats]:
-    """Returns the residual stream and router statistics of the MoE layers in layer order ([L_moe, E])."""
-    per_layer: list[tuple[int, MoEStats]] = []
-    if self.cycles is not None:
-      graphdef, stacked = nnx.split(self.cycles)
-      body = lambda x, state: nnx.merge(graphdef, state)(x, pos, self.remat_policy)
-      x_BTD, cycle_stats = jax.lax.scan(body, x_BTD, stacked, unroll=min(self.scan_unroll, self.num_cycles))
-      p = len(cycle_stats)
-      for j, s in enumerate(cycle_stats):
-        if s is not None:
-          per_layer += [(c * p + j, jax.tree.map(lambda a: a[c], s)) for c in range(self.num_cycles)]
-    first = self.first_tail
-    for i, block in enumerate(self.tail):
-      graphdef, state = nnx.split(block)
-      x_BTD, s = remat(lambda x, st: nnx.merge(graphdef, st)(x, pos), self.remat_policy)(x_BTD, state)
-      if s is not None:
-        per_layer.append((first + i, s))
-    per_layer.sort(key=lambda item: item[0])
-    if not per_layer:
-      e = self.num_experts
-      return x_BTD, MoEStats(jnp.zeros((0, e)), jnp.zeros((0, e)), jnp.zeros((0,)))
-    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer])
+  def __call__(
+    self, x_BTD: jax.Array, pos: Positions, caches: dict | None = None
+  ) -> tuple[jax.Array, MoEStats, dict | None]:
+    """(residual stream, router statistics of the MoE layers in layer order ([L_moe, E]), caches).
 
-  def cached(self, x_BTD: jax.Array, pos: Positions, caches: dict, prefill: bool):
-    """Decoder pass with KV caches ({"cycles": per-block caches stacked over cycles, "tail": [...]})."""
-    out = {"cycles": None, "tail": []}
+    `caches` ({"cycles": per-block caches stacked over cycles, "tail": [...]}, from
+    `Llama4.init_cache`) makes this a prefill or a decode step; None is training's forward."""
+    per_layer: list[tuple[int, MoEStats]] = []
+    out = None if caches is None else {"cycles": None, "tail": []}
     if self.cycles is not None:
       graphdef, stacked = nnx.split(self.cycles)
 
       def body(x, xs):
         state, cache = xs
-        return nnx.merge(graphdef, state).cached(x, pos, cache, prefill)
+        x, stats, cache = nnx.merge(graphdef, state)(x, pos, cache, self.remat_policy)
+        return x, (stats, cache)
 
-      x_BTD, out["cycles"] = jax.lax.scan(body, x_BTD, (stacked, caches["cycles"]))
-    for block, cache in zip(self.tail, caches["tail"], strict=True):
-      x_BTD, cache = block.cached(x_BTD, pos, cache, prefill)
-      out["tail"].append(cache)
-    return x_BTD, out
+      xs = (stacked, None if caches is None else caches["cycles"])
+      x_BTD, (cycle_stats, cycle_caches) = jax.lax.scan(body, x_BTD, xs, unroll=min(self.scan_unroll, self.num_cycles))
+      if out is not None:
+        out["cycles"] = cycle_caches
+      p = len(cycle_stats)
+      for j, s in enumerate(cycle_stats):
+        if s is not None:
+          per_layer += [(c * p + j, jax.tree.map(lambda a: a[c], s)) for c in range(self.num_cycles)]
+    for i, block in enumerate(self.tail):
+      x_BTD, s, c = _run_block(block, x_BTD, pos, None if caches is None else caches["tail"][i], self.remat_policy)
+      if out is not None:
+        out["tail"].append(c)
+      if s is not None:
+        per_layer.append((self.first_tail + i, s))
+    per_layer.sort(key=lambda item: item[0])
+    if not per_layer:
+      e = self.num_experts
+      return x_BTD, MoEStats(jnp.zeros((0, e)), jnp.zeros((0, e)), jnp.zeros((0,))), out
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in per_layer]), out
 
 
 class Llama4(nnx.Module):
@@ -130,23 +137,31 @@ class Llama4(nnx.Module):
     d, v, pd, std = cfg.hidden_size, cfg.vocab_size, cfg.param_dtype, cfg.initializer_range
     self.cfg = cfg
     self.embed = Embed(v, d, pd, std, rngs)
-    self.pos_table_PD = (param(rngs, (cfg.max_position_embeddings, d), (None, ax.EMBED), pd, std, EMBEDDING)
-                         if cfg.learned_pos_embedding else None)
+    self.pos_table_PD = (
+      param(rngs, (cfg.max_position_embeddings, d), (None, ax.EMBED), pd, std, EMBEDDING)
+      if cfg.learned_pos_embedding
+      else None
+    )
     self.decoder = Decoder(cfg, rngs)
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.lm_head_DV = None if cfg.tie_word_embeddings else param(rngs, (d, v), (ax.EMBED, ax.VOCAB), pd, std)
     vc = cfg.vision
     self.vision = None if vc is None else VisionEncoder(vc, pd, cfg.remat_policy, rngs)
-    self.projector_PD = (None if vc is None else
-                         param(rngs, (vc.vision_output_dim, d), (ax.MLP, ax.EMBED), pd, vc.initializer_range))
+    self.projector_PD = (
+      None if vc is None else param(rngs, (vc.vision_output_dim, d), (ax.MLP, ax.EMBED), pd, vc.initializer_range)
+    )
 
-  def positions(self, batch: int, length: int, positions_BT: jax.Array | None = None,
-                segment_ids_BT: jax.Array | None = None) -> Positions:
+  def positions(
+    self, batch: int, length: int, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+  ) -> Positions:
     """True positions (default 0..T-1, or restarting per segment) and their RoPE angles."""
     explicit = positions_BT is not None or segment_ids_BT is not None
     if positions_BT is None:
-      positions_BT = (segment_positions(segment_ids_BT) if segment_ids_BT is not None else
-                      jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
+      positions_BT = (
+        segment_positions(segment_ids_BT)
+        if segment_ids_BT is not None
+        else jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      )
     cfg = self.cfg
     cos, sin = rope_angles(positions_BT, inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     return Positions(positions_BT.astype(jnp.int32), segment_ids_BT, cos, sin, explicit)
@@ -176,22 +191,31 @@ class Llama4(nnx.Module):
     if pixel_values is None:
       return x
     if pixel_values.ndim not in (4, 5):
-      raise ValueError(f"pixel_values: expected [tiles, C, H, W] or [batch, tiles, C, H, W], got shape "
-                       f"{tuple(pixel_values.shape)}")
+      raise ValueError(
+        f"pixel_values: expected [tiles, C, H, W] or [batch, tiles, C, H, W], got shape {tuple(pixel_values.shape)}"
+      )
     if pixel_values.ndim == 5 and pixel_values.shape[0] != input_ids_BT.shape[0]:
       raise ValueError(f"pixel_values: batch {pixel_values.shape[0]} != input_ids batch {input_ids_BT.shape[0]}")
     return fuse_image_features(x, input_ids_BT, self.image_features(pixel_values), self.cfg.vision.image_token_id)
 
-  def forward(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
-              segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
-    """Input embeddings [B, T, D] → (final-normed hidden states [B, T, D], router statistics)."""
+  def forward(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    cache: dict | None = None,
+  ) -> tuple[jax.Array, MoEStats, dict | None]:
+    """Input embeddings [B, T, D] → (final-normed hidden states [B, T, D], router statistics, caches).
+
+    Without `cache`: training's forward. With caches from `init_cache`: the prompt's prefill (caches
+    filled), then one decode step per call on the caches it returned (positions: true positions)."""
     b, t, _ = x_BTD.shape
     pos = self.positions(b, t, positions_BT, segment_ids_BT)
     if self.pos_table_PD is not None:
       x_BTD = x_BTD + jnp.take(self.pos_table_PD[...], pos.positions_BT, axis=0).astype(x_BTD.dtype)
     x_BTD = ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-    h_BTD, stats = self.decoder(x_BTD, pos)
-    return self.final_norm(h_BTD), stats
+    h_BTD, stats, cache = self.decoder(x_BTD, pos, cache)
+    return self.final_norm(h_BTD), stats, cache
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """Empty KV caches for `max_len` tokens (prompt + generated): chunked layers hold one chunk."""
@@ -210,18 +234,9 @@ class Llama4(nnx.Module):
       cycles = jax.tree.map(lambda a: jnp.broadcast_to(a, (dec.num_cycles, *a.shape)), one)
     return {"cycles": cycles, "tail": [layer(cfg.layer_kind(dec.first_tail + i)) for i in range(len(dec.tail))]}
 
-  def cached_forward(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
-                     caches: dict, prefill: bool) -> tuple[jax.Array, dict]:
-    """Prefill (prompt → caches) or one decode step; returns final-normed hidden states and caches."""
-    b, t, _ = x_BTD.shape
-    pos = self.positions(b, t, positions_BT, segment_ids_BT)
-    if self.pos_table_PD is not None:
-      x_BTD = x_BTD + jnp.take(self.pos_table_PD[...], pos.positions_BT, axis=0).astype(x_BTD.dtype)
-    h, caches = self.decoder.cached(x_BTD, pos, caches, prefill)
-    return self.final_norm(h), caches
-
-  def hidden_states(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
-                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+    self, x_BTD: jax.Array, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+  ) -> jax.Array:
     """Input embeddings [B, T, D] → final-normed hidden states [B, T, D] (compute dtype)."""
     return self.forward(x_BTD, positions_BT, segment_ids_BT)[0]
 
@@ -234,8 +249,13 @@ class Llama4(nnx.Module):
     logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
     return ax.constrain(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
 
-  def __call__(self, input_ids_BT: jax.Array, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None, pixel_values: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    pixel_values: jax.Array | None = None,
+  ) -> jax.Array:
     """int32 token ids [B, T] (+ image tiles, see `embed_inputs`) → float32 logits [B, T, V].
     Packed documents (segment ids) never attend across a boundary; their positions restart at 0
     unless given."""
@@ -251,8 +271,10 @@ def check_token_ids(ids, vocab_size: int, what: str = "input_ids") -> None:
   bad = np.argwhere((ids < 0) | (ids >= vocab_size))
   if bad.size:
     where = tuple(int(i) for i in bad[0])
-    raise ValueError(f"{what}: token id {int(ids[where])} at {list(where)} is outside [0, {vocab_size}) "
-                     f"(model.vocab_size; {len(bad)} of {ids.size} ids are)")
+    raise ValueError(
+      f"{what}: token id {int(ids[where])} at {list(where)} is outside [0, {vocab_size}) "
+      f"(model.vocab_size; {len(bad)} of {ids.size} ids are)"
+    )
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Llama4:
@@ -262,7 +284,7 @@ def create_model(cfg: ModelConfig, seed: int = 0) -> Llama4:
 def unstack_layers(model: Llama4) -> Llama4:
   """The same model with every layer unscanned (`scan_layers` False): layer c·P + j of the stacked
   cycles becomes its own block. Generation uses it: a scan over stacked weights slices (copies) every
-  layer's weights on every step, which made CPU decoding of bench-moe ~70% weight copying."""
+  layer's weights on every step, which dominated CPU decoding (docs/PERFORMANCE.md)."""
   dec = model.decoder
   if dec.cycles is None:
     return model

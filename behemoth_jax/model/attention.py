@@ -1,0 +1,167 @@
+"""The attention layer of a decoder block (docs/ARCHITECTURE.md §2.2, §2.4) and its KV cache.
+
+GQA: project → RoPE → QK-norm (RoPE layers) → temperature (NoPE layers) → the kernel
+(model/kernels.py: chunked local for RoPE layers, global causal for NoPE layers) → output projection.
+With a KV cache the same layer prefills the prompt (attending as in training, then filling the
+cache) or decodes one token (appending to the cache and attending over it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from behemoth_jax.config import LayerKind, ModelConfig
+from behemoth_jax.model.kernels import NEG_INF, causal_attention
+from behemoth_jax.model.layers import matmul, param, rms_norm
+from behemoth_jax.model.rope import apply_rope
+from sharding import axes as ax
+
+
+class Positions(NamedTuple):
+  """Per-token position information shared by every layer of one forward pass."""
+
+  positions_BT: jax.Array  # int32 true positions (RoPE, temperature, chunk membership)
+  segment_ids_BT: jax.Array | None  # tokens attend only within their segment
+  cos_BTJ: jax.Array
+  sin_BTJ: jax.Array
+  explicit: bool  # positions are not simply 0..T-1 (use the windowed chunk path)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention of one decoder layer (docs/ARCHITECTURE.md §2.2): project → RoPE → QK-norm → temperature."""
+
+  def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs):
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pd = cfg.initializer_range, cfg.param_dtype
+    self.cfg = cfg
+    self.kind = kind
+    self.wq_DNH = param(rngs, (d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pd, std)
+    self.wk_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
+    self.wv_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
+    self.wo_NHD = param(rngs, (n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pd, std)
+
+  def _qkv(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cfg, dt = self.cfg, x_BTD.dtype
+    q = matmul("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], cfg.fp8)
+    k = matmul("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], cfg.fp8)
+    v = matmul("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], cfg.fp8)
+    if self.kind.rope:
+      q = apply_rope(q, pos.cos_BTJ, pos.sin_BTJ)
+      k = apply_rope(k, pos.cos_BTJ, pos.sin_BTJ)
+      if cfg.use_qk_norm:  # weightless, per head over head_dim, RoPE layers only
+        q, k = rms_norm(q, cfg.rms_norm_eps), rms_norm(k, cfg.rms_norm_eps)
+    elif cfg.attn_temperature_tuning:  # NoPE layers; true positions, not cache length
+      p = pos.positions_BT.astype(jnp.float32)
+      scale = 1.0 + cfg.attn_scale * jnp.log1p(jnp.floor((p + 1.0) / cfg.floor_scale))
+      q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
+    return q, k, v
+
+  def _attend(self, q, k, v, pos: Positions) -> jax.Array:
+    cfg = self.cfg
+    q = ax.constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    if not self.kind.chunked:  # global layers: every query needs every key (all-gather over context)
+      k = ax.constrain(k, (ax.BATCH, None, ax.ACT_HEADS, None))
+      v = ax.constrain(v, (ax.BATCH, None, ax.ACT_HEADS, None))
+    return causal_attention(
+      q,
+      k,
+      v,
+      chunk=cfg.attention_chunk_size if self.kind.chunked else None,
+      positions_BT=pos.positions_BT,
+      segment_ids_BT=pos.segment_ids_BT,
+      explicit_positions=pos.explicit,
+      block=cfg.attention_block,
+    )
+
+  def __call__(
+    self, x_BTD: jax.Array, pos: Positions, cache: KVCache | None = None
+  ) -> tuple[jax.Array, KVCache | None]:
+    """(output [B, T, D], cache). Without a cache: training's attention. With an empty cache: the
+    prompt attended as in training, its keys and values written to the cache (prefill). With a
+    filled cache: the new token(s) appended and attended over the cache (decode, T = 1)."""
+    q, k, v = self._qkv(x_BTD, pos)
+    if cache is None or not cache.filled:
+      out = self._attend(q, k, v, pos)
+      cache = None if cache is None else cache.fill(k, v, pos)
+    else:
+      cache = cache.append(k, v, pos)
+      out = cache.attend(q, pos)
+    return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], self.cfg.fp8), cache
+
+
+class KVCache(struct.PyTreeNode):
+  """One layer's keys and values for decoding.
+
+  Chunked (RoPE) layers keep a ring of `window` = chunk slots, slot = position mod chunk: a query
+  sees only its own chunk, so memory is O(chunk) whatever the generated length. Global layers keep
+  every token by sequence index. `pos_BS` is each slot's true position, -1 when empty or padding.
+  """
+
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+  pos_BS: jax.Array
+  length: jax.Array  # int32 scalar: tokens written so far (sequence index of the next one)
+  chunk: int | None = struct.field(pytree_node=False, default=None)  # None: global attention
+  window: int | None = struct.field(pytree_node=False, default=None)  # ring size; None: stored by index
+  filled: bool = struct.field(pytree_node=False, default=False)  # a prompt is in it: the next call decodes
+
+  @classmethod
+  def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, chunk: int | None) -> KVCache:
+    window = chunk if chunk is not None and chunk < max_len else None
+    s = max_len if window is None else window
+    zeros = jnp.zeros((batch, s, kv_heads, head_dim), dtype)
+    return cls(zeros, zeros, jnp.full((batch, s), -1, jnp.int32), jnp.zeros((), jnp.int32), chunk, window)
+
+  def _valid(self, pos: Positions) -> jax.Array:
+    real = pos.segment_ids_BT > 0 if pos.segment_ids_BT is not None else jnp.ones(pos.positions_BT.shape, bool)
+    return jnp.where(real, pos.positions_BT, -1)
+
+  def fill(self, k_BTKH: jax.Array, v_BTKH: jax.Array, pos: Positions) -> KVCache:
+    t = k_BTKH.shape[1]
+    p_BT = self._valid(pos)
+    if self.window is None:
+      k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), 0, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), 0, axis=1)
+      p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_BT, 0, axis=1)
+      return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32), filled=True)
+    # The last `window` tokens hold the current chunk; consecutive positions never share a slot.
+    w = self.window
+    keep = min(t, w)
+    k_new, v_new, p_new = k_BTKH[:, t - keep :], v_BTKH[:, t - keep :], p_BT[:, t - keep :]
+    slot_BT = jnp.where(p_new >= 0, p_new % w, w)  # padding goes to a dropped out-of-range slot
+    rows = jnp.arange(k_new.shape[0])[:, None]
+    k = self.k_BSKH.at[rows, slot_BT].set(k_new.astype(self.k_BSKH.dtype), mode="drop")
+    v = self.v_BSKH.at[rows, slot_BT].set(v_new.astype(self.v_BSKH.dtype), mode="drop")
+    p = self.pos_BS.at[rows, slot_BT].set(p_new, mode="drop")
+    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32), filled=True)
+
+  def append(self, k_B1KH: jax.Array, v_B1KH: jax.Array, pos: Positions) -> KVCache:
+    p_B1 = self._valid(pos)
+    if self.window is None:
+      idx = self.length
+      k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_B1KH.astype(self.k_BSKH.dtype), idx, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_B1KH.astype(self.v_BSKH.dtype), idx, axis=1)
+      p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_B1, idx, axis=1)
+    else:
+      hit_BS = jnp.arange(self.pos_BS.shape[1])[None, :] == (p_B1 % self.window)  # p_B1 >= 0 when decoding
+      k = jnp.where(hit_BS[:, :, None, None], k_B1KH.astype(self.k_BSKH.dtype), self.k_BSKH)
+      v = jnp.where(hit_BS[:, :, None, None], v_B1KH.astype(self.v_BSKH.dtype), self.v_BSKH)
+      p = jnp.where(hit_BS, p_B1, self.pos_BS)
+    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=self.length + 1)
+
+  def attend(self, q_B1NH: jax.Array, pos: Positions) -> jax.Array:
+    b, _, n, h = q_B1NH.shape
+    kv = self.k_BSKH.shape[2]
+    q = q_B1NH.reshape(b, kv, n // kv, h)
+    p_B1 = pos.positions_BT
+    mask_BS = (self.pos_BS >= 0) & (self.pos_BS <= p_B1)
+    if self.chunk is not None:
+      mask_BS &= self.pos_BS // self.chunk == p_B1 // self.chunk
+    scores = jnp.einsum("BKGH,BSKH->BKGS", q, self.k_BSKH.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BS[:, None, None, :], scores * (h**-0.5), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGS,BSKH->BKGH", probs, self.v_BSKH.astype(q.dtype)).reshape(b, 1, n, h)
