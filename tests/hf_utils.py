@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import torch
+from flax import nnx
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 BASE = dict(
@@ -91,3 +95,14 @@ def hf_mm_logits(model, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.
   with torch.no_grad():
     pv = None if pixel_values is None else torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
     return model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long), pixel_values=pv).logits.float().numpy()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _our_logits(graphdef, state, ids, kwargs):
+  return nnx.merge(graphdef, state)(ids, **kwargs)
+
+
+def our_logits(model, ids, **kwargs) -> np.ndarray:
+  """Our model's logits, jitted (eager dispatch of a whole model costs the suite minutes)."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_our_logits(graphdef, state, np.asarray(ids), kwargs))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_utils import make_hf_mm_model, make_hf_model
+from hf_utils import make_hf_mm_model, make_hf_model, our_logits
 from hf_utils import save_hf as hf_save_pretrained
 
 import train
@@ -114,7 +114,7 @@ def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, name):
   assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(a)
   back = type(hf).from_pretrained(tmp_path / "out").eval()
   ids = np.random.default_rng(0).integers(0, 88, (2, 11))
-  assert np.abs(_logits(back, ids) - np.asarray(ours(ids))).max() <= 1e-4
+  assert np.abs(_logits(back, ids) - our_logits(ours, ids)).max() <= 1e-4
 
 
 def test_bfloat16_round_trip_keeps_bits(tmp_path):
@@ -131,7 +131,7 @@ def test_torch_state_dicts_both_ways(tmp_path):
   cfg = from_hf_config(hf.config.to_dict(), param_dtype="float32", dtype="float32")
   ours = from_torch_state_dict(hf.state_dict(), cfg)
   ids = np.random.default_rng(1).integers(0, 88, (1, 9))
-  assert np.abs(np.asarray(ours(ids)) - _logits(hf, ids)).max() <= 1e-4
+  assert np.abs(our_logits(ours, ids) - _logits(hf, ids)).max() <= 1e-4
   fresh = make_hf_mm_model(seed=36)
   fresh.load_state_dict(to_torch_state_dict(ours), strict=True)
   assert np.array_equal(_logits(fresh, ids), _logits(hf, ids))
@@ -161,7 +161,7 @@ def test_cli_trained_checkpoint_to_hf_and_back(tmp_path, capsys):
   hf = Llama4ForCausalLM.from_pretrained(tmp_path / "hf").eval()
   ours = load_hf(tmp_path / "hf", dtype="float32")
   ids = np.random.default_rng(2).integers(0, 256, (2, 70))  # > one chunk of 64
-  assert np.abs(_logits(hf, ids) - np.asarray(ours(ids))).max() <= 1e-4
+  assert np.abs(_logits(hf, ids) - our_logits(ours, ids)).max() <= 1e-4
   assert convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--dtype", "float32"]) == 0
   assert convert(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2"), "--max-shard-size", "2MB"]) == 0
   a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "hf2")

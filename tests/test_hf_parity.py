@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hf_utils import hf_logits, make_hf_model, save_hf
+from hf_utils import hf_logits, make_hf_model, our_logits, save_hf
 
 from behemoth_jax.convert import load_hf
 
@@ -65,7 +65,7 @@ def test_logits_match_hf(saved, name, scan):
   hf_model, path = saved[name]
   ours = load_hf(path, dtype="float32", scan_layers=scan)
   ids = _ids(1, 2, 17)
-  diff = np.abs(np.asarray(ours(ids)) - hf_logits(hf_model, ids)).max()
+  diff = np.abs(our_logits(ours, ids) - hf_logits(hf_model, ids)).max()
   assert diff <= TOL, f"{name}: max |ours - HF| = {diff:.2e}"
 
 
@@ -74,7 +74,7 @@ def test_moe_impls_match_hf(saved, impl):
   hf_model, path = saved["irregular_top2"]
   ours = load_hf(path, dtype="float32", moe_impl=impl)
   ids = _ids(2, 2, 13)
-  assert np.abs(np.asarray(ours(ids)) - hf_logits(hf_model, ids)).max() <= TOL
+  assert np.abs(our_logits(ours, ids) - hf_logits(hf_model, ids)).max() <= TOL
 
 
 def test_packed_segments_equal_separate_hf_runs(saved):
@@ -84,7 +84,7 @@ def test_packed_segments_equal_separate_hf_runs(saved):
   doc_a, doc_b = _ids(3, 1, 9), _ids(4, 1, 12)
   packed = np.concatenate([doc_a, doc_b], axis=1)
   seg = np.array([[1] * 9 + [2] * 12])
-  got = np.asarray(ours(packed, segment_ids_BT=seg))
+  got = our_logits(ours, packed, segment_ids_BT=seg)
   want = np.concatenate([hf_logits(hf_model, doc_a), hf_logits(hf_model, doc_b)], axis=1)
   assert np.abs(got - want).max() <= TOL
 

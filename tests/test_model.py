@@ -29,7 +29,7 @@ def _loss_and_grads_by_hf_name(model, ids):
     logits = nnx.merge(graphdef, p)(ids)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(ids.shape[1])[None, :])
 
-  value, grads = jax.value_and_grad(loss)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   flat = dict(nnx.to_flat_state(grads))
   out = {}
   for e in entries(model.cfg, model.decoder.num_cycles):
@@ -38,15 +38,26 @@ def _loss_and_grads_by_hf_name(model, ids):
   return value, out
 
 
-@pytest.mark.parametrize("unroll", [1, 2])
-def test_scan_equals_loop_values_and_gradients(checkpoint, unroll):
+def _logits(model, ids):
+  return np.asarray(jax.jit(lambda m, i: m(i))(model, ids))
+
+
+@pytest.fixture(scope="module")
+def looped(checkpoint):
+  """(ids, logits, loss, grads) of the unscanned model, shared by the scan tests."""
   ids = np.random.default_rng(0).integers(0, 97, (2, 13))
+  model = load_hf(checkpoint, scan_layers=False)
+  assert model.decoder.num_cycles == 0 and len(model.decoder.tail) == 10
+  return ids, _logits(model, ids), *_loss_and_grads_by_hf_name(model, ids)
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_scan_equals_loop_values_and_gradients(checkpoint, looped, unroll):
+  ids, looped_logits, ll, gl = looped
   scanned = load_hf(checkpoint, scan_layers=True, scan_unroll=unroll)
-  looped = load_hf(checkpoint, scan_layers=False)
   assert scanned.decoder.num_cycles == 2 and len(scanned.decoder.tail) == 2
-  assert looped.decoder.num_cycles == 0 and len(looped.decoder.tail) == 10
-  np.testing.assert_allclose(scanned(ids), looped(ids), atol=1e-5)
-  (ls, gs), (ll, gl) = _loss_and_grads_by_hf_name(scanned, ids), _loss_and_grads_by_hf_name(looped, ids)
+  np.testing.assert_allclose(_logits(scanned, ids), looped_logits, atol=1e-5)
+  ls, gs = _loss_and_grads_by_hf_name(scanned, ids)
   np.testing.assert_allclose(ls, ll, rtol=1e-6)
   assert gs.keys() == gl.keys() and len(gs) > 50
   for key in gs:
@@ -62,14 +73,20 @@ def test_unstack_layers_is_the_same_model(checkpoint):
   scanned = load_hf(checkpoint, scan_layers=True)
   flat = unstack_layers(scanned)
   assert flat.decoder.num_cycles == 0 and len(flat.decoder.tail) == 10 and not flat.cfg.scan_layers
-  np.testing.assert_array_equal(flat(ids), load_hf(checkpoint, scan_layers=False)(ids))
-  np.testing.assert_allclose(flat(ids), scanned(ids), atol=1e-5)
+  got = _logits(flat, ids)
+  np.testing.assert_array_equal(got, _logits(load_hf(checkpoint, scan_layers=False), ids))
+  np.testing.assert_allclose(got, _logits(scanned, ids), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(checkpoint):
+  ids = np.random.default_rng(1).integers(0, 97, (1, 11))
+  return ids, _loss_and_grads_by_hf_name(load_hf(checkpoint), ids)[1]
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_do_not_change_gradients(checkpoint, policy):
-  ids = np.random.default_rng(1).integers(0, 97, (1, 11))
-  _, base = _loss_and_grads_by_hf_name(load_hf(checkpoint), ids)
+def test_remat_policies_do_not_change_gradients(checkpoint, no_remat_grads, policy):
+  ids, base = no_remat_grads
   _, got = _loss_and_grads_by_hf_name(load_hf(checkpoint, remat_policy=policy), ids)
   for key in base:
     np.testing.assert_allclose(got[key], base[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
@@ -79,15 +96,15 @@ def test_causality_through_gradients(checkpoint):
   model = load_hf(checkpoint)
   x = model.embed_tokens(jnp.asarray(np.random.default_rng(2).integers(0, 97, (1, 12))))
   t0 = 5
-  g = jax.grad(lambda x: model.logits(model.hidden_states(x))[0, t0].sum())(x)
+  g = jax.jit(jax.grad(lambda x: model.logits(model.hidden_states(x))[0, t0].sum()))(x)
   g = np.abs(np.asarray(g))[0].sum(-1)
   assert np.all(g[t0 + 1 :] == 0) and np.all(g[: t0 + 1] > 0)
 
 
 def test_bf16_compute_close_to_f32(checkpoint):
   ids = np.random.default_rng(3).integers(0, 97, (2, 9))
-  f32 = np.asarray(load_hf(checkpoint)(ids))
-  bf16 = load_hf(checkpoint, compute_dtype="bfloat16")(ids)
+  f32 = _logits(load_hf(checkpoint), ids)
+  bf16 = _logits(load_hf(checkpoint, compute_dtype="bfloat16"), ids)
   assert bf16.dtype == jnp.float32  # logits stay float32
   assert np.abs(np.asarray(bf16) - f32).max() < 0.1 * np.abs(f32).max()
 

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from hf_utils import MM_IDS, hf_mm_logits, make_hf_mm_model, save_hf
+from hf_utils import MM_IDS, hf_mm_logits, make_hf_mm_model, our_logits, save_hf
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
 from behemoth_jax.config import VisionConfig, load_config
@@ -85,7 +85,7 @@ def test_logits_match_hf(saved, name, images):
   hf_model, ours, vc = saved[name]
   rng = np.random.default_rng(len(images))
   ids, pixels = _prompt(vc, rng, images), _tiles(vc, rng, images)
-  got = np.asarray(ours(ids, pixel_values=pixels))
+  got = our_logits(ours, ids, pixel_values=pixels)
   diff = np.abs(got - hf_mm_logits(hf_model, ids, pixels)).max()
   assert diff <= TOL, f"{name}: max |ours - HF| = {diff:.2e}"
 
@@ -101,7 +101,7 @@ def test_per_row_tile_slots_equal_hf_batch(saved):
   slots = np.zeros((2, 4, *tiles_a.shape[1:]), np.float32)
   slots[0, :2], slots[1, :3] = tiles_a, tiles_b
   want = hf_mm_logits(hf_model, ids, np.concatenate([tiles_a, tiles_b]))
-  assert np.abs(np.asarray(ours(ids, pixel_values=slots)) - want).max() <= TOL
+  assert np.abs(our_logits(ours, ids, pixel_values=slots) - want).max() <= TOL
 
 
 def test_placeholder_count_mismatch_is_one_clear_error(saved):
@@ -177,7 +177,7 @@ def test_multimodal_logits_on_mesh_equal_one_device():
   t = max(len(r) for r in rows)
   ids = np.stack([np.pad(r, (0, t - len(r))) for r in rows])
   pixels = rng.normal(size=(8, 3, 3, vc.image_size, vc.image_size)).astype(np.float32)
-  want = np.asarray(model(ids, pixel_values=pixels))
+  want = our_logits(model, ids, pixel_values=pixels)
   mesh = make_mesh(cfg.parallel)
   sharded = init_sharded(cfg.model, mesh, seed=3)
   with use_mesh(mesh):

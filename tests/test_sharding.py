@@ -48,10 +48,17 @@ def _loss(graphdef, state, ids):
   return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(ids.shape[1])[None, :]), logits
 
 
+_REFERENCES = {}
+
+
 def _reference(cfg, ids):
-  graphdef, state = nnx.split(create_model(cfg, seed=3))
-  (loss, logits), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(graphdef, state, ids)
-  return graphdef, state, logits, grads
+  """One device's logits and gradients (jitted, computed once per config for the module's tests)."""
+  if cfg not in _REFERENCES:
+    graphdef, state = nnx.split(create_model(cfg, seed=3))
+    step = jax.jit(jax.value_and_grad(_loss, argnums=1, has_aux=True), static_argnums=0)
+    (_, logits), grads = step(graphdef, state, ids)
+    _REFERENCES[cfg] = graphdef, state, logits, grads
+  return _REFERENCES[cfg]
 
 
 def _sharded(graphdef, state, ids, parallel):

@@ -193,19 +193,34 @@ def prefill_logits(model, ids_BT, mask_BT=None, pixel_values=None, max_len=None)
   """(last-position logits, caches, positions) of a left-padded batch: for tests and scoring."""
   graphdef, params = nnx.split(model)
   mask_BT = np.ones_like(ids_BT) if mask_BT is None else mask_BT
-  return prefill(graphdef, params, jnp.asarray(ids_BT), jnp.asarray(mask_BT), pixel_values, max_len or ids_BT.shape[1])
+  return _jit_prefill(
+    graphdef, params, jnp.asarray(ids_BT), jnp.asarray(mask_BT), pixel_values, max_len or ids_BT.shape[1]
+  )
 
 
 def decode_logits(model, caches, tokens_B, positions_B):
+  """(next-token logits, caches) of one decode step (jitted; compiled once per shape)."""
   graphdef, params = nnx.split(model)
-  return _decode(graphdef, params, caches, jnp.asarray(tokens_B), jnp.asarray(positions_B))
+  return _jit_decode(graphdef, params, caches, jnp.asarray(tokens_B), jnp.asarray(positions_B))
+
+
+_jit_prefill = jax.jit(prefill, static_argnums=(0, 5))
+_jit_decode = jax.jit(_decode, static_argnums=0)
 
 
 def topk_logprobs(model, ids_BT: np.ndarray, k: int, segment_ids_BT: np.ndarray | None = None):
   """(top-k ids [B, T, k], their log-probs [B, T, k]) of the next token at every position."""
-  logits = model(jnp.asarray(ids_BT), segment_ids_BT=None if segment_ids_BT is None else jnp.asarray(segment_ids_BT))
-  logp, idx = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+  graphdef, params = nnx.split(model)
+  seg = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
+  idx, logp = _jit_topk(graphdef, params, jnp.asarray(ids_BT), seg, k)
   return np.asarray(idx), np.asarray(logp)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _jit_topk(graphdef, params, ids_BT, segment_ids_BT, k: int):
+  logits = nnx.merge(graphdef, params)(ids_BT, segment_ids_BT=segment_ids_BT)
+  logp, idx = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+  return idx, logp
 
 
 # --- CLI ------------------------------------------------------------------------------------------
