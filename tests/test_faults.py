@@ -7,6 +7,7 @@ one device with a small model, against one uninterrupted reference run of 16 ste
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -178,8 +179,9 @@ def test_write_error_during_save_is_reported_and_earlier_checkpoints_stay_intact
   limit = 1 << 20
   r = _run(out, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
   assert r.returncode == 1, r.stderr[-3000:]
-  # Our one line; orbax's writer thread may also log its own traceback of the failed write, before or after.
-  errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+  # Our one line; orbax's writer threads may also log tracebacks of the failed write, before, after, or
+  # (measured once in ~10 runs) interleaved with ours, so the line is searched for, not split out.
+  errors = re.findall(r"error: [^\n]*", r.stderr)
   assert len(errors) == 1, r.stderr[-3000:]
   err = errors[0]
   assert err.startswith("error: writing checkpoint step 14 to") and "intact checkpoints: steps [12]" in err, err
