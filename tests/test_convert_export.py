@@ -232,3 +232,41 @@ def test_load_hf_onto_a_mesh(tmp_path):
   with use_mesh(mesh):
     got = np.asarray(jax.jit(lambda m, i: m(i))(ours, ids))
   assert np.abs(got - _logits(hf, ids)).max() <= 1e-4
+
+
+def test_scanned_checkpoint_exports_layer_by_layer_bitwise_like_the_unscanned(tmp_path):
+  """to-hf of a checkpoint in train.py's layout (layers stacked for the scan) equals to-hf of the same
+  parameters saved one leaf per layer, file for file; the stacked leaves are stored one layer per chunk,
+  and the reader fills a strided (transposed, half) view of an HF tensor exactly as numpy would."""
+  import yaml
+  from flax import nnx
+
+  from behemoth_jax.config import Config, load_config, to_dict
+  from behemoth_jax.model.transformer import create_model, unstack_layers
+  from behemoth_jax.train.checkpoint import CONFIG_NAME, ParamReader, save_params
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=8", "model.param_dtype=bfloat16"]).model
+  assert cfg.num_cycles == 2
+  scanned = create_model(cfg, seed=3)
+  for name, model in (("scanned", scanned), ("unscanned", unstack_layers(scanned))):
+    save_params(tmp_path / name, nnx.state(model, nnx.Param))
+    (tmp_path / name / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(Config(model=model.cfg)), sort_keys=False))
+    assert convert(["to-hf", str(tmp_path / name), str(tmp_path / f"{name}-hf"), "--max-shard-size", "1MB"]) == 0
+  files = sorted(p.name for p in (tmp_path / "scanned-hf").iterdir())
+  assert files == sorted(p.name for p in (tmp_path / "unscanned-hf").iterdir()) and len(files) > 3
+  for f in files:
+    assert (tmp_path / "scanned-hf" / f).read_bytes() == (tmp_path / "unscanned-hf" / f).read_bytes(), f
+
+  reader = ParamReader(tmp_path / "scanned" / "state")
+  leaf = ("decoder", "cycles", "blocks", 0, "ffn", "w_gate_EDF")
+  store = reader._store(leaf)
+  assert store.chunk_layout.read_chunk.shape[0] == 1 and reader.shape(leaf)[0] == 2  # one layer per chunk
+  want = np.asarray(dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))[leaf].get_value()[1])
+  hf = np.zeros((want.shape[0], want.shape[1], 2 * want.shape[2]), np.float32)  # gate_up, another dtype
+  reader.read_into(leaf, 1, hf[..., : want.shape[2]])
+  assert np.array_equal(hf[..., : want.shape[2]], want.astype(np.float32)) and not hf[..., want.shape[2] :].any()
+  wq = ("decoder", "cycles", "blocks", 1, "attn", "wq_DNH")
+  q = reader.read(wq, 0)
+  out = np.empty((q.shape[1] * q.shape[2], q.shape[0]), q.dtype)  # HF [N·H, D]: a transposed view
+  reader.read_into(wq, 0, out.T.reshape(q.shape))
+  assert np.array_equal(out, q.reshape(q.shape[0], -1).T)

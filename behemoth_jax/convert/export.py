@@ -1,10 +1,14 @@
 """Our model → Hugging Face: safetensors shards + index + config.json + generation_config.json, and
 in-memory torch state dicts.
 
-Tensors are produced one at a time from the key table (convert/keymap.py: each rule's `to_hf`; the
-fused expert `gate_up_proj` is the concatenation of our gate and up leaves) and streamed into the
-shard files, so the only extra host memory is the leaves in use (one stacked leaf, two for gate_up)
-and one tensor. The directory is written under a temporary name and renamed when complete.
+Each HF tensor is built in place from the key table (convert/keymap.py): its buffer is allocated in
+the HF layout, and each rule's `to_ours` applied to the buffer gives a view of it in our layout (a
+transpose, a split of heads, one half of the fused expert `gate_up_proj`), which the parameter source
+fills: one layer (one slice of a stacked leaf) at a time, read by tensorstore straight into the view
+for a checkpoint (`train.checkpoint.ParamReader`). So host memory is the tensor being written plus the
+next one, built on a second thread meanwhile, whatever the model and whether its layers are stacked:
+at most 2 × the largest HF tensor and tensorstore's chunk buffers. The directory is written under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -34,16 +39,14 @@ def _prefix(cfg: ModelConfig) -> str:
 
 
 def tensor_groups(cfg: ModelConfig, num_cycles: int) -> list[tuple[str, list[Entry]]]:
-  """(HF name, its entries) in a leaf-major order: each stacked leaf is visited once, layer by layer."""
+  """(HF name, its entries) in the key table's order (layer by layer): the same files whether our layers
+  are stacked or not, since each tensor reads only its layer's slice."""
   groups: dict[str, list[Entry]] = OrderedDict()
   for e in entries(cfg, num_cycles, _prefix(cfg)):
     groups.setdefault(e.hf_name, []).append(e)
   for ents in groups.values():
     ents.sort(key=lambda e: e.rule.part[0] if e.rule.part else 0)
-  leaf_order = {}
-  for ents in groups.values():
-    leaf_order.setdefault(ents[0].leaf, len(leaf_order))
-  return sorted(groups.items(), key=lambda kv: (leaf_order[kv[1][0].leaf], kv[1][0].stack or 0))
+  return list(groups.items())
 
 
 def hf_shape(group: list[Entry], cfg: ModelConfig, leaf_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
@@ -53,38 +56,69 @@ def hf_shape(group: list[Entry], cfg: ModelConfig, leaf_shape: tuple[int, ...], 
   return (*out[:-1], out[-1] * len(group)) if len(group) > 1 else tuple(out)
 
 
+# read_into(leaf path, index on the stacked layers axis or None, destination view): fills the view.
+ReadInto = Callable[[tuple, int | None, np.ndarray], None]
+
+
+def model_reader(model) -> tuple[dict, ReadInto]:
+  """({leaf: (shape, dtype)}, read_into) of an in-memory model: one layer of a stacked leaf is sliced on
+  its devices and copied to the host alone."""
+  flat = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+  def read_into(leaf, index, out):
+    value = flat[leaf] if index is None else flat[leaf][index]
+    out[...] = np.asarray(jax.device_get(value))
+
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}, read_into
+
+
 def iter_hf_tensors(model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, numpy tensor) pairs of `model`, one tensor alive at a time (see the module docstring)."""
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  return _iter_hf_tensors(
-    model.cfg, model.decoder.num_cycles, lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())), dtype
-  )
+  """(HF name, numpy tensor) pairs of `model` (see the module docstring)."""
+  shapes, read_into = model_reader(model)
+  plan = hf_plan(model.cfg, model.decoder.num_cycles, shapes, dtype)
+  return _iter_hf_tensors(model.cfg, plan, read_into)
 
 
-def _iter_hf_tensors(cfg: ModelConfig, num_cycles: int, get_leaf, dtype: str | None):
-  """HF tensors from `get_leaf(path) -> host array`; each leaf is fetched once and dropped after its
-  last HF tensor (at most the two leaves of a gate_up pair are held)."""
-  groups = tensor_groups(cfg, num_cycles)
-  last_use = {}
-  for i, (_, ents) in enumerate(groups):
-    for e in ents:
-      last_use[e.leaf] = i
-  host: dict = {}
-  for i, (name, ents) in enumerate(groups):
-    parts = []
-    for e in ents:
-      if e.leaf not in host:
-        host[e.leaf] = get_leaf(e.leaf)
-      value = host[e.leaf] if e.stack is None else host[e.leaf][e.stack]
-      parts.append(e.rule.to_hf(value, cfg))
-    tensor = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-    if dtype is not None:
-      tensor = tensor.astype(dtype)
-    for e in ents:
-      if last_use[e.leaf] == i:
-        host.pop(e.leaf, None)
-    yield name, np.ascontiguousarray(tensor)
-    del tensor, parts
+def hf_plan(cfg: ModelConfig, num_cycles: int, leaf_shapes: dict, dtype: str | None) -> list:
+  """[(HF name, shape, dtype, entries)] in `tensor_groups` order; a tensor's dtype is `dtype` or its
+  leaves' (promoted if gate and up differ)."""
+  plan = []
+  for name, ents in tensor_groups(cfg, num_cycles):
+    shape, leaf_dtype = leaf_shapes[ents[0].leaf]
+    if dtype:
+      out_dtype = np.dtype(dtype)
+    else:
+      out_dtype = np.result_type(*(leaf_shapes[e.leaf][1] for e in ents))
+    plan.append((name, hf_shape(ents, cfg, shape, leaf_dtype), out_dtype, ents))
+  return plan
+
+
+def _build(cfg: ModelConfig, item, read_into: ReadInto) -> np.ndarray:
+  """One HF tensor: its buffer, each entry's view of it in our layout filled by `read_into`."""
+  _, shape, dtype, ents = item
+  out = np.empty(shape, dtype)
+  for e in ents:
+    view = e.rule.to_ours(out, cfg)
+    if np.shares_memory(view, out):
+      read_into(e.leaf, e.stack, view)
+    else:  # a rule whose inverse is not a view of its input: fill a copy, then transform it back
+      assert e.rule.part is None, f"{e.hf_name}: a fused part must be a view of the HF tensor"
+      ours = np.empty(view.shape, dtype)
+      read_into(e.leaf, e.stack, ours)
+      out[...] = e.rule.to_hf(ours, cfg)
+  return out
+
+
+def _iter_hf_tensors(cfg: ModelConfig, plan: list, read_into: ReadInto) -> Iterator[tuple[str, np.ndarray]]:
+  """The plan's tensors in order; the next is built on a second thread while the caller consumes this
+  one (reading and writing overlap; two tensors alive)."""
+  with ThreadPoolExecutor(1, thread_name_prefix="hf-tensor") as pool:
+    ahead = pool.submit(_build, cfg, plan[0], read_into) if plan else None
+    for i, item in enumerate(plan):
+      tensor = ahead.result()
+      ahead = pool.submit(_build, cfg, plan[i + 1], read_into) if i + 1 < len(plan) else None
+      yield item[0], tensor
+      del tensor
 
 
 def to_torch_state_dict(model, dtype: str | None = None) -> dict:
@@ -145,13 +179,12 @@ def save_hf(
   Llama4ForConditionalGeneration with `cfg.vision`. Tensors keep their dtypes unless `dtype` is given.
   `source`: the HF directory (or our checkpoint of it) the model came from; its config.json and
   generation_config.json are written back with only what our config changed. Returns the directory."""
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  shapes = {k: (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for k, v in flat.items()}
+  shapes, read_into = model_reader(model)
   return write_hf(
     model.cfg,
     model.decoder.num_cycles,
     shapes,
-    lambda leaf: np.asarray(jax.device_get(flat[leaf].get_value())),
+    read_into,
     path,
     max_shard_size,
     dtype,
@@ -178,7 +211,7 @@ def write_hf(
   cfg: ModelConfig,
   num_cycles: int,
   leaf_shapes: dict,
-  get_leaf,
+  read_into: ReadInto,
   path: str | Path,
   max_shard_size: str | int = "5GB",
   dtype: str | None = None,
@@ -186,18 +219,14 @@ def write_hf(
   progress: bool = False,
   sources: tuple[dict | None, dict | None] = (None, None),
 ) -> Path:
-  """`save_hf` from any leaf source: `leaf_shapes` {path: (shape, dtype)}, `get_leaf(path)` → host array
-  (e.g. one leaf restored from a checkpoint at a time); `sources` the source's (config.json,
-  generation_config.json) dicts, or None each."""
+  """`save_hf` from any parameter source: `leaf_shapes` {path: (shape, dtype)}, `read_into(path, layer
+  index or None, view)` fills a view (e.g. `ParamReader.read_into`, one layer of a checkpoint at a time);
+  `sources` the source's (config.json, generation_config.json) dicts, or None each."""
   path = Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
   limit = parse_size(max_shard_size)
-  plan = []
-  for name, ents in tensor_groups(cfg, num_cycles):
-    shape, leaf_dtype = leaf_shapes[ents[0].leaf]
-    out_dtype = np.dtype(dtype) if dtype else leaf_dtype
-    plan.append((name, hf_shape(ents, cfg, shape, leaf_dtype), out_dtype))
+  plan = hf_plan(cfg, num_cycles, leaf_shapes, dtype)
   shards, size = [[]], 0
   for item in plan:
     nbytes = int(np.prod(item[1], dtype=np.int64)) * item[2].itemsize
@@ -211,26 +240,26 @@ def write_hf(
   tmp = path.with_name(path.name + ".tmp-export")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in plan)
+  total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d, _ in plan)
   bar = None
   if progress:
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {path.name}")
+  tensors = _iter_hf_tensors(cfg, plan, read_into)
   try:
-    tensors = _iter_hf_tensors(cfg, num_cycles, get_leaf, dtype)
     for fname, shard in zip(names, shards, strict=True):
       write_safetensors(
         tmp / fname,
         ((next(tensors)) for _ in shard),
-        shard,
+        [item[:3] for item in shard],
         metadata={"format": "pt"},
         on_bytes=bar.update if bar else None,
       )
     if n > 1:
-      weight_map = {name: fname for fname, shard in zip(names, shards, strict=True) for name, _, _ in shard}
+      weight_map = {item[0]: fname for fname, shard in zip(names, shards, strict=True) for item in shard}
       (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
       )
-    dtypes = {d.name for _, _, d in plan}
+    dtypes = {item[2].name for item in plan}
     hf_cfg = export_config(cfg, sources[0], dtypes.pop() if len(dtypes) == 1 else None)
     # As transformers writes them (sorted keys, 2-space indent, final newline).
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
@@ -238,6 +267,7 @@ def write_hf(
       json.dumps(generation_config(cfg, sources[1]), indent=2, sort_keys=True) + "\n"
     )
   except BaseException:
+    tensors.close()  # waits for the tensor being built on the other thread
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   finally:

@@ -19,6 +19,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -123,7 +124,8 @@ class Checkpointer:
       saved = self.manager.save(
         step,
         args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_JsonState(data_iter))
+          state=ocp.args.StandardSave(state, save_args=save_args(state)),
+          data=grain.checkpoint.CheckpointSave(_JsonState(data_iter)),
         ),
         force=force,
       )
@@ -314,28 +316,78 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
   return restored["params"]
 
 
-def saved_dtypes(path: Path) -> dict[tuple, np.dtype]:
-  """{parameter path: dtype it is stored in} of the params item at `path` (a `params_dir`), from metadata."""
-  out = {}
-  for keys, leaf in jax.tree_util.tree_leaves_with_path(_tree_metadata(path).get("params", {})):
-    key = tuple(_key_part(k) for k in keys)
-    key = key[:-1] if key and key[-1] == "value" else key
-    out[tuple(int(k) if k.isdigit() else k for k in key)] = np.dtype(leaf.dtype)
-  return out
+class ParamReader:
+  """Parameters of a params item (a `params_dir`) read straight from its tensorstore arrays, whole or one
+  slice of the leading (layers) axis at a time, into a caller's buffer, which may be a strided view
+  (a transposed or split HF tensor): tensorstore copies chunk by chunk with the layout change and any
+  dtype conversion on its own threads, so no intermediate copy of a slice exists. A slice costs the
+  chunks it touches: train.py and behemoth-convert store stacked leaves one layer per chunk
+  (`save_args`); an older checkpoint whose chunks span layers is read correctly, chunk by chunk.
+  Why not orbax's restore: each call re-reads the item's metadata and builds restore arguments
+  (~0.1 s), and it returns whole arrays only."""
+
+  def __init__(self, path: Path):
+    self.path = Path(path)
+    try:
+      meta = json.loads((self.path / "_METADATA").read_text())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{self.path}: not an orbax checkpoint item ({_one_line(e)})") from None
+    self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    self._ocdbt = meta.get("use_ocdbt", True)
+    self.names: dict[tuple, str] = {}
+    for info in meta["tree_metadata"].values():
+      keys = [k["key"] for k in info["key_metadata"]]
+      if keys[0] != "params":
+        continue
+      leaf = keys[1:-1] if keys[-1] == "value" else keys[1:]
+      self.names[tuple(int(k) if k.isdigit() else k for k in leaf)] = ".".join(keys)
+    # No chunk cache: every byte is read once; a cache would only hold memory.
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    self._open: dict[tuple, ts.TensorStore] = {}
+
+  def _store(self, leaf: tuple) -> ts.TensorStore:
+    if leaf not in self._open:
+      if leaf not in self.names:
+        raise CheckpointError(f"{self.path}: parameter {'/'.join(map(str, leaf))} not in the checkpoint")
+      base = {"driver": "file", "path": str(self.path) + "/"}
+      name = self.names[leaf]
+      kvstore = (
+        {"driver": "ocdbt", "base": base, "path": name} if self._ocdbt else {**base, "path": f"{base['path']}{name}/"}
+      )
+      spec = {"driver": self._driver, "kvstore": kvstore, "recheck_cached_data": False}
+      self._open[leaf] = ts.open(spec, open=True, read=True, context=self._context).result()
+    return self._open[leaf]
+
+  def shape(self, leaf: tuple) -> tuple[int, ...]:
+    return tuple(self._store(leaf).shape)
+
+  def dtype(self, leaf: tuple) -> np.dtype:
+    return np.dtype(self._store(leaf).dtype.numpy_dtype)
+
+  def read_into(self, leaf: tuple, index: int | None, out: np.ndarray) -> None:
+    """out[...] = leaf[index] (or the whole leaf), converting to out's dtype."""
+    src = self._store(leaf)
+    if index is not None:
+      src = src[index]
+    ts.array(out, copy=False, write=True).write(src).result()
+
+  def read(self, leaf: tuple, index: int | None = None, dtype=None) -> np.ndarray:
+    shape = self.shape(leaf)[1:] if index is not None else self.shape(leaf)
+    out = np.empty(shape, dtype or self.dtype(leaf))
+    self.read_into(leaf, index, out)
+    return out
 
 
-def restore_leaf(path: Path, leaf: tuple, shape: tuple[int, ...], dtype) -> np.ndarray:
-  """One parameter leaf of the params item at `path` (a `params_dir`), as a host array."""
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  var = nnx.Param(jax.ShapeDtypeStruct(shape, dtype, sharding=cpu))
-  sub = {"params": nnx.from_flat_state({leaf: var})}
-  restored = ocp.PyTreeCheckpointer().restore(
-    path,
-    args=ocp.args.PyTreeRestore(
-      item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub), partial_restore=True
-    ),
+def save_args(tree):
+  """orbax SaveArgs for a tree of arrays: every array of rank ≥ 3 (stacked layers, experts) is stored
+  one index of its leading axis per chunk, so that a layer (or an expert) reads alone (`ParamReader`,
+  behemoth-convert to-hf); chunks are at most `CHUNK_BYTES`."""
+  return jax.tree.map(
+    lambda a: ocp.SaveArgs(shard_axes=(0,) if np.ndim(a) >= 3 else (), chunk_byte_size=CHUNK_BYTES), tree
   )
-  return np.asarray(dict(nnx.to_flat_state(restored["params"]))[leaf].get_value())
+
+
+CHUNK_BYTES = 256 << 20
 
 
 def _saved_key(key: tuple, flat: dict) -> tuple:
@@ -350,25 +402,24 @@ def _saved_key(key: tuple, flat: dict) -> tuple:
 
 
 def _restore_restacked(path: Path, flat: dict):
-  """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j."""
+  """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j,
+  each layer read straight into its slice of the stacked host buffer."""
   blocks = sorted({k[3] for k in flat if k[:3] == ("decoder", "cycles", "blocks")})
   n_cycles = next(v.get_value().shape[0] for k, v in flat.items() if k[:2] == ("decoder", "cycles"))
   first_tail = n_cycles * len(blocks)
+  reader = ParamReader(path)
   out = {}
   for key, var in flat.items():
     sds = var.get_value()
+    value = np.empty(sds.shape, sds.dtype)
     if key[:3] == ("decoder", "cycles", "blocks"):
       j, rest = key[3], key[4:]
-      value = np.stack(
-        [
-          restore_leaf(path, ("decoder", "tail", c * len(blocks) + j, *rest), sds.shape[1:], sds.dtype)
-          for c in range(n_cycles)
-        ]
-      )
+      for c in range(n_cycles):
+        reader.read_into(("decoder", "tail", c * len(blocks) + j, *rest), None, value[c])
     elif key[:2] == ("decoder", "tail"):
-      value = restore_leaf(path, ("decoder", "tail", first_tail + key[2], *key[3:]), sds.shape, sds.dtype)
+      reader.read_into(("decoder", "tail", first_tail + key[2], *key[3:]), None, value)
     else:
-      value = restore_leaf(path, key, sds.shape, sds.dtype)
+      reader.read_into(key, None, value)
     out[key] = var.replace(jax.device_put(value, sds.sharding))
   return nnx.from_flat_state(out)
 
@@ -382,7 +433,10 @@ HF_GENERATION_CONFIG = "hf_generation_config.json"
 
 def save_params(path: str | Path, params) -> None:
   """Parameters alone as a checkpoint `restore_params` (and train.init_from) reads: PATH/state."""
-  ocp.PyTreeCheckpointer().save(Path(path).absolute() / "state", {"params": params})
+  item = {"params": params}
+  ocp.PyTreeCheckpointer().save(
+    Path(path).absolute() / "state", args=ocp.args.PyTreeSave(item, save_args=save_args(item))
+  )
 
 
 def find_config(path: str | Path) -> Path | None:
