@@ -1,5 +1,7 @@
 """Chunked cross-entropy vs full softmax, auxiliary losses, and gradient accumulation == one batch."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from behemoth_jax.model.moe import MoEStats
 from behemoth_jax.model.transformer import create_model
 from behemoth_jax.train.losses import (
   chunked_cross_entropy,
+  chunked_distillation_terms,
   distillation_terms,
   load_balancing_loss,
   router_z_loss,
@@ -237,3 +240,83 @@ def test_offline_topk_targets_equal_the_online_teacher(tmp_path):
   online = loss_and_stats(graphdef, student, batch, cfg.train, total, (dc, t_graphdef), t_params, 0.0)
   np.testing.assert_allclose(offline[0], online[0], rtol=1e-4)
   np.testing.assert_allclose(offline[1][2]["soft_kl"], online[1][2]["soft_kl"], rtol=1e-4)
+
+
+def _distill_loss(terms, w_BT, mask_BT):
+  ce, kl, margin = terms
+  return jnp.sum(((1 - w_BT) * ce + w_BT * kl) * mask_BT) + 0.0 * jnp.sum(margin)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+@pytest.mark.parametrize("offline", [False, True])
+def test_chunked_distillation_equals_the_full_vocabulary_terms(chunk, offline):
+  """Values (CE, KL, margin) and the student's gradients (hidden states and LM head) of the chunked
+  terms equal `distillation_terms` on full logits, for a vocabulary (50) not divisible by the chunk,
+  online (teacher hidden states and head) and offline (teacher top-k, with a label outside the top-k)."""
+  rng = np.random.default_rng(chunk)
+  b, t, d, dt, v, k, tau = 2, 5, 8, 6, 50, 4, 2.0
+  h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+  th = jnp.asarray(rng.standard_normal((b, t, dt)), jnp.float32)
+  tw = jnp.asarray(2 * rng.standard_normal((dt, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  weight = jnp.asarray(rng.uniform(0, 1, (b, t)), jnp.float32)
+  mask = jnp.asarray(rng.uniform(0, 1, (b, t)) > 0.2, jnp.float32)
+  t_logp_full = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", th, tw), axis=-1)
+  if offline:
+    ids = jax.lax.top_k(t_logp_full, k)[1].astype(jnp.int32)
+    t_logp = jnp.take_along_axis(t_logp_full, ids, axis=-1)
+    targets = targets.at[0, 0].set(int(jnp.argsort(t_logp_full[0, 0])[0]))  # a label outside the top-k
+
+    def ref(h, w):
+      return distillation_terms(jnp.einsum("btd,dv->btv", h, w), t_logp, targets, tau, ids)
+
+    def ours(h, w):
+      return chunked_distillation_terms(h, w, targets, tau, chunk, teacher_logp_BTK=t_logp, teacher_ids_BTK=ids)
+  else:
+
+    def ref(h, w):
+      return distillation_terms(jnp.einsum("btd,dv->btv", h, w), t_logp_full, targets, tau)
+
+    def ours(h, w):
+      return chunked_distillation_terms(h, w, targets, tau, chunk, teacher_h_BTD=th, teacher_w_DV=tw)
+
+  for a, b_ in zip(ours(h, w), ref(h, w), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+  g_ours = jax.grad(lambda h, w: _distill_loss(ours(h, w), weight, mask), argnums=(0, 1))(h, w)
+  g_ref = jax.grad(lambda h, w: _distill_loss(ref(h, w), weight, mask), argnums=(0, 1))(h, w)
+  for a, b_ in zip(g_ours, g_ref, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_distillation_holds_no_vocabulary_sized_buffer_and_runs_vocabulary_sharded():
+  """Compiled forward + backward at B·T = 64 tokens, V = 1000, chunk 128: no buffer of B·T·V elements
+  (64,000) in the optimized HLO; on a mesh with the LM heads sharded over the vocabulary (8 devices)
+  the values and gradients equal one device's."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  rng = np.random.default_rng(0)
+  b, t, d, v, tau, chunk = 4, 16, 32, 1000, 1.5, 128
+  h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  w = jnp.asarray(0.3 * rng.standard_normal((d, v)), jnp.float32)
+  th = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  tw = jnp.asarray(0.3 * rng.standard_normal((d, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+
+  def loss(h, w, th, tw):
+    ce, kl, _ = chunked_distillation_terms(h, w, targets, tau, chunk, teacher_h_BTD=th, teacher_w_DV=tw)
+    return jnp.sum(0.5 * ce + 0.5 * kl)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  hlo = step.lower(h, w, th, tw).compile().as_text()
+  sizes = [int(np.prod([int(x) for x in dims.split(",") if x])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+  assert max(sizes) < b * t * v, max(sizes)
+  assert max(sizes) >= d * v  # the heads themselves (and their gradient) are in the program: the check sees them
+  want = step(h, w, th, tw)
+  mesh = jax.make_mesh((8,), ("vocab",), axis_types=(jax.sharding.AxisType.Auto,))  # as sharding/mesh.py
+  shard = NamedSharding(mesh, PartitionSpec(None, "vocab"))
+  w8, tw8 = jax.device_put(w, shard), jax.device_put(tw, shard)  # 125 columns per device; chunks of 128
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w8, th, tw8)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b_ in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)

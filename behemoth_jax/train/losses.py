@@ -9,6 +9,8 @@ float32 logits.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -175,3 +177,174 @@ def soft_weight(kind: str, alpha: float, margin_BT: jax.Array, progress: jax.Arr
   if kind == "dynamic":
     return alpha * (1.0 - margin_BT)
   raise ValueError(f"distill.weight: must be one of {DISTILL_WEIGHTS}, got {kind!r}")
+
+
+def chunked_distillation_terms(
+  h_BTD: jax.Array,
+  w_DV: jax.Array,
+  targets_BT: jax.Array,
+  temperature: float,
+  chunk: int,
+  teacher_h_BTD: jax.Array | None = None,
+  teacher_w_DV: jax.Array | None = None,
+  teacher_logp_BTK: jax.Array | None = None,
+  teacher_ids_BTK: jax.Array | None = None,
+):
+  """`distillation_terms` without [B, T, V] logits of either model: (hard CE, τ²·KL, teacher margin)
+  per token, float32 [B, T], from the student's final hidden states and LM head and either the
+  teacher's (online: `teacher_h_BTD`, `teacher_w_DV`) or its top-k log-probs and ids (offline).
+
+  A scan over vocabulary chunks of `chunk` columns keeps online log-sum-exps of s, s/τ, t and t/τ and
+  the sums the KL needs, Σ_v p_Tτ(v)·(t_v − s_v) = A / S_Tτ with A rescaled like S:
+      KL = τ² · (E_pTτ[t − s] / τ − lse(t/τ) + lse(s/τ)).
+  The backward pass (written out, no autodiff through the scan) recomputes each chunk's logits and
+  gives the student dlogits = g_ce·(p_S − onehot(label)) + g_kl·τ·(p_Sτ − p_Tτ); the teacher is frozen
+  (no gradient) and the margin, a function of the teacher alone, carries none.
+  """
+  online = teacher_h_BTD is not None
+  h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
+  if online:
+    teacher = (jax.lax.stop_gradient(teacher_h_BTD.astype(teacher_w_DV.dtype)), jax.lax.stop_gradient(teacher_w_DV))
+  else:
+    teacher = (jax.lax.stop_gradient(teacher_logp_BTK.astype(jnp.float32)), teacher_ids_BTK)
+  return _distill(float(temperature), int(chunk), online, h_BTD, w_DV, targets_BT, teacher)
+
+
+def _chunks(w_DV: jax.Array, c: int) -> jax.Array:
+  d, v = w_DV.shape
+  n = -(-v // c)
+  return jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
+
+
+def _chunk_logits(h_BTD, w_DC, col_C, v):
+  logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC, preferred_element_type=jnp.float32)
+  return jnp.where(col_C < v, logits, -jnp.inf)
+
+
+def _online_lse(m_BT, s_BT, x_BTC):
+  """One step of an online log-sum-exp: (running max, rescaled sum) after chunk x; also the rescale
+  factor of the old sum and exp(x − new max), for sums that share the rescaling."""
+  m_new = jnp.maximum(m_BT, x_BTC.max(axis=-1))
+  scale = jnp.exp(m_BT - m_new)
+  e_BTC = jnp.exp(x_BTC - m_new[..., None])
+  return m_new, s_BT * scale + e_BTC.sum(axis=-1), scale, e_BTC
+
+
+def _local_ids(ids_BTK, start, c):
+  local = ids_BTK - start
+  inside = (local >= 0) & (local < c)
+  return jnp.where(inside, local, 0), inside
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _distill(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
+  return _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher)[0]
+
+
+def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
+  v = w_DV.shape[1]
+  shape, f32 = targets_BT.shape, jnp.float32
+  neg, zero = jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32)
+  w_s = _chunks(w_DV, c)
+  n = w_s.shape[0]
+  if online:
+    t_h, t_w = teacher
+    xs = (w_s, _chunks(t_w, c), jnp.arange(n))
+    k = None
+  else:
+    t_logp, ids = teacher
+    xs = (w_s, jnp.arange(n))
+    k = ids.shape[-1]
+
+  def body(carry, x):
+    st = dict(carry)
+    if online:
+      w_DC, tw_DC, j = x
+    else:
+      w_DC, j = x
+    col_C = (j * c + jnp.arange(c))[None, None, :]  # [1, 1, C]
+    s = _chunk_logits(h_BTD, w_DC, col_C, v)
+    st["m_s"], st["S_s"], _, _ = _online_lse(st["m_s"], st["S_s"], s)
+    st["m_sT"], st["S_sT"], _, _ = _online_lse(st["m_sT"], st["S_sT"], s / tau)
+    hit = col_C == targets_BT[..., None]
+    st["s_lab"] = st["s_lab"] + jnp.sum(jnp.where(hit, s, 0.0), axis=-1)
+    if online:
+      t = _chunk_logits(t_h, tw_DC, col_C, v)
+      st["m_t"], st["S_t"], _, _ = _online_lse(st["m_t"], st["S_t"], t)
+      st["m_tT"], st["S_tT"], scale, e = _online_lse(st["m_tT"], st["S_tT"], t / tau)
+      diff = jnp.where(col_C < v, t - s, 0.0)
+      st["A"] = st["A"] * scale + jnp.sum(e * diff, axis=-1)
+      st["t_lab"] = st["t_lab"] + jnp.sum(jnp.where(hit, t, 0.0), axis=-1)
+      st["t_max"] = jnp.maximum(st["t_max"], t.max(axis=-1))
+    else:
+      local, inside = _local_ids(ids, j * c, c)
+      st["s_ids"] = st["s_ids"] + jnp.where(inside, jnp.take_along_axis(s, local, axis=-1), 0.0)
+    return st, None
+
+  init = {"m_s": neg, "S_s": zero, "m_sT": neg, "S_sT": zero, "s_lab": zero}
+  if online:
+    init |= {"m_t": neg, "S_t": zero, "m_tT": neg, "S_tT": zero, "A": zero, "t_lab": zero, "t_max": neg}
+  else:
+    init["s_ids"] = jnp.zeros((*shape, k), f32)
+  st, _ = jax.lax.scan(body, init, xs)
+  lse_s = st["m_s"] + jnp.log(st["S_s"])
+  lse_sT = st["m_sT"] + jnp.log(st["S_sT"])
+  ce = lse_s - st["s_lab"]
+  if online:
+    lse_t = st["m_t"] + jnp.log(st["S_t"])
+    lse_tT = st["m_tT"] + jnp.log(st["S_tT"])
+    kl = tau**2 * (st["A"] / st["S_tT"] / tau - lse_tT + lse_sT)
+    margin = jnp.exp(st["t_max"] - lse_t) - jnp.exp(st["t_lab"] - lse_t)
+    p_tT = lse_tT  # the backward pass rebuilds p_Tτ per chunk from lse(t/τ)
+  else:
+    tau_t = jax.nn.log_softmax(t_logp / tau, axis=-1)
+    tau_s = st["s_ids"] / tau - lse_sT[..., None]
+    kl = tau**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
+    label_p = jnp.sum(jnp.where(ids == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
+    margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
+    p_tT = jnp.exp(tau_t)
+  return (ce, kl, margin), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, p_tT)
+
+
+def _distill_bwd(tau, c, online, res, g):
+  h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, p_tT = res
+  g_ce, g_kl, _ = g  # the margin depends on the teacher alone
+  d, v = w_DV.shape
+  w_s = _chunks(w_DV, c)
+  n = w_s.shape[0]
+  xs = (w_s, _chunks(teacher[1], c), jnp.arange(n)) if online else (w_s, jnp.arange(n))
+  nbt = targets_BT.size
+
+  def body(dh, x):
+    if online:
+      w_DC, tw_DC, j = x
+    else:
+      w_DC, j = x
+    col_C = (j * c + jnp.arange(c))[None, None, :]  # [1, 1, C]
+    s = _chunk_logits(h_BTD, w_DC, col_C, v)
+    p_s = jnp.exp(s - lse_s[..., None])
+    p_sT = jnp.exp(s / tau - lse_sT[..., None])
+    if online:
+      p_t = jnp.exp(_chunk_logits(teacher[0], tw_DC, col_C, v) / tau - p_tT[..., None])
+    else:
+      local, inside = _local_ids(teacher[1], j * c, c)
+      rows = jnp.arange(nbt)[:, None]
+      p_t = (
+        jnp.zeros((nbt, c), jnp.float32)
+        .at[rows, local.reshape(nbt, -1)]
+        .add(jnp.where(inside, p_tT, 0.0).reshape(nbt, -1))
+        .reshape(*targets_BT.shape, c)
+      )
+    hit = col_C == targets_BT[..., None]
+    dlogits = g_ce[..., None] * (p_s - hit) + (g_kl * tau)[..., None] * (p_sT - p_t)
+    dlogits = jnp.where(col_C < v, dlogits, 0.0)
+    dh = dh + jnp.einsum("BTC,DC->BTD", dlogits, w_DC.astype(jnp.float32))
+    dw_DC = jnp.einsum("BTD,BTC->DC", h_BTD.astype(jnp.float32), dlogits)
+    return dh, dw_DC
+
+  dh, dw_NDC = jax.lax.scan(body, jnp.zeros(h_BTD.shape, jnp.float32), xs)
+  dw_DV = dw_NDC.transpose(1, 0, 2).reshape(d, n * c)[:, :v]
+  return dh.astype(h_BTD.dtype), dw_DV.astype(w_DV.dtype), None, None
+
+
+_distill.defvjp(_distill_fwd, _distill_bwd)

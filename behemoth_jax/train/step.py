@@ -19,7 +19,7 @@ from behemoth_jax.model.cost import analytic_forward_flops
 from behemoth_jax.model.layers import EMBEDDING, WEIGHT
 from behemoth_jax.train.losses import (
   chunked_cross_entropy,
-  distillation_terms,
+  chunked_distillation_terms,
   load_balancing_loss,
   router_z_loss,
   soft_weight,
@@ -81,7 +81,8 @@ def loss_and_stats(
 
   With `distill` = (DistillConfig, teacher graphdef): (1 − w)·CE + w·τ²·KL per token against the
   frozen teacher's logits, computed in the same step, or (graphdef None) against the batch's offline
-  teacher top-k. The student's full logits are materialised for the KL.
+  teacher top-k; vocabulary-chunked like the cross-entropy (`losses.chunked_distillation_terms`): no
+  [B, T, V] logits of either model.
   """
   model = nnx.merge(graphdef, params)
   h, stats, _ = model.forward(
@@ -93,14 +94,16 @@ def loss_and_stats(
   else:
     dc, teacher_graphdef = distill
     if teacher_graphdef is None:  # offline: the teacher's top-k from the batch
-      t_logp, t_ids = batch["teacher_topk_logp"], batch["teacher_topk_ids"]
+      teacher_terms = {"teacher_logp_BTK": batch["teacher_topk_logp"], "teacher_ids_BTK": batch["teacher_topk_ids"]}
     else:
       teacher = nnx.merge(teacher_graphdef, teacher_params)
       th, _, _ = teacher.forward(
         teacher.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"], batch["segment_ids"]
       )
-      t_logp, t_ids = jax.nn.log_softmax(teacher.logits(th), axis=-1), None
-    ce, kl, margin = distillation_terms(model.logits(h), t_logp, batch["targets"], dc.temperature, t_ids)
+      teacher_terms = {"teacher_h_BTD": th, "teacher_w_DV": teacher.lm_head_weight()}
+    ce, kl, margin = chunked_distillation_terms(
+      h, model.lm_head_weight(), batch["targets"], dc.temperature, tc.ce_chunk, **teacher_terms
+    )
     w = soft_weight(dc.weight, dc.alpha, margin, progress)
     m = batch["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(((1 - w) * ce + w * kl) * m)
