@@ -216,6 +216,18 @@ def _chunks(w_DV: jax.Array, c: int) -> jax.Array:
   return jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
 
 
+def _scan_inputs(w_DV, teacher, c: int, online: bool):
+  """(student head chunks [N, D, C], teacher head chunks or None, chunk index): the scans' xs."""
+  w_NDC = _chunks(w_DV, c)
+  return w_NDC, (_chunks(teacher[1], c) if online else None), jnp.arange(w_NDC.shape[0])
+
+
+def _student_chunk(h_BTD, w_DC, j, c: int, v: int):
+  """(column ids [1, 1, C], the student's logits of chunk j, padding columns −inf)."""
+  col_C = (j * c + jnp.arange(c))[None, None, :]
+  return col_C, _chunk_logits(h_BTD, w_DC, col_C, v)
+
+
 def _chunk_logits(h_BTD, w_DC, col_C, v):
   logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC, preferred_element_type=jnp.float32)
   return jnp.where(col_C < v, logits, -jnp.inf)
@@ -245,25 +257,13 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
   v = w_DV.shape[1]
   shape, f32 = targets_BT.shape, jnp.float32
   neg, zero = jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32)
-  w_s = _chunks(w_DV, c)
-  n = w_s.shape[0]
-  if online:
-    t_h, t_w = teacher
-    xs = (w_s, _chunks(t_w, c), jnp.arange(n))
-    k = None
-  else:
-    t_logp, ids = teacher
-    xs = (w_s, jnp.arange(n))
-    k = ids.shape[-1]
+  xs = _scan_inputs(w_DV, teacher, c, online)
+  t_h, t_logp, ids = (teacher[0], None, None) if online else (None, *teacher)
 
   def body(carry, x):
     st = dict(carry)
-    if online:
-      w_DC, tw_DC, j = x
-    else:
-      w_DC, j = x
-    col_C = (j * c + jnp.arange(c))[None, None, :]  # [1, 1, C]
-    s = _chunk_logits(h_BTD, w_DC, col_C, v)
+    w_DC, tw_DC, j = x
+    col_C, s = _student_chunk(h_BTD, w_DC, j, c, v)
     st["m_s"], st["S_s"], _, _ = _online_lse(st["m_s"], st["S_s"], s)
     st["m_sT"], st["S_sT"], _, _ = _online_lse(st["m_sT"], st["S_sT"], s / tau)
     hit = col_C == targets_BT[..., None]
@@ -285,7 +285,7 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
   if online:
     init |= {"m_t": neg, "S_t": zero, "m_tT": neg, "S_tT": zero, "A": zero, "t_lab": zero, "t_max": neg}
   else:
-    init["s_ids"] = jnp.zeros((*shape, k), f32)
+    init["s_ids"] = jnp.zeros((*shape, ids.shape[-1]), f32)
   st, _ = jax.lax.scan(body, init, xs)
   lse_s = st["m_s"] + jnp.log(st["S_s"])
   lse_sT = st["m_sT"] + jnp.log(st["S_sT"])
@@ -310,18 +310,13 @@ def _distill_bwd(tau, c, online, res, g):
   h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, p_tT = res
   g_ce, g_kl, _ = g  # the margin depends on the teacher alone
   d, v = w_DV.shape
-  w_s = _chunks(w_DV, c)
-  n = w_s.shape[0]
-  xs = (w_s, _chunks(teacher[1], c), jnp.arange(n)) if online else (w_s, jnp.arange(n))
+  xs = _scan_inputs(w_DV, teacher, c, online)
+  n = xs[0].shape[0]
   nbt = targets_BT.size
 
   def body(dh, x):
-    if online:
-      w_DC, tw_DC, j = x
-    else:
-      w_DC, j = x
-    col_C = (j * c + jnp.arange(c))[None, None, :]  # [1, 1, C]
-    s = _chunk_logits(h_BTD, w_DC, col_C, v)
+    w_DC, tw_DC, j = x
+    col_C, s = _student_chunk(h_BTD, w_DC, j, c, v)
     p_s = jnp.exp(s - lse_s[..., None])
     p_sT = jnp.exp(s / tau - lse_sT[..., None])
     if online:
