@@ -266,7 +266,7 @@ def test_scanned_checkpoint_exports_layer_by_layer_bitwise_like_the_unscanned(tm
   reader.read_into(leaf, 1, hf[..., : want.shape[2]])
   assert np.array_equal(hf[..., : want.shape[2]], want.astype(np.float32)) and not hf[..., want.shape[2] :].any()
   wq = ("decoder", "cycles", "blocks", 1, "attn", "wq_DNH")
-  q = reader.read(wq, 0)
+  q = np.asarray(dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))[wq].get_value()[0])
   out = np.empty((q.shape[1] * q.shape[2], q.shape[0]), q.dtype)  # HF [N·H, D]: a transposed view
   reader.read_into(wq, 0, out.T.reshape(q.shape))
   assert np.array_equal(out, q.reshape(q.shape[0], -1).T)

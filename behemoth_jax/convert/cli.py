@@ -40,6 +40,7 @@ from behemoth_jax.train.checkpoint import (
   ParamReader,
   find_config,
   params_dir,
+  shape_mismatch,
 )
 from sharding.mesh import ShardingError
 
@@ -83,10 +84,7 @@ def to_hf(args) -> str:
     want = tuple(var.get_value().shape)
     got = reader.shape(key)
     if got != want:
-      raise CheckpointError(
-        f"CKPT: {path}: parameter {'/'.join(map(str, key))} has shape {got} in the checkpoint but the "
-        f"config needs {want} (a checkpoint of another model?)"
-      )
+      raise shape_mismatch("CKPT", path, key, got, want)
     shapes[key] = (want, reader.dtype(key))  # as the checkpoint holds it (from-hf keeps the source's)
   # One layer read at a time, straight into the HF tensor being built (convert/export.py): host memory
   # is about two HF tensors whether the checkpoint's layers are stacked (train.py) or not (from-hf).

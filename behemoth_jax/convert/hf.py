@@ -219,7 +219,6 @@ class _FusedOnce:
 
   def __init__(self, source, by_leaf: dict):
     self.source = source
-    self.path = source.path
     self._parts_left = defaultdict(int)
     for ents in by_leaf.values():
       for e in ents:
@@ -369,7 +368,8 @@ def convert_hf_to_checkpoint(
           pending[leaf] = var.replace(value)
           del value
         flush()
-        flush()  # waits for the last batch
+        if saving is not None:
+          saving.result()  # the last batch
       finally:
         saver.shutdown(wait=True)
         if bar is not None:

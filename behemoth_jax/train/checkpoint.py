@@ -287,6 +287,14 @@ def params_dir(path: str | Path, what: str = "train.init_from") -> Path:
   return path.absolute()
 
 
+def shape_mismatch(what: str, path: Path, key: tuple, got, want) -> CheckpointError:
+  """The one-line error for a parameter whose saved shape is not the config's."""
+  return CheckpointError(
+    f"{what}: {path}: parameter {'/'.join(map(str, key))} has shape {tuple(got)} in the "
+    f"checkpoint but the config needs {tuple(want)} (a checkpoint of another model?)"
+  )
+
+
 def restore_params(path: str | Path, abstract_params, what: str = "train.init_from"):
   """Parameters only, from a checkpoint written by train.py or behemoth-convert (see `params_dir`),
   placed by `abstract_params` (an nnx.State of ShapeDtypeStructs with shardings). A checkpoint saved
@@ -300,10 +308,7 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
     got = shapes.get(tuple(map(str, _saved_key(key, flat) if restack else key)))
     want = var.get_value().shape[1:] if restack and key[:2] == ("decoder", "cycles") else var.get_value().shape
     if got is not None and got != tuple(want):
-      raise CheckpointError(
-        f"{what}: {path}: parameter {'/'.join(map(str, key))} has shape {got} in the "
-        f"checkpoint but the config needs {tuple(want)} (a checkpoint of another model?)"
-      )
+      raise shape_mismatch(what, path, key, got, want)
   if restack:
     return _restore_restacked(path, flat)
   target = {"params": abstract_params}
@@ -370,12 +375,6 @@ class ParamReader:
     if index is not None:
       src = src[index]
     ts.array(out, copy=False, write=True).write(src).result()
-
-  def read(self, leaf: tuple, index: int | None = None, dtype=None) -> np.ndarray:
-    shape = self.shape(leaf)[1:] if index is not None else self.shape(leaf)
-    out = np.empty(shape, dtype or self.dtype(leaf))
-    self.read_into(leaf, index, out)
-    return out
 
 
 def save_args(tree):

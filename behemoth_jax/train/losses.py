@@ -37,9 +37,9 @@ def chunked_cross_entropy(
 def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int):
   """(logsumexp, target logit) by a scan over vocabulary chunks of c columns with an online logsumexp;
   each chunk's logits are recomputed in the backward pass."""
-  d, v = w_DV.shape
-  n = -(-v // c)
-  w_NDC = jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
+  v = w_DV.shape[1]
+  w_NDC = _chunks(w_DV, c)
+  n = w_NDC.shape[0]
 
   @jax.checkpoint
   def body(carry, inp):
@@ -211,6 +211,7 @@ def chunked_distillation_terms(
 
 
 def _chunks(w_DV: jax.Array, c: int) -> jax.Array:
+  """[D, V] → [N, D, c] column chunks, the last padded with zero columns (masked by the callers)."""
   d, v = w_DV.shape
   n = -(-v // c)
   return jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
@@ -295,19 +296,19 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
     lse_tT = st["m_tT"] + jnp.log(st["S_tT"])
     kl = tau**2 * (st["A"] / st["S_tT"] / tau - lse_tT + lse_sT)
     margin = jnp.exp(st["t_max"] - lse_t) - jnp.exp(st["t_lab"] - lse_t)
-    p_tT = lse_tT  # the backward pass rebuilds p_Tτ per chunk from lse(t/τ)
+    teacher_res = lse_tT  # the backward pass rebuilds p_Tτ chunk by chunk from lse(t/τ)
   else:
     tau_t = jax.nn.log_softmax(t_logp / tau, axis=-1)
     tau_s = st["s_ids"] / tau - lse_sT[..., None]
     kl = tau**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
     label_p = jnp.sum(jnp.where(ids == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
     margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
-    p_tT = jnp.exp(tau_t)
-  return (ce, kl, margin), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, p_tT)
+    teacher_res = jnp.exp(tau_t)  # p_Tτ over the top-k
+  return (ce, kl, margin), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res)
 
 
 def _distill_bwd(tau, c, online, res, g):
-  h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, p_tT = res
+  h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res = res
   g_ce, g_kl, _ = g  # the margin depends on the teacher alone
   d, v = w_DV.shape
   xs = _scan_inputs(w_DV, teacher, c, online)
@@ -320,14 +321,14 @@ def _distill_bwd(tau, c, online, res, g):
     p_s = jnp.exp(s - lse_s[..., None])
     p_sT = jnp.exp(s / tau - lse_sT[..., None])
     if online:
-      p_t = jnp.exp(_chunk_logits(teacher[0], tw_DC, col_C, v) / tau - p_tT[..., None])
+      p_t = jnp.exp(_chunk_logits(teacher[0], tw_DC, col_C, v) / tau - teacher_res[..., None])
     else:
       local, inside = _local_ids(teacher[1], j * c, c)
       rows = jnp.arange(nbt)[:, None]
       p_t = (
         jnp.zeros((nbt, c), jnp.float32)
         .at[rows, local.reshape(nbt, -1)]
-        .add(jnp.where(inside, p_tT, 0.0).reshape(nbt, -1))
+        .add(jnp.where(inside, teacher_res, 0.0).reshape(nbt, -1))
         .reshape(*targets_BT.shape, c)
       )
     hit = col_C == targets_BT[..., None]
