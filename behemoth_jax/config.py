@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
+WEIGHT_QUANTS = ("none", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "bfloat16"  # compute dtype; logits are always float32
   fp8: bool = False  # matmuls in fp8: e4m3 operands forward, e5m2 gradients, per-tensor scaling
+  # Weights stored quantized (a frozen teacher, generation; never trained): none | fp8 (e4m3) | int8,
+  # attention, dense and expert projections with float32 scales per output channel; router, norms,
+  # embeddings and LM head stay in param_dtype (model/layers.py `QuantizedWeight`).
+  weight_quant: str = "none"
   scan_layers: bool = True
   # Cycles per iteration of the layer scan (1: a rolled loop). Unrolling trades compile time for the
   # per-iteration slicing of stacked parameters and saved activations: on CPU, bench-moe's step is
@@ -254,6 +259,7 @@ class ModelConfig:
       ("dtype", DTYPES),
       ("remat_policy", REMAT_POLICIES),
       ("moe_impl", MOE_IMPLS),
+      ("weight_quant", WEIGHT_QUANTS),
     ):
       check(getattr(self, name) in allowed, f"model.{name}", f"must be one of {allowed}, got {getattr(self, name)!r}")
     if self.vision is not None:
@@ -417,6 +423,7 @@ class TrainConfig:
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -431,12 +438,21 @@ class DistillConfig:
   )
   alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
   temperature: float = 1.0
+  # How the online teacher's weights are held: auto (its config's param_dtype) | float32 | bfloat16
+  # (bf16) | fp8 | int8 (bf16 everywhere else, projections and experts quantized with per-channel
+  # scales: model.weight_quant), converted from its checkpoint weight by weight on its shards.
+  teacher_dtype: str = "auto"
 
   def __post_init__(self):
     check(self.weight in DISTILL_WEIGHTS, "distill.weight", f"must be one of {DISTILL_WEIGHTS}, got {self.weight!r}")
     check(0 <= self.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
     check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
     check(self.topk >= 0, "distill.topk", f"must be >= 0, got {self.topk}")
+    check(
+      self.teacher_dtype in TEACHER_DTYPES,
+      "distill.teacher_dtype",
+      f"must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}",
+    )
     check(
       not (self.topk and self.teacher),
       "distill.topk",
@@ -580,3 +596,24 @@ def to_dict(cfg: Any) -> dict:
     return list(conv(x) for x in v) if isinstance(v, tuple) else v
 
   return conv(cfg)
+
+
+def teacher_model_config(cfg: Config) -> ModelConfig:
+  """The online teacher's model: `distill.teacher_config`'s model section (default: the student's),
+  its weights held as `distill.teacher_dtype` says; same vocabulary as the student (one line if not)."""
+  dc = cfg.distill
+  tcfg = load_config(dc.teacher_config).model if dc.teacher_config else cfg.model
+  if tcfg.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(
+      f"distill.teacher_config: teacher vocab_size {tcfg.vocab_size} != student's "
+      f"{cfg.model.vocab_size} (distillation compares distributions token by token)"
+    )
+  td = {"bf16": "bfloat16"}.get(dc.teacher_dtype, dc.teacher_dtype)
+  if td in ("fp8", "int8"):
+    return dataclasses.replace(tcfg, param_dtype="bfloat16", weight_quant=td, fp8=False)
+  return dataclasses.replace(tcfg, param_dtype=td, fp8=False) if td != "auto" else tcfg
+
+
+def unquantized(mc: ModelConfig) -> ModelConfig:
+  """The same model with float weights (a quantized model's parameter count, its float checkpoint)."""
+  return dataclasses.replace(mc, weight_quant="none")

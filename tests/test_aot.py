@@ -108,6 +108,57 @@ def test_a_step_that_does_not_fit_exits_1_with_the_reason(capsys):
   ), out
 
 
+@needs_libtpu
+def test_online_distillation_step_compiles_with_an_fp8_teacher(capsys, tmp_path):
+  """The real distillation step (frozen teacher forward + student train step, each placed by the rules
+  from its own logical axes on the same 4 chips) compiles for TPU with the teacher held in fp8: its
+  per-chip bytes are those of e4m3 projections and experts + f32 per-channel scales + bf16 for the rest
+  (counted here from the float model's shapes), and XLA's argument bytes hold teacher and student."""
+  import yaml
+  from flax import nnx
+
+  from behemoth_jax.model.layers import contracted_axes
+  from behemoth_jax.model.transformer import abstract_model
+
+  teacher = {
+    "model": {
+      **yaml.safe_load(open("configs/tiny.yaml"))["model"],
+      **dict(vocab_size=4096, hidden_size=1024, num_heads=8, head_dim=128, intermediate_size=4096),
+      **dict(num_experts=16, param_dtype="float32"),
+    }
+  }
+  (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+  rc, out = _compile(
+    capsys,
+    "configs/tiny.yaml",
+    "--compile-topology",
+    "v5p-8",
+    f"distill.teacher_config={tmp_path / 'teacher.yaml'}",
+    "distill.teacher_dtype=fp8",
+    "model.vocab_size=4096",
+    "parallel.fsdp=2",
+    "parallel.expert=2",
+    "train.seq_len=512",
+  )
+  assert rc == 0 and "fits" in out, out
+  want = 0
+  tcfg = load_config(tmp_path / "teacher.yaml").model
+  for key, var in nnx.to_flat_state(nnx.state(abstract_model(tcfg), nnx.Param)):
+    n, axes = math.prod(var.get_value().shape), var.get_metadata("out_sharding")
+    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or (
+      key[-2:-1] == ("shared",)
+    ):
+      kept = math.prod(d for i, d in enumerate(var.get_value().shape) if i not in contracted_axes(axes))
+      want += n + 4 * kept
+    else:
+      want += 2 * n  # bf16
+  got = _gib(out, "held as fp8:")
+  assert got == pytest.approx(want / 4 / 2**30, abs=0.006), (got, want / 4 / 2**30)
+  assert "(frozen: forward only, no optimizer state)" in out and "+ teacher forward" in out
+  student = _gib(out, "train state (params + optimizer) per chip")
+  assert _gib(out, "per chip: arguments") == pytest.approx(got + student, rel=0.03)
+
+
 MID = [
   "model.vocab_size=32768",
   "model.hidden_size=1024",

@@ -244,6 +244,7 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
         "train.steps=2",
         f"distill.teacher={teacher}",
         "distill.teacher_config=configs/tiny.yaml",
+        "distill.teacher_dtype=fp8",  # quantized weight by weight on its shards as it is restored
         f"train.out_dir={student}",
       ]
     )
@@ -251,6 +252,7 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
   )
   rec = _metrics(student)[2]
   assert rec["soft_kl"] > 0 and 0 < rec["soft_weight"] < 1 and rec["hard_ce"] > 0
+  assert "(3,871,872 parameters, frozen, held as fp8:" in capsys.readouterr().out
   assert (
     train.main(
       [

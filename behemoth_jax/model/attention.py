@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from behemoth_jax.config import LayerKind, ModelConfig
 from behemoth_jax.model.kernels import NEG_INF, causal_attention
-from behemoth_jax.model.layers import matmul, param, rms_norm
+from behemoth_jax.model.layers import matmul, rms_norm, weight
 from behemoth_jax.model.rope import apply_rope
 from sharding import axes as ax
 
@@ -39,10 +39,11 @@ class Attention(nnx.Module):
     std, pd = cfg.initializer_range, cfg.param_dtype
     self.cfg = cfg
     self.kind = kind
-    self.wq_DNH = param(rngs, (d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pd, std)
-    self.wk_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
-    self.wv_DKH = param(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std)
-    self.wo_NHD = param(rngs, (n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pd, std)
+    q = dict(quant=cfg.weight_quant, dtype=cfg.dtype)
+    self.wq_DNH = weight(rngs, (d, n, h), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), pd, std, **q)
+    self.wk_DKH = weight(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std, **q)
+    self.wv_DKH = weight(rngs, (d, kv, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), pd, std, **q)
+    self.wo_NHD = weight(rngs, (n, h, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), pd, std, **q)
 
   def _qkv(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, jax.Array, jax.Array]:
     cfg, dt = self.cfg, x_BTD.dtype

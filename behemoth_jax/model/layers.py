@@ -72,6 +72,67 @@ def stack_modules(factory, n: int, key: jax.Array) -> nnx.Module:
   return module
 
 
+# Weight-only quantization (a frozen teacher, generation): `model.weight_quant`.
+_QMAX = {"fp8": 448.0, "int8": 127.0}  # the largest float8_e4m3fn and the symmetric int8 range
+_QDTYPE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+def contracted_axes(axes: ax.Axes) -> tuple[int, ...]:
+  """Positions of the axes a weight contracts with the activations (its input channels), from its
+  logical names: after any stacked (`layers`) and `experts` axes, an input projection ([E,] D, …:
+  q/k/v, gate, up) contracts `embed`; an output projection (N, H, D or [E,] F, D: o, down) every axis
+  but its last."""
+  start = 0
+  while start < len(axes) and axes[start] in (ax.LAYERS, ax.EXPERTS):
+    start += 1
+  if axes[start] == ax.EMBED:
+    return (start,)
+  return tuple(range(start, len(axes) - 1))
+
+
+def quantize_weight(w: jax.Array, axes: ax.Axes, quant: str) -> tuple[jax.Array, jax.Array]:
+  """`w ≈ q * scale`, `scale` (float32) per output channel: the absolute maximum over the contracted
+  axes (kept as size 1) maps to the format's largest value; fp8 rounds to float8_e4m3fn, int8 to the
+  nearest integer in [-127, 127]. An all-zero channel gets scale 1 (zeros are exact)."""
+  w32 = w.astype(jnp.float32)
+  qmax = _QMAX[quant]
+  amax = jnp.max(jnp.abs(w32), axis=contracted_axes(axes), keepdims=True)
+  scale = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+  x = jnp.clip(w32 / scale, -qmax, qmax)
+  q = x.astype(_QDTYPE[quant]) if quant == "fp8" else jnp.round(x).astype(jnp.int8)
+  return q, scale
+
+
+class QuantizedWeight(nnx.Module):
+  """A weight stored as `q` (float8_e4m3fn or int8, the weight's shape and logical axes) and `scale`
+  (float32 per output channel, size 1 on the contracted axes): 1 byte per element, not 2 or 4, in
+  device memory and in checkpoints. `w[...]` is the dequantized weight in the compute dtype, formed
+  where it is used (one layer at a time inside the scan; XLA fuses it into the matmul's operand)."""
+
+  def __init__(self, rngs, shape: tuple[int, ...], axes: ax.Axes, std: float, quant: str, dtype: str):
+    assert quant in _QDTYPE, quant
+    self.dtype = dtype
+    q, scale = quantize_weight(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes, quant)
+    keep = set(range(len(axes))) - set(contracted_axes(axes))
+    self.q = nnx.Param(q, out_sharding=axes, eager_sharding=False, kind=WEIGHT)
+    scale_axes = tuple(a if i in keep else None for i, a in enumerate(axes))
+    self.scale = nnx.Param(scale, out_sharding=scale_axes, eager_sharding=False, kind=SCALE)
+
+  def __getitem__(self, key):
+    assert key is Ellipsis, key
+    return (self.q[...].astype(jnp.float32) * self.scale[...]).astype(self.dtype)
+
+
+def weight(
+  rngs: nnx.Rngs, shape: tuple[int, ...], axes: ax.Axes, param_dtype: str, std: float, quant: str = "none", dtype=None
+):
+  """A projection or expert weight: `param(...)`, or with `quant` (fp8 | int8) a `QuantizedWeight`
+  dequantized to `dtype` at use. Both read as `w[...]`."""
+  if quant == "none":
+    return param(rngs, shape, axes, param_dtype, std)
+  return QuantizedWeight(rngs, shape, axes, std, quant, dtype)
+
+
 def matmul(eq: str, x: jax.Array, w: jax.Array, fp8: bool) -> jax.Array:
   """A weight matmul in x's dtype, or in fp8 (e4m3 forward, e5m2 gradients) when the policy says so."""
   if fp8:
@@ -106,11 +167,22 @@ class Embed(nnx.Module):
 class SwiGLU(nnx.Module):
   """`(silu(x @ Wg) * (x @ Wu)) @ Wd`: dense layers and the shared expert."""
 
-  def __init__(self, dim: int, width: int, param_dtype: str, std: float, rngs: nnx.Rngs, fp8: bool = False):
+  def __init__(
+    self,
+    dim: int,
+    width: int,
+    param_dtype: str,
+    std: float,
+    rngs: nnx.Rngs,
+    fp8: bool = False,
+    quant: str = "none",
+    dtype: str | None = None,
+  ):
     self.fp8 = fp8
-    self.w_gate_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
-    self.w_up_DF = param(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std)
-    self.w_down_FD = param(rngs, (width, dim), (ax.MLP, ax.EMBED), param_dtype, std)
+    q = dict(quant=quant, dtype=dtype)
+    self.w_gate_DF = weight(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std, **q)
+    self.w_up_DF = weight(rngs, (dim, width), (ax.EMBED, ax.MLP), param_dtype, std, **q)
+    self.w_down_FD = weight(rngs, (width, dim), (ax.MLP, ax.EMBED), param_dtype, std, **q)
 
   def __call__(self, x_TD: jax.Array) -> jax.Array:
     gate = matmul("...D,DF->...F", x_TD, self.w_gate_DF[...], self.fp8)

@@ -17,7 +17,7 @@ from flax import nnx
 from behemoth_jax.config import ModelConfig
 from behemoth_jax.model.fp8 import fp8_grouped_matmul
 from behemoth_jax.model.gmm import grouped_matmul
-from behemoth_jax.model.layers import SwiGLU, param
+from behemoth_jax.model.layers import SwiGLU, param, weight
 from sharding import axes as ax
 
 
@@ -123,11 +123,12 @@ class MoE(nnx.Module):
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     std, pd = cfg.initializer_range, cfg.param_dtype
     self.cfg = cfg
+    q = dict(quant=cfg.weight_quant, dtype=cfg.dtype)
     self.w_router_DE = param(rngs, (d, e), (ax.EMBED, None), pd, std)
-    self.w_gate_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
-    self.w_up_EDF = param(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std)
-    self.w_down_EFD = param(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std)
-    self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs, fp8=cfg.fp8)
+    self.w_gate_EDF = weight(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std, **q)
+    self.w_up_EDF = weight(rngs, (e, d, f), (ax.EXPERTS, ax.EMBED, ax.MLP), pd, std, **q)
+    self.w_down_EFD = weight(rngs, (e, f, d), (ax.EXPERTS, ax.MLP, ax.EMBED), pd, std, **q)
+    self.shared = SwiGLU(d, cfg.shared_intermediate_size, pd, std, rngs, fp8=cfg.fp8, **q)
 
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
     b, t, d = x_BTD.shape

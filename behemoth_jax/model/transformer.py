@@ -40,7 +40,8 @@ class Block(nnx.Module):
     self.input_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
     self.attn = Attention(cfg, kind, rngs)
     self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, pd, rngs)
-    self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs, fp8=cfg.fp8)
+    q = dict(fp8=cfg.fp8, quant=cfg.weight_quant, dtype=cfg.dtype)
+    self.ffn = MoE(cfg, rngs) if kind.moe else SwiGLU(d, cfg.intermediate_size_mlp, pd, std, rngs, **q)
 
   def __call__(
     self, x_BTD: jax.Array, pos: Positions, cache: KVCache | None = None

@@ -23,7 +23,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from behemoth_jax.chips import CHIPS, Chip
-from behemoth_jax.config import Config, ConfigError
+from behemoth_jax.config import Config, ConfigError, ModelConfig, teacher_model_config, unquantized
 from behemoth_jax.infer.generate import prefill
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
@@ -102,9 +102,11 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 def for_tpu(cfg: Config) -> Config:
   """The config as it runs on TPU: the MoE grouped matmul resolves to `ragged_dot` (native there)
   even though this process's default backend is the CPU."""
-  if cfg.model.moe_impl == "auto":
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_impl="ragged"))
-  return cfg
+  return dataclasses.replace(cfg, model=for_tpu_model(cfg.model))
+
+
+def for_tpu_model(mc: ModelConfig) -> ModelConfig:
+  return dataclasses.replace(mc, moe_impl="ragged") if mc.moe_impl == "auto" else mc
 
 
 @dataclass
@@ -162,8 +164,10 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   """Compiles `cfg`'s real train step (train.py's state shardings, step function and batch layout)
   for a TPU slice on this machine; prints the mesh, FLOPs and per-chip memory; 0 if it fits, 1 if not."""
   topo = parse_topology(topology, num_slices)
-  if cfg.distill.teacher or cfg.distill.topk:
-    raise ConfigError("--compile-topology: distillation steps are not compiled here (compile the student alone)")
+  if cfg.distill.topk:
+    raise ConfigError("distill.topk: offline distillation steps are not compiled here (compile the student alone)")
+  # Online distillation: the teacher's config is enough (no checkpoint is read to compile).
+  teacher_cfg = for_tpu_model(teacher_model_config(cfg)) if cfg.distill.teacher or cfg.distill.teacher_config else None
   cfg = for_tpu(cfg)
   if topo.num_slices != cfg.parallel.num_slices:
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, num_slices=topo.num_slices))
@@ -178,22 +182,36 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   )
   tx, schedule = make_optimizer(tc), make_schedule(tc)
   graphdef, abstract = abstract_train_state(cfg, mesh, tx)
+  distill, teacher = None, ()
+  if teacher_cfg is not None:
+    # The frozen teacher, placed by the same rules table over the same devices from its own logical axes.
+    t_graphdef, t_abstract, _ = abstract_sharded_model(teacher_cfg, mesh)
+    distill, teacher = (cfg.distill, t_graphdef), (t_abstract,)
+    held = teacher_cfg.weight_quant if teacher_cfg.weight_quant != "none" else teacher_cfg.param_dtype
+    print(
+      f"  teacher: {teacher_cfg.num_layers} layers, {count_params(unquantized(teacher_cfg))['total']:,} "
+      f"parameters held as "
+      f"{held}: {gib(per_device_bytes(t_abstract))} per chip (frozen: forward only, no optimizer state)"
+    )
   step = jax.jit(
-    make_train_step(graphdef, tx, tc, schedule),
+    make_train_step(graphdef, tx, tc, schedule, distill),
     donate_argnums=0,
     out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None),
   )
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
-    lowered = step.lower(abstract, batch_specs(cfg, mesh))
+    lowered = step.lower(abstract, batch_specs(cfg, mesh), *teacher)
   mem, reason, _ = compile_report(lowered, topo)
   flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
+  if teacher_cfg is not None:  # + the teacher's forward (a third of its train FLOPs)
+    flops += analytic_train_flops(teacher_cfg, tc.batch_size, tc.seq_len) / 3
   chips, peak = topo.chips * topo.num_slices, topo.chip.peak_bf16_flops
   print(
-    f"  parameters {count_params(mc)['total']:,}; train state (params + optimizer) per chip "
-    f"{gib(per_device_bytes(abstract))}"
+    f"  {'student ' if teacher_cfg else ''}parameters {count_params(mc)['total']:,}; train state (params + "
+    f"optimizer) per chip {gib(per_device_bytes(abstract))}"
   )
   print(
-    f"  FLOPs per step {flops:.4g} (analytic, 3 x forward), per chip {flops / chips:.4g}; at 100% of the "
+    f"  FLOPs per step {flops:.4g} (analytic, 3 x forward{' + teacher forward' if teacher_cfg else ''}), "
+    f"per chip {flops / chips:.4g}; at 100% of the "
     f"bf16 peak ({peak / 1e12:.0f} TFLOP/s per chip) a step takes {flops / chips / peak:.2f} s, at 50% "
     f"{2 * flops / chips / peak:.2f} s"
   )

@@ -295,10 +295,11 @@ def shape_mismatch(what: str, path: Path, key: tuple, got, want) -> CheckpointEr
   )
 
 
-def restore_params(path: str | Path, abstract_params, what: str = "train.init_from"):
+def restore_params(path: str | Path, abstract_params, what: str = "train.init_from", keys=None):
   """Parameters only, from a checkpoint written by train.py or behemoth-convert (see `params_dir`),
   placed by `abstract_params` (an nnx.State of ShapeDtypeStructs with shardings). A checkpoint saved
-  with one leaf per layer (behemoth-convert from-hf) is re-stacked for a scanned model, leaf by leaf."""
+  with one leaf per layer (behemoth-convert from-hf) is re-stacked for a scanned model, leaf by leaf.
+  `keys`: restore only these flat paths (a state of them alone), e.g. one weight at a time."""
   path = params_dir(path, what)
   saved = _tree_metadata(path).get("params", {})
   flat = dict(nnx.to_flat_state(abstract_params))
@@ -310,7 +311,9 @@ def restore_params(path: str | Path, abstract_params, what: str = "train.init_fr
     if got is not None and got != tuple(want):
       raise shape_mismatch(what, path, key, got, want)
   if restack:
-    return _restore_restacked(path, flat)
+    return _restore_restacked(path, flat, keys)
+  if keys is not None:
+    abstract_params = nnx.from_flat_state({k: v for k, v in flat.items() if k in keys})
   target = {"params": abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
     path,
@@ -400,15 +403,17 @@ def _saved_key(key: tuple, flat: dict) -> tuple:
   return key
 
 
-def _restore_restacked(path: Path, flat: dict):
+def _restore_restacked(path: Path, flat: dict, keys=None):
   """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j,
-  each layer read straight into its slice of the stacked host buffer."""
+  each layer read straight into its slice of the stacked host buffer (`keys`: only these leaves)."""
   blocks = sorted({k[3] for k in flat if k[:3] == ("decoder", "cycles", "blocks")})
   n_cycles = next(v.get_value().shape[0] for k, v in flat.items() if k[:2] == ("decoder", "cycles"))
   first_tail = n_cycles * len(blocks)
   reader = ParamReader(path)
   out = {}
   for key, var in flat.items():
+    if keys is not None and key not in keys:
+      continue
     sds = var.get_value()
     value = np.empty(sds.shape, sds.dtype)
     if key[:3] == ("decoder", "cycles", "blocks"):

@@ -12,8 +12,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from behemoth_jax.config import Config, ModelConfig
+from behemoth_jax.config import Config, ModelConfig, unquantized
+from behemoth_jax.model.layers import quantize_weight
 from behemoth_jax.model.transformer import Llama4, create_model
+from behemoth_jax.train.checkpoint import restore_params
 from sharding.api import param_shardings
 
 # {"params": nnx.State, "opt_state": optax state, "step": int32 scalar, "skipped": int32 scalar (updates
@@ -89,3 +91,32 @@ def make_init(cfg: Config, tx, shardings_p, mesh: Mesh):
       "opt_state": optimizer_shardings(tx, abstract_opt, shardings_p, mesh),
     },
   )
+
+
+def restore_model_params(path, cfg: ModelConfig, mesh: Mesh, what: str):
+  """(graphdef, parameters) of `cfg` restored from a float checkpoint onto their shards. With
+  `cfg.weight_quant` each quantized weight is restored alone (in `cfg.param_dtype`, on its shards) and
+  quantized there by a jitted `quantize_weight` into its own shardings, so at most one float weight
+  is alive beside the quantized model: nothing is ever whole on one host or one device."""
+  graphdef, abstract, _ = abstract_sharded_model(cfg, mesh)
+  if cfg.weight_quant == "none":
+    return graphdef, restore_params(path, abstract, what=what)
+  _, abstract_f, _ = abstract_sharded_model(unquantized(cfg), mesh)
+  flat_q = dict(nnx.to_flat_state(abstract))
+  flat_f = dict(nnx.to_flat_state(abstract_f))
+  quantized = sorted(k[:-1] for k in flat_q if k[-1] == "q" and k[:-1] in flat_f)
+  plain = set(flat_f) - set(quantized)
+  out = dict(nnx.to_flat_state(restore_params(path, abstract_f, what=what, keys=plain)))
+  for key in quantized:
+    q_var, s_var = flat_q[(*key, "q")], flat_q[(*key, "scale")]
+    w = dict(nnx.to_flat_state(restore_params(path, abstract_f, what=what, keys={key})))[key].get_value()
+    axes = q_var.get_metadata("out_sharding")
+    quantize = jax.jit(
+      lambda a, axes=axes: quantize_weight(a, axes, cfg.weight_quant),
+      out_shardings=(q_var.get_value().sharding, s_var.get_value().sharding),
+      donate_argnums=0,
+    )
+    q, scale = quantize(w)
+    del w
+    out[(*key, "q")], out[(*key, "scale")] = q_var.replace(q), s_var.replace(scale)
+  return graphdef, nnx.from_flat_state(out)

@@ -20,9 +20,10 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from behemoth_jax.config import Config, ConfigError, load_config, to_dict
+from behemoth_jax.config import Config, ConfigError, teacher_model_config, to_dict, unquantized
 from behemoth_jax.data import load_tokenizer, make_iterator
 from behemoth_jax.data.multimodal import MMSource, make_mm_iterator
+from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import to_global
 from behemoth_jax.train.checkpoint import (
   CONFIG_NAME,
@@ -34,9 +35,9 @@ from behemoth_jax.train.checkpoint import (
 from behemoth_jax.train.evaluation import caption_accuracy
 from behemoth_jax.train.metrics import MetricsWriter, measure_cpu_peak_flops
 from behemoth_jax.train.state import (
-  abstract_sharded_model,
   abstract_train_state,
   make_init,
+  restore_model_params,
 )
 from behemoth_jax.train.step import (
   analytic_train_flops,
@@ -46,7 +47,7 @@ from behemoth_jax.train.step import (
   make_train_step,
   peak_flops_per_device,
 )
-from sharding.api import use_mesh
+from sharding.api import per_device_bytes, use_mesh
 from sharding.mesh import make_mesh
 
 
@@ -298,22 +299,17 @@ def load_teacher(cfg: Config, mesh, lead: bool):
     return (dc, None), None
   if not dc.teacher:
     return None, None
-  tcfg = load_config(dc.teacher_config).model if dc.teacher_config else cfg.model
-  if tcfg.vocab_size != cfg.model.vocab_size:
-    raise ConfigError(
-      f"distill.teacher_config: teacher vocab_size {tcfg.vocab_size} != student's "
-      f"{cfg.model.vocab_size} (distillation compares distributions token by token)"
-    )
-  graphdef, abstract, _ = abstract_sharded_model(tcfg, mesh)
+  tcfg = teacher_model_config(cfg)
   try:
-    params = restore_params(dc.teacher, abstract, what="distill.teacher")
+    graphdef, params = restore_model_params(dc.teacher, tcfg, mesh, what="distill.teacher")
   except FileNotFoundError as e:
     raise ConfigError(str(e)) from None
   if lead:
-    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    held = tcfg.weight_quant if tcfg.weight_quant != "none" else tcfg.param_dtype
     print(
-      f"distilling from {dc.teacher} ({n:,} parameters, frozen): weight {dc.weight}, alpha {dc.alpha}, "
-      f"temperature {dc.temperature}"
+      f"distilling from {dc.teacher} ({count_params(unquantized(tcfg))['total']:,} parameters, frozen, held as {held}: "
+      f"{per_device_bytes(params) / 2**30:.2f} GiB per device): "
+      f"weight {dc.weight}, alpha {dc.alpha}, temperature {dc.temperature}"
     )
   return (dc, graphdef), params
 
