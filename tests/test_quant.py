@@ -154,3 +154,17 @@ def test_teacher_dtype_is_checked():
     load_config("configs/tiny.yaml", ["model.weight_quant=fp4"])
   cfg = load_config("configs/tiny.yaml", ["distill.teacher_dtype=bf16"])
   assert teacher_model_config(cfg).param_dtype == "bfloat16" and teacher_model_config(cfg).weight_quant == "none"
+
+
+def test_train_refuses_a_quantized_student_and_a_teacher_config_without_a_teacher(capsys, tmp_path):
+  import train
+
+  for override, message in [
+    ("model.weight_quant=int8", "model.weight_quant: int8 weights are for a frozen teacher"),
+    ("distill.teacher_config=configs/tiny.yaml", "distill.teacher_config: set without distill.teacher"),
+    ("distill.teacher_dtype=fp8", "distill.teacher_dtype: set without distill.teacher"),
+  ]:
+    rc = train.main(["--config", "configs/tiny.yaml", override, f"train.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -4,6 +4,7 @@ Faults (SIGKILL, SIGTERM, corrupt checkpoints, NaN) are in test_faults.py."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
 from flax import nnx
 
 import train
@@ -266,6 +268,19 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
     == 2
   )
   assert "distill.teacher:" in capsys.readouterr().err
+  # A teacher config that does not describe the teacher's checkpoint: one line naming a parameter.
+  wrong = yaml.safe_load(open("configs/tiny.yaml"))
+  wrong["model"]["intermediate_size"] = 128
+  (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+  argv = ["--config", "configs/tiny.yaml", *SMALL, f"distill.teacher={teacher}", f"train.out_dir={tmp_path / 'y'}"]
+  assert train.main([*argv, f"distill.teacher_config={tmp_path / 'wrong.yaml'}", "distill.teacher_dtype=int8"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert re.fullmatch(
+    r"error: distill\.teacher: \S+/teacher/checkpoints/2/state: parameter decoder/\S+/w_\w+ has shape "
+    r"\([\d, ]*256[\d, ]*\) in the checkpoint but the config needs \([\d, ]*128[\d, ]*\) \(a checkpoint of "
+    r"another model\?\)",
+    err,
+  ), err
   # The generate CLI on the teacher's run directory (latest step; 8 devices: on the config's mesh)
   (tmp_path / "p.jsonl").write_text('{"prompt": "def "}\n')
   assert (

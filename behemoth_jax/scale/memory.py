@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from jax.sharding import AbstractMesh, AxisType
 
 from behemoth_jax.cli import ArgumentParser
-from behemoth_jax.config import Config, ConfigError, load_config
+from behemoth_jax.config import Config, ConfigError, load_config, teacher_model_config
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.scale import aot
 from behemoth_jax.scale.params import count_params
-from behemoth_jax.train.state import abstract_train_state
+from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state
 from behemoth_jax.train.step import make_optimizer
 from sharding import axes as ax
 from sharding.api import per_device_bytes
@@ -51,8 +51,10 @@ class TrainEstimate:
   saved_activations: float  # layer inputs kept for the backward pass
   vocabulary_tables: float  # embedding and LM head gathered whole for the step (vocab is split only by tensor)
   gathered_layer: float  # one layer's weights all-gathered over fsdp/context (ZeRO-3) for its compute
-  working_set: float  # the larger of: one layer recomputed and differentiated; the chunked loss
+  working_set: float  # the largest of: one layer recomputed and differentiated; the chunked loss; the teacher's forward
   code: float
+  teacher_params: float = 0.0  # an online teacher's weights (frozen: no gradients, no optimizer state)
+  teacher_hidden: float = 0.0  # its final hidden states, live from its forward to the loss's backward
 
   @property
   def total(self) -> float:
@@ -140,7 +142,29 @@ def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
   gathered = layer_w / width_split * BYTES[mc.param_dtype]
   # The loss's logits and a layer's backward are not live at once: the larger of them counts.
   work = max(attn, moe, logits)
-  return TrainEstimate(n, params, optimizer, params, saved, vocab, gathered, work, code)
+  teacher = (0.0, 0.0)
+  if cfg.distill.teacher or cfg.distill.teacher_config:
+    teacher, teacher_work = _teacher_terms(cfg, sizes, b_l, t_l)
+    work = max(work, teacher_work)
+  return TrainEstimate(n, params, optimizer, params, saved, vocab, gathered, work, code, *teacher)
+
+
+# The teacher's forward runs before the student's; its layer working set (one layer gathered, attention
+# and the expert exchange without a backward pass) is dead by the time the student's peak comes, so only
+# its weights and final hidden states add to the student's terms (fitted: docs/SCALE.md).
+TEACHER_FWD_FRACTION = 0.5  # of a training layer's working set, for a forward-only layer
+
+
+def _teacher_terms(cfg: Config, sizes: dict[str, int], b_l: float, t_l: float) -> tuple[tuple[float, float], float]:
+  """((teacher weights, teacher hidden states) per chip, the teacher forward's working set)."""
+  tcfg = teacher_model_config(cfg)
+  _, t_abstract, _ = abstract_sharded_model(tcfg, abstract_mesh(sizes))
+  split = lambda logical: shard_count(logical, sizes)  # noqa: E731
+  weights = per_device_bytes(t_abstract)
+  a = BYTES[tcfg.dtype]
+  hidden = b_l * t_l * tcfg.hidden_size * a
+  rows = b_l * t_l * tcfg.num_experts_per_tok * split(ax.EXPERTS)
+  return (weights, hidden), TEACHER_FWD_FRACTION * MOE_BYTES_PER_ROW * rows / split(ax.MLP)
 
 
 # --- serving --------------------------------------------------------------------------------------

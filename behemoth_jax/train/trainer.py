@@ -90,6 +90,11 @@ class Trainer:
     """Processes, data, mesh, optimizer, state (restored, or created on its shards), teacher, step."""
     cfg, o = self.cfg, self.options
     mc, tc, dc = cfg.model, cfg.train, cfg.data
+    if mc.weight_quant != "none":
+      raise ConfigError(
+        f"model.weight_quant: {mc.weight_quant} weights are for a frozen teacher (distill.teacher_dtype) or "
+        "generation; the trained model keeps model.param_dtype"
+      )
     if o.coordinator:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize(o.coordinator, num_processes=o.num_processes, process_id=o.process_id)
@@ -298,6 +303,12 @@ def load_teacher(cfg: Config, mesh, lead: bool):
       )
     return (dc, None), None
   if not dc.teacher:
+    if dc.teacher_config or dc.teacher_dtype != "auto":
+      what = "distill.teacher_config" if dc.teacher_config else "distill.teacher_dtype"
+      raise ConfigError(
+        f"{what}: set without distill.teacher (the teacher's checkpoint); only --compile-topology "
+        "compiles a distillation step from the teacher's config alone"
+      )
     return None, None
   tcfg = teacher_model_config(cfg)
   try:
