@@ -196,6 +196,56 @@ def test_calculator_against_compiled_memory(capsys):
   assert abs(est.total / compiled - 1) <= 0.10, (est.total / 2**30, compiled / 2**30)
 
 
+# Distillation from Behemoth compiled for v5p with libtpu 0.0.42.1 (docs/SCALE.md has the commands; 4-5
+# minutes each, so not in the suite): (student, chips, context, teacher_dtype, XLA's peak GiB).
+DISTILL_COMPILED = [
+  ("scout", 128, 8, "bf16", 41.54),
+  ("scout", 64, 4, "bf16", 80.82),
+  ("scout", 32, 2, "fp8", 103.71),
+  ("scout", 16, 1, "fp8", 204.78),
+  ("maverick", 128, 8, "bf16", 59.00),
+  ("maverick", 64, 4, "bf16", 111.72),
+]
+
+
+def test_calculator_counts_an_online_teacher():
+  """The teacher's weights per chip are Behemoth's parameters at 2 bytes (bf16) or 1 byte for the
+  quantized projections and experts + float32 scales (fp8), spread over every chip by the rules; the
+  calculator adds them and the teacher's hidden states to the student's terms and stays within 10% of
+  the compiled peaks (none of which was used to fit it)."""
+  from flax import nnx
+
+  from behemoth_jax.model.layers import contracted_axes
+  from behemoth_jax.model.transformer import abstract_model
+  from behemoth_jax.scale.memory import train_estimate
+  from behemoth_jax.scale.params import count_params
+
+  behemoth = load_config("configs/behemoth.yaml").model
+  n_teacher = count_params(behemoth)["total"]
+  quantized = scales = 0
+  for key, var in nnx.to_flat_state(nnx.state(abstract_model(behemoth), nnx.Param)):
+    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or "shared" in key:
+      shape, axes = var.get_value().shape, var.get_metadata("out_sharding")
+      quantized += math.prod(shape)
+      scales += math.prod(d for i, d in enumerate(shape) if i not in contracted_axes(axes))
+  for student_cfg, chips, context, dtype, compiled in DISTILL_COMPILED:
+    mesh = ["parallel.fsdp=1", "parallel.expert=16", f"parallel.context={context}"]
+    batch = ["train.batch_size=16", "train.seq_len=8192", "distill.teacher_config=configs/behemoth.yaml"]
+    cfg = load_config(f"configs/{student_cfg}.yaml", [*mesh, *batch, f"distill.teacher_dtype={dtype}"])
+    est = train_estimate(cfg, chips)
+    if dtype == "bf16":
+      assert est.teacher_params == 2 * n_teacher / chips
+    else:  # scales of heads-shaped weights are replicated (heads are split only by `tensor`): < 1 GiB
+      low = (quantized + 2 * (n_teacher - quantized)) / chips
+      assert low < est.teacher_params < low + 4 * scales
+    student = train_estimate(
+      load_config(f"configs/{student_cfg}.yaml", [*mesh, "train.batch_size=16", "train.seq_len=8192"]), chips
+    )
+    assert est.teacher_hidden == 1 * (8192 / context) * 16384 * 2  # one sequence per chip, its slice of tokens
+    assert est.total == pytest.approx(student.total + est.teacher_params + est.teacher_hidden, rel=1e-9)
+    assert abs(est.total / 2**30 / compiled - 1) < 0.10, (chips, dtype, est.total / 2**30, compiled)
+
+
 def test_memory_serving_table_counts_weights_and_the_chunked_kv_ring():
   from behemoth_jax.model.cost import kv_cache_bytes
 

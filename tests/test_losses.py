@@ -320,3 +320,21 @@ def test_chunked_distillation_holds_no_vocabulary_sized_buffer_and_runs_vocabula
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for a, b_ in zip(got[1], want[1], strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+def test_chunked_topk_logprobs_equal_the_full_vocabulary_top_k(chunk):
+  """Scoring's top-k over vocabulary chunks: the same ids (ties included: duplicated head columns give
+  equal logits, broken toward the lower id as lax.top_k does) and log-probs as log_softmax + top_k."""
+  from behemoth_jax.train.losses import chunked_topk_logprobs
+
+  r = np.random.default_rng(0)
+  h = jnp.asarray(r.standard_normal((2, 5, 8)), jnp.float32)
+  w = r.standard_normal((8, 50))
+  w[:, [3, 8, 9, 31]] = 0.0  # equal (zero) logits, across chunks and within one, near the middle
+  w = jnp.asarray(w, jnp.float32)
+  want_lp, want_ids = jax.lax.top_k(jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", h, w), axis=-1), 30)
+  assert np.any(np.isin(np.asarray(want_ids), 3) & np.isin(np.asarray(want_ids), 31).any(-1, keepdims=True))
+  ids, lp = chunked_topk_logprobs(h, w, 30, chunk)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(np.asarray(lp), np.asarray(want_lp), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -31,6 +31,7 @@ from behemoth_jax.convert import load_hf
 from behemoth_jax.data import DataError, load_tokenizer
 from behemoth_jax.model.transformer import check_token_ids, create_model, unstack_layers
 from behemoth_jax.train.checkpoint import CheckpointError, find_config, restore_params
+from behemoth_jax.train.losses import chunked_topk_logprobs
 from sharding.api import place, use_mesh
 from sharding.mesh import ShardingError, make_mesh
 from sharding.rules import BATCH_AXES
@@ -208,19 +209,34 @@ _jit_prefill = jax.jit(prefill, static_argnums=(0, 5))
 _jit_decode = jax.jit(_decode, static_argnums=0)
 
 
-def topk_logprobs(model, ids_BT: np.ndarray, k: int, segment_ids_BT: np.ndarray | None = None):
-  """(top-k ids [B, T, k], their log-probs [B, T, k]) of the next token at every position."""
+SCORE_CHUNK = 8192  # vocabulary columns per step of the scoring scan (as train.ce_chunk)
+
+
+def topk_logprobs(
+  model, ids_BT: np.ndarray, k: int, segment_ids_BT: np.ndarray | None = None, chunk: int = SCORE_CHUNK
+):
+  """(top-k ids [B, T, k], their log-probs [B, T, k]) of the next token at every position, over
+  vocabulary chunks of `chunk` columns (no [B, T, V] logits)."""
   graphdef, params = nnx.split(model)
   seg = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
-  idx, logp = _jit_topk(graphdef, params, jnp.asarray(ids_BT), seg, k)
+  idx, logp = score_step(graphdef, k, chunk)(params, jnp.asarray(ids_BT), seg)
   return np.asarray(idx), np.asarray(logp)
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _jit_topk(graphdef, params, ids_BT, segment_ids_BT, k: int):
-  logits = nnx.merge(graphdef, params)(ids_BT, segment_ids_BT=segment_ids_BT)
-  logp, idx = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
-  return idx, logp
+def score_step(graphdef, k: int, chunk: int = SCORE_CHUNK, **jit_kwargs):
+  """jit(params, ids [B, T], segment ids or None) → (top-k ids, log-probs): the scoring program, also
+  compiled for TPU slices by `python -m behemoth_jax.memory --prefill T --score K`."""
+  return _score_jit(graphdef, k, chunk, tuple(sorted(jit_kwargs.items())))
+
+
+@lru_cache(maxsize=16)
+def _score_jit(graphdef, k: int, chunk: int, jit_kwargs: tuple):
+  def score(params, ids_BT, segment_ids_BT):
+    model = nnx.merge(graphdef, params)
+    h = model.hidden_states(model.embed_inputs(ids_BT), None, segment_ids_BT)
+    return chunked_topk_logprobs(h, model.lm_head_weight().astype(h.dtype), k, chunk)
+
+  return jax.jit(score, **dict(jit_kwargs))
 
 
 # --- CLI ------------------------------------------------------------------------------------------

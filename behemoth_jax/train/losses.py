@@ -347,3 +347,36 @@ def _distill_bwd(tau, c, online, res, g):
 
 
 _distill.defvjp(_distill_fwd, _distill_bwd)
+
+
+def chunked_topk_logprobs(h_BTD: jax.Array, w_DV: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(ids int32 [B, T, k], log-probs float32 [B, T, k]) of the k most likely next tokens, by a scan over
+  vocabulary chunks (an online log-sum-exp and a running top-k merged with each chunk's), so no
+  [B, T, V] logits exist: what scoring a long sequence of a 202K-vocabulary teacher needs (`generate
+  --score`). Ties are broken toward the lower id, as `lax.top_k` over the whole vocabulary does."""
+  v = w_DV.shape[1]
+  c = min(int(chunk), v)
+  k = min(int(k), v)
+  w_NDC = _chunks(w_DV, c)
+  shape = h_BTD.shape[:-1]
+
+  def body(carry, x):
+    m, s, top_v, top_i = carry
+    w_DC, j = x
+    col_C, logits = _student_chunk(h_BTD, w_DC, j, c, v)
+    m, s, _, _ = _online_lse(m, s, logits)
+    cv, ci = jax.lax.top_k(logits, min(k, c))
+    # Running entries come from lower ids than this chunk's: listed first, top_k keeps them on ties.
+    vals = jnp.concatenate([top_v, cv], axis=-1)
+    ids = jnp.concatenate([top_i, (j * c + ci).astype(jnp.int32)], axis=-1)
+    top_v, pick = jax.lax.top_k(vals, k)
+    return (m, s, top_v, jnp.take_along_axis(ids, pick, axis=-1)), None
+
+  init = (
+    jnp.full(shape, -jnp.inf, jnp.float32),
+    jnp.zeros(shape, jnp.float32),
+    jnp.full((*shape, k), -jnp.inf, jnp.float32),
+    jnp.zeros((*shape, k), jnp.int32),
+  )
+  (m, s, top_v, top_i), _ = jax.lax.scan(body, init, (w_NDC, jnp.arange(w_NDC.shape[0])))
+  return top_i, top_v - (m + jnp.log(s))[..., None]
