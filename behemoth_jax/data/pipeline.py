@@ -328,6 +328,9 @@ def make_iterator(
     return {"teacher_topk_ids": value, "teacher_topk_logp": value} if teacher_topk else {}
 
   reader = _ReadScored(corpus, tokenizer, teacher_topk) if teacher_topk else _ReadAndTokenize(corpus, tokenizer)
+  if teacher_topk and len(corpus):  # a score file of too few entries fails here, before any step
+    reader.map(0)
+    reader.skipped = 0  # counted again when the pipeline reads it
   ds = document_order(ids_N[start:end], shuffle=split == "train", seed=seed, num_epochs=num_epochs)
   ds = ds.map(reader).filter(_IsUsable())
   read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64)

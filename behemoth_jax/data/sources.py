@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from behemoth_jax.data import scores
 from behemoth_jax.data.errors import DataError
 
 FORMATS = ("text", "jsonl", "parquet", "arrayrecord")
@@ -301,7 +302,13 @@ class _ArrayRecordFile(_FileDocs):
 
   def __getitem__(self, i: int) -> str:
     where = self.where(i)
-    text = self._decode(self._source[i], where)
+    data = self._source[i]
+    if scores.is_score_record(data):  # `generate --score` output: the scored document's text field
+      value = scores.decode(data, where).get(self.text_field)
+      if not isinstance(value, str):
+        raise DataError(f"{where}: score record without a string field {self.text_field!r}")
+      return value
+    text = self._decode(data, where)
     if text.lstrip().startswith("{"):
       # Looks like JSON: a JSON object must carry the field; text that merely starts with a brace
       # but does not parse as an object is raw text.
@@ -309,6 +316,19 @@ class _ArrayRecordFile(_FileDocs):
       if value is not None:
         return value
     return text
+
+  def record(self, i: int) -> dict:
+    """Record i as a dict: a score record (`data/scores.py`: arrays included) or a JSON object."""
+    where, data = self.where(i), self._source[i]
+    if scores.is_score_record(data):
+      return scores.decode(data, where)
+    try:
+      obj = json.loads(self._decode(data, where))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+      raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 _READERS = {"text": _TextFile, "jsonl": _JsonlFile, "parquet": _ParquetFile, "arrayrecord": _ArrayRecordFile}
@@ -345,7 +365,7 @@ class Corpus:
     """The JSON object of document i (JSONL sources only)."""
     f, j = (None, None) if self._texts is not None else self._locate(i)
     if f is None or not hasattr(self.files[f], "record"):
-      raise DataError(f"{self.name}: records with fields are only read from .jsonl files")
+      raise DataError(f"{self.name}: records with fields are only read from .jsonl and ArrayRecord files")
     return self.files[f].record(j)
 
   def where(self, i: int) -> str:

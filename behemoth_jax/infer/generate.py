@@ -28,7 +28,7 @@ from tqdm import tqdm
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, load_config
 from behemoth_jax.convert import load_hf
-from behemoth_jax.data import DataError, load_tokenizer
+from behemoth_jax.data import DataError, load_tokenizer, scores
 from behemoth_jax.model.transformer import check_token_ids, create_model, unstack_layers
 from behemoth_jax.train.checkpoint import CheckpointError, find_config, restore_params
 from behemoth_jax.train.losses import chunked_topk_logprobs
@@ -306,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     default=0,
     help="instead of generating, write the top-K log-probs of every next token of each text",
   )
+  p.add_argument(
+    "--score-dtype",
+    default="bfloat16",
+    choices=tuple(scores.LOGPROB_DTYPES),
+    help="log-prob precision of binary score records (--out *.array_record; default: %(default)s)",
+  )
   p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=float32")
   args = p.parse_args(argv)
 
@@ -341,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
   tmp = out.with_name(out.name + ".tmp")
   new_tokens, t0 = 0, time.perf_counter()
   bar = tqdm(total=len(records), unit="prompt", dynamic_ncols=True)
-  with tmp.open("w") as f:
+  # Scores into an ArrayRecord file are compact binary records (data/scores.py), else JSONL lines.
+  binary = bool(args.score) and out.suffix.lower() in scores.SUFFIXES
+  with scores.Writer(tmp, args.score_dtype) if binary else tmp.open("w") as f:
     for start in range(0, len(records), args.batch_size):
       batch = records[start : start + args.batch_size]
       encoded = [
@@ -353,12 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         top_ids, top_lp = topk_logprobs(model, ids, args.score, segment_ids_BT=mask)
         for r, e, ti, tl in zip(batch, encoded, top_ids, top_lp, strict=True):
           n = len(e)
-          f.write(
-            json.dumps(
-              {**r, "ids": e.tolist(), "topk_ids": ti[-n:].tolist(), "topk_logprobs": np.round(tl[-n:], 5).tolist()}
-            )
-            + "\n"
-          )
+          if binary:
+            f.write(r, e, ti[-n:], tl[-n:])
+          else:
+            rec = {**r, "ids": e.tolist(), "topk_ids": ti[-n:].tolist(), "topk_logprobs": np.round(tl[-n:], 5).tolist()}
+            f.write(json.dumps(rec) + "\n")
           new_tokens += n
       else:
         for r, c in zip(batch, gen(encoded, args.max_new_tokens), strict=True):
