@@ -159,6 +159,32 @@ def test_online_distillation_step_compiles_with_an_fp8_teacher(capsys, tmp_path)
   assert _gib(out, "per chip: arguments") == pytest.approx(got + student, rel=0.03)
 
 
+@needs_libtpu
+def test_scoring_pass_compiles_without_vocabulary_sized_logits(capsys):
+  """`generate --score`'s program (hidden states → top-K log-probs over vocabulary chunks) compiled
+  for TPU: its temporaries stay under half of the [T, V] float32 logits it never forms (1 GiB here)."""
+  from behemoth_jax.scale import memory
+
+  rc = memory.main(
+    [
+      "--config",
+      "configs/tiny.yaml",
+      "--prefill",
+      "4096",
+      "--score",
+      "32",
+      "--compile-topology",
+      "v5p-8",
+      "parallel.fsdp=4",
+      "parallel.expert=1",
+      "model.vocab_size=65536",
+    ]
+  )
+  out = capsys.readouterr().out
+  assert rc == 0 and "4,096-token top-32 scoring pass" in out and "fits" in out, out
+  assert _gib(out, "temporaries") < 0.5 * 4096 * 65536 * 4 / 2**30, out
+
+
 MID = [
   "model.vocab_size=32768",
   "model.hidden_size=1024",

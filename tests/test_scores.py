@@ -66,6 +66,7 @@ def test_binary_scores_are_the_online_targets_in_bf16_and_under_6_bytes_per_entr
     np.testing.assert_allclose(rec["topk_logprobs"], want_lp[0], rtol=2**-8, atol=0)
     pairs += rec["topk_ids"].size
   binary, text = (d / "s.array_record").stat().st_size, (d / "s.jsonl").stat().st_size
+  print(f"bytes per (token, entry): binary {binary / pairs:.2f}, JSONL {text / pairs:.2f}")
   assert binary / pairs <= 6.0, binary / pairs
   assert text / binary >= 3.0, text / binary
 

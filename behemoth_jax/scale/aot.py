@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig, teacher_model_config, unquantized
-from behemoth_jax.infer.generate import prefill
+from behemoth_jax.infer.generate import prefill, score_step
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
 from behemoth_jax.scale.params import count_params
@@ -225,17 +225,20 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   )
 
 
-def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: int = 1) -> int:
+def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: int = 1, score: int = 0) -> int:
   """Compiles a batch-1 prefill of `tokens` tokens (generation's: prompt → KV caches + next-token
-  logits) for a TPU slice, the sequence split over `parallel.context`; prints per-chip memory; 0 if it fits."""
+  logits) for a TPU slice, the sequence split over `parallel.context`; prints per-chip memory; 0 if it fits.
+  `score` K > 0: the scoring program of `generate --score K` instead (hidden states → the top-K
+  log-probs of every position, over vocabulary chunks)."""
   if topology is None:
     raise ConfigError("--prefill needs --compile-topology (a TPU slice to compile for)")
   topo = parse_topology(topology, num_slices)
   cfg = for_tpu(cfg)
   t0 = time.perf_counter()
   mesh = make_mesh(cfg.parallel, topo.devices)
+  what = f"top-{score} scoring pass" if score else "prefill"
   print(
-    f"compiling a {tokens:,}-token prefill of {cfg.model.num_layers}-layer model for {topo.describe()}; "
+    f"compiling a {tokens:,}-token {what} of {cfg.model.num_layers}-layer model for {topo.describe()}; "
     f"mesh {dict(mesh.shape)}"
   )
   graphdef, abstract, _ = abstract_sharded_model(cfg.model, mesh)
@@ -245,6 +248,14 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
 
   ids = sharded((1, tokens), (None, ax.LENGTH), jnp.int32)
   mask = sharded((1, tokens), (None, ax.LENGTH), jnp.int32)
+  if score:
+    topk = NamedSharding(mesh, logical_to_spec((None, ax.LENGTH, None), mesh, (1, tokens, score)))
+    step = score_step(graphdef, score, out_shardings=(topk, topk))
+    with use_mesh(mesh), jax.default_matmul_precision("default"):
+      lowered = step.lower(abstract, ids, None)
+    mem, reason, _ = compile_report(lowered, topo)
+    print(f"  weights per chip {gib(per_device_bytes(abstract))}")
+    return _fits(mem, reason, topo, t0, f"outputs (top-{score} ids and log-probs) {gib(mem.outputs) if mem else ''}")
   caches = jax.eval_shape(
     lambda p: prefill(graphdef, p, jnp.zeros((1, tokens), jnp.int32), jnp.ones((1, tokens), jnp.int32), None, tokens)[
       1

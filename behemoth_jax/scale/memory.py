@@ -219,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     help="with --compile-topology: compile a prefill of "
     "TOKENS tokens (batch 1, context parallel) and report its per-chip memory",
   )
+  p.add_argument(
+    "--score",
+    type=int,
+    metavar="K",
+    default=0,
+    help="with --prefill: compile the scoring pass of `generate --score K` (top-K log-probs at every position)",
+  )
   p.add_argument("--compile-topology", metavar="SLICE", help="compile for this TPU slice and compare with XLA")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
@@ -233,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
       )
       print(serving_table(configs, args.precisions.split(","), [int(c) for c in args.contexts.split(",")]))
       return 0
+    if args.score and not args.prefill:
+      raise ConfigError("--score: compiles a scoring pass of --prefill TOKENS tokens (give --prefill)")
     cfg = load_config(args.config, args.overrides)
     if args.prefill:
-      return aot.compile_prefill(cfg, args.prefill, args.compile_topology)
+      return aot.compile_prefill(cfg, args.prefill, args.compile_topology, score=args.score)
     chips = aot.parse_topology(args.compile_topology).chips if args.compile_topology else args.chips
     est = train_estimate(cfg, chips)
   except (ConfigError, ShardingError) as e:
