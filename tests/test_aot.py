@@ -231,6 +231,8 @@ DISTILL_COMPILED = [
   ("scout", 16, 1, "fp8", 204.78),
   ("maverick", 128, 8, "bf16", 59.00),
   ("maverick", 64, 4, "bf16", 111.72),
+  ("maverick", 64, 4, "fp8", 84.36),
+  ("maverick", 32, 2, "fp8", 164.30),
 ]
 
 

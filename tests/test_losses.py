@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import random_batch
 from flax import nnx
 
 from behemoth_jax.config import load_config
@@ -77,15 +78,7 @@ def test_aux_losses():
 def test_gradient_accumulation_equals_one_batch():
   cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "train.batch_size=4"])
   graphdef, params = nnx.split(create_model(cfg.model, seed=0))
-  r = np.random.default_rng(0)
-  batch = {
-    "inputs": r.integers(0, 259, (4, 32)),
-    "targets": r.integers(0, 259, (4, 32)),
-    "segment_ids": np.ones((4, 32), np.int32),
-    "positions": np.tile(np.arange(32), (4, 1)),
-    "loss_mask": (r.random((4, 32)) > 0.2).astype(np.float32),
-  }
-  batch = jax.tree.map(jnp.asarray, batch)
+  batch = random_batch(4, 32, drop=0.2)
   results = []
   for accum in (1, 2, 4):
     tc = cfg.train.__class__(**{**cfg.train.__dict__, "grad_accum": accum})  # aux losses: per micro-batch by design
@@ -163,17 +156,7 @@ def test_distillation_step_from_itself_has_zero_soft_loss_and_gradient():
 
   cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "train.batch_size=2"])
   graphdef, params = nnx.split(create_model(cfg.model, seed=0))
-  r = np.random.default_rng(0)
-  batch = jax.tree.map(
-    jnp.asarray,
-    {
-      "inputs": r.integers(0, 259, (2, 16)),
-      "targets": r.integers(0, 259, (2, 16)),
-      "segment_ids": np.ones((2, 16), np.int32),
-      "positions": np.tile(np.arange(16), (2, 1)),
-      "loss_mask": np.ones((2, 16), np.float32),
-    },
-  )
+  batch = random_batch(2, 16)
   tx = make_optimizer(cfg.train)
   state = {
     "params": params,

@@ -4,10 +4,10 @@ with exactly the dequantized weights; a distillation step from a quantized teach
 
 import dataclasses
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from batches import random_batch
 from flax import nnx
 
 from behemoth_jax.config import ConfigError, DistillConfig, load_config, teacher_model_config
@@ -126,15 +126,7 @@ def test_distillation_step_from_a_quantized_teacher(tmp_path):
   ref_teacher = create_model(cfg.model, seed=1)
   nnx.update(ref_teacher, nnx.from_flat_state(deq))
   graphdef, student = nnx.split(create_model(cfg.model, seed=2))
-  r = np.random.default_rng(0)
-  batch = {
-    "inputs": r.integers(0, 259, (2, 16)),
-    "targets": r.integers(0, 259, (2, 16)),
-    "segment_ids": np.ones((2, 16), np.int32),
-    "positions": np.tile(np.arange(16), (2, 1)),
-    "loss_mask": np.ones((2, 16), np.float32),
-  }
-  batch = jax.tree.map(jax.numpy.asarray, batch)
+  batch = random_batch(2, 16)
   dc = DistillConfig(weight="fixed", alpha=1.0)
 
   def soft(t_graphdef, t_params):

@@ -293,7 +293,8 @@ def make_iterator(
 ) -> DataIterator:
   """Batches of `split` for process `process_index` of `process_count` (see the module docstring).
 
-  `teacher_topk` > 0: the source is a JSONL written by `generate --score`; records give the token ids
+  `teacher_topk` > 0: the source was written by `generate --score` (JSONL, or binary ArrayRecord score
+  records: data/scores.py); records give the token ids
   (not re-tokenized) and batches add teacher_topk_ids int32 / teacher_topk_logp float32 [B, T, k].
 
   `batch_size` is per process. `seed` drives the train shuffle and packing-row order (callers pass

@@ -7,7 +7,8 @@ however long the generation — and global layers keep every token. Batches are 
 uses its true positions (0 at its first real token), so a padded row decodes exactly as it would alone.
 Sampling: greedy (temperature 0), temperature, top-k, top-p, seeded; rows stop at any stop token.
 `--score` writes, instead of completions, the model's top-k log-probabilities at every position of
-each record's text (offline distillation targets).
+each record's text (offline distillation targets): JSONL lines, or with `--out F.array_record` compact
+binary records (data/scores.py).
 """
 
 from __future__ import annotations
