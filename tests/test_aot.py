@@ -222,17 +222,22 @@ def test_calculator_against_compiled_memory(capsys):
   assert abs(est.total / compiled - 1) <= 0.10, (est.total / 2**30, compiled / 2**30)
 
 
-# Distillation from Behemoth compiled for v5p with libtpu 0.0.42.1 (docs/SCALE.md has the commands; 4-5
-# minutes each, so not in the suite): (student, chips, context, teacher_dtype, XLA's peak GiB).
+# Distillation from Behemoth compiled for v5p with libtpu 0.0.42.1 (docs/SCALE.md has the commands; 3-5
+# minutes each, so not in the suite): (student, chips, expert, context, teacher dtype, XLA's peak GiB);
+# fsdp 1, batch = expert sequences of 8,192 tokens.
 DISTILL_COMPILED = [
-  ("scout", 128, 8, "bf16", 41.54),
-  ("scout", 64, 4, "bf16", 80.82),
-  ("scout", 32, 2, "fp8", 103.71),
-  ("scout", 16, 1, "fp8", 204.78),
-  ("maverick", 128, 8, "bf16", 59.00),
-  ("maverick", 64, 4, "bf16", 111.72),
-  ("maverick", 64, 4, "fp8", 84.36),
-  ("maverick", 32, 2, "fp8", 164.30),
+  ("scout", 128, 16, 8, "bf16", 41.54),
+  ("scout", 64, 16, 4, "bf16", 80.82),
+  ("scout", 32, 16, 2, "bf16", 159.86),
+  ("scout", 64, 16, 4, "fp8", 52.17),
+  ("scout", 32, 8, 4, "fp8", 89.48),
+  ("scout", 32, 16, 2, "fp8", 103.71),
+  ("scout", 16, 8, 2, "fp8", 177.00),
+  ("scout", 16, 16, 1, "fp8", 204.78),
+  ("maverick", 128, 16, 8, "bf16", 59.00),
+  ("maverick", 64, 16, 4, "bf16", 111.72),
+  ("maverick", 64, 16, 4, "fp8", 84.36),
+  ("maverick", 32, 16, 2, "fp8", 164.30),
 ]
 
 
@@ -256,9 +261,9 @@ def test_calculator_counts_an_online_teacher():
       shape, axes = var.get_value().shape, var.get_metadata("out_sharding")
       quantized += math.prod(shape)
       scales += math.prod(d for i, d in enumerate(shape) if i not in contracted_axes(axes))
-  for student_cfg, chips, context, dtype, compiled in DISTILL_COMPILED:
-    mesh = ["parallel.fsdp=1", "parallel.expert=16", f"parallel.context={context}"]
-    batch = ["train.batch_size=16", "train.seq_len=8192", "distill.teacher_config=configs/behemoth.yaml"]
+  for student_cfg, chips, expert, context, dtype, compiled in DISTILL_COMPILED:
+    mesh = ["parallel.fsdp=1", f"parallel.expert={expert}", f"parallel.context={context}"]
+    batch = [f"train.batch_size={expert}", "train.seq_len=8192", "distill.teacher_config=configs/behemoth.yaml"]
     cfg = load_config(f"configs/{student_cfg}.yaml", [*mesh, *batch, f"distill.teacher_dtype={dtype}"])
     est = train_estimate(cfg, chips)
     if dtype == "bf16":
@@ -267,7 +272,7 @@ def test_calculator_counts_an_online_teacher():
       low = (quantized + 2 * (n_teacher - quantized)) / chips
       assert low < est.teacher_params < low + 4 * scales
     student = train_estimate(
-      load_config(f"configs/{student_cfg}.yaml", [*mesh, "train.batch_size=16", "train.seq_len=8192"]), chips
+      load_config(f"configs/{student_cfg}.yaml", [*mesh, f"train.batch_size={expert}", "train.seq_len=8192"]), chips
     )
     assert est.teacher_hidden == 1 * (8192 / context) * 16384 * 2  # one sequence per chip, its slice of tokens
     assert est.total == pytest.approx(student.total + est.teacher_params + est.teacher_hidden, rel=1e-9)

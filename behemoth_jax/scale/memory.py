@@ -16,7 +16,7 @@ whole, and one layer's weights are gathered (ZeRO-3) for its compute. The workin
 fitted to XLA's live-buffer peak for TPU v5p (docs/SCALE.md lists the points and the errors).
 Online distillation (`distill.teacher_config`) adds the teacher's weights (exact, from the rules on the
 same mesh, in `distill.teacher_dtype`) and its final hidden states; its forward's working set only
-competes with the student's (within 6% of 13 compiled distillation steps, none used to fit).
+competes with the student's (within 6% of 12 compiled distillation steps, none used to fit).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
 
 # The teacher's forward runs before the student's; its layer working set is dead by the time the
 # student's backward peaks, so its weights and final hidden states add to the student's terms and its
-# working set only competes with the student's. In all 13 compiled points (docs/SCALE.md) the student's
+# working set only competes with the student's. In all 12 compiled points (docs/SCALE.md) the student's
 # was the larger, so this fraction (of a training layer's expert-exchange bytes, for a forward-only
 # layer) is a guess that never decided a total, not a fit.
 TEACHER_FWD_FRACTION = 0.5
