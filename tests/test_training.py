@@ -268,11 +268,21 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
     == 2
   )
   assert "distill.teacher:" in capsys.readouterr().err
+  # A teacher of another vocabulary: one line, nothing written.
+  other = yaml.safe_load(open("configs/tiny.yaml"))
+  other["model"]["vocab_size"] = 1024
+  (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+  argv = ["--config", "configs/tiny.yaml", *SMALL, f"distill.teacher={teacher}", f"train.out_dir={tmp_path / 'y'}"]
+  assert train.main([*argv, f"distill.teacher_config={tmp_path / 'other.yaml'}"]) == 2
+  assert capsys.readouterr().err.strip() == (
+    "error: distill.teacher_config: teacher vocab_size 1024 != student's 512 (distillation compares "
+    "distributions token by token)"
+  )
+  assert not (tmp_path / "y").exists()
   # A teacher config that does not describe the teacher's checkpoint: one line naming a parameter.
   wrong = yaml.safe_load(open("configs/tiny.yaml"))
   wrong["model"]["intermediate_size"] = 128
   (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
-  argv = ["--config", "configs/tiny.yaml", *SMALL, f"distill.teacher={teacher}", f"train.out_dir={tmp_path / 'y'}"]
   assert train.main([*argv, f"distill.teacher_config={tmp_path / 'wrong.yaml'}", "distill.teacher_dtype=int8"]) == 1
   err = capsys.readouterr().err.strip()
   assert re.fullmatch(
@@ -281,6 +291,7 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
     r"another model\?\)",
     err,
   ), err
+  assert not (tmp_path / "y").exists()
   # The generate CLI on the teacher's run directory (latest step; 8 devices: on the config's mesh)
   (tmp_path / "p.jsonl").write_text('{"prompt": "def "}\n')
   assert (
