@@ -160,3 +160,76 @@ def test_train_refuses_a_quantized_student_and_a_teacher_config_without_a_teache
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _dequantized_reference(cfg, params):
+  """A float model of `cfg` holding exactly the values a quantized model computes with."""
+  flat = dict(nnx.to_flat_state(params))
+  values = {}
+  for key, var in flat.items():
+    if key[-1] == "q":
+      values[key[:-1]] = np.asarray(var.get_value()).astype(np.float32) * np.asarray(
+        flat[(*key[:-1], "scale")].get_value()
+      )
+    elif key[-1] != "scale":
+      values[key] = np.asarray(var.get_value()).astype(np.float32)
+  model = create_model(cfg, seed=0)
+  nnx.update(model, nnx.from_flat_state(values))
+  return model
+
+
+def test_generate_and_score_with_quantized_weights(tmp_path):
+  """`generate --weights int8` decodes, and `--weights fp8 --score` scores, exactly as a float model
+  holding the dequantized weights (and bf16 for the rest) does."""
+  import json
+
+  import yaml
+
+  from behemoth_jax.config import Config, to_dict
+  from behemoth_jax.infer import generate
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=2", "model.dtype=float32"])
+  save_params(tmp_path / "ckpt", nnx.state(create_model(cfg.model, seed=7), nnx.Param))
+  (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(Config(model=cfg.model)), sort_keys=False))
+  (tmp_path / "p.jsonl").write_text(
+    '{"prompt": "def f(", "text": "the quick brown fox"}\n{"prompt": "x", "text": "ab"}\n'
+  )
+  common = [
+    "--config",
+    str(tmp_path / "cfg.yaml"),
+    "--ckpt",
+    str(tmp_path / "ckpt"),
+    "--prompts",
+    str(tmp_path / "p.jsonl"),
+  ]
+  assert generate.main([*common, "--out", str(tmp_path / "g.jsonl"), "--max-new-tokens", "8", "--weights", "int8"]) == 0
+  assert generate.main([*common, "--out", str(tmp_path / "s.jsonl"), "--score", "5", "--weights", "fp8"]) == 0
+  mesh = make_mesh(cfg.parallel)
+  for weights, out in (("int8", "g.jsonl"), ("fp8", "s.jsonl")):
+    qcfg = dataclasses.replace(cfg.model, param_dtype="bfloat16", weight_quant=weights)
+    _, params = restore_model_params(tmp_path / "ckpt", qcfg, mesh, what="test")
+    reference = _dequantized_reference(cfg.model, params)
+    rows = [json.loads(x) for x in (tmp_path / out).read_text().splitlines()]
+    if weights == "int8":
+      gen = generate.Generator(reference, stop_ids=(257,), pad_id=258)
+      want = gen([[256, *r["prompt"].encode()] for r in rows], 8)
+      assert [r["completion_ids"] for r in rows] == [w.tolist() for w in want]
+    else:
+      exact = create_model(cfg.model, seed=7)  # the float model: visibly different scores
+      for r in rows:
+        ids, lp = generate.topk_logprobs(reference, np.asarray(r["ids"])[None], 5)
+        np.testing.assert_array_equal(r["topk_ids"], ids[0])
+        np.testing.assert_allclose(r["topk_logprobs"], lp[0], atol=1e-5)
+        _, lp_float = generate.topk_logprobs(exact, np.asarray(r["ids"])[None], 5)
+        assert np.abs(np.asarray(r["topk_logprobs"]) - lp_float[0]).max() > 1e-3
+
+
+def test_weights_flag_needs_a_checkpoint(capsys, tmp_path):
+  from behemoth_jax.infer import generate
+
+  (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+  argv = ["--hf", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+  assert generate.main([*argv, "--weights", "fp8"]) == 2
+  assert capsys.readouterr().err.strip() == (
+    "error: --weights fp8: converted weights load from --ckpt (behemoth-convert from-hf the HF directory first)"
+  )

@@ -13,6 +13,7 @@ binary records (data/scores.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -27,12 +28,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from behemoth_jax.cli import ArgumentParser
-from behemoth_jax.config import ConfigError, load_config
+from behemoth_jax.config import ConfigError, ParallelConfig, load_config
 from behemoth_jax.convert import load_hf
 from behemoth_jax.data import DataError, load_tokenizer, scores
 from behemoth_jax.model.transformer import check_token_ids, create_model, unstack_layers
 from behemoth_jax.train.checkpoint import CheckpointError, find_config, restore_params
 from behemoth_jax.train.losses import chunked_topk_logprobs
+from behemoth_jax.train.state import restore_model_params
 from sharding.api import place, use_mesh
 from sharding.mesh import ShardingError, make_mesh
 from sharding.rules import BATCH_AXES
@@ -241,15 +243,33 @@ def _score_jit(graphdef, k: int, chunk: int, jit_kwargs: tuple):
 
 
 # --- CLI ------------------------------------------------------------------------------------------
-def load_model(config: str | None, ckpt: str | None, hf: str | None, overrides: list[str]):
+WEIGHTS = ("auto", "bf16", "fp8", "int8")
+
+
+def load_model(config: str | None, ckpt: str | None, hf: str | None, overrides: list[str], weights: str = "auto"):
   """(model, config) from an orbax checkpoint (config: given, or the config.yaml beside it) or from a
-  Hugging Face directory (its config.json; `config` then only supplies dtypes and the tokenizer)."""
+  Hugging Face directory (its config.json; `config` then only supplies dtypes and the tokenizer).
+  `weights` (checkpoints only): bf16, or fp8 / int8 (`model.weight_quant`: projections and experts
+  quantized per output channel weight by weight on their shards as the float checkpoint is restored)."""
 
   if config is None and ckpt is not None:
     config = find_config(ckpt)
     if config is None:
       raise ConfigError(f"--config: none given and no config.yaml beside {ckpt}")
   cfg = load_config(config, overrides)
+  if weights != "auto":
+    if hf:
+      raise ConfigError(
+        f"--weights {weights}: converted weights load from --ckpt (behemoth-convert from-hf the HF directory first)"
+      )
+    quant = weights if weights in ("fp8", "int8") else "none"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16", weight_quant=quant))
+    if jax.device_count() > 1:  # placed on the config's mesh, as generation runs
+      mesh = make_mesh(cfg.parallel)
+    else:
+      mesh = make_mesh(ParallelConfig(fsdp=1), jax.devices()[:1])
+    graphdef, params = restore_model_params(ckpt, cfg.model, mesh, what="--ckpt")
+    return nnx.merge(graphdef, params), cfg
   if hf:
     return load_hf(hf, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype), cfg
 
@@ -313,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     choices=tuple(scores.LOGPROB_DTYPES),
     help="log-prob precision of binary score records (--out *.array_record; default: %(default)s)",
   )
+  p.add_argument(
+    "--weights",
+    default="auto",
+    choices=WEIGHTS,
+    help="how the model's weights are held: auto (the config's param_dtype), bf16, or fp8 / int8 (projections "
+    "and experts quantized per output channel, e4m3 or int8, from the float checkpoint; --ckpt only)",
+  )
   p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dtype=float32")
   args = p.parse_args(argv)
 
@@ -322,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
       raise DataError(f"{out}: already exists (remove it or choose another --out)")
     field = args.field or ("text" if args.score else "prompt")
     records = read_prompts(args.prompts, field)
-    model, cfg = load_model(args.config, args.ckpt, args.hf, args.overrides)
+    model, cfg = load_model(args.config, args.ckpt, args.hf, args.overrides, args.weights)
     tok_path = cfg.data.tokenizer
     if args.hf and args.config is None and (Path(args.hf) / "tokenizer.json").is_file():
       tok_path = str(Path(args.hf) / "tokenizer.json")
