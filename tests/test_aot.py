@@ -279,6 +279,31 @@ def test_calculator_counts_an_online_teacher():
     assert abs(est.total / 2**30 / compiled - 1) < 0.10, (chips, dtype, est.total / 2**30, compiled)
 
 
+def test_serving_weights_count_quantization_scales():
+  """fp8 / int8 weights as model.weight_quant stores them: 1 byte per projection/expert element, 4 per
+  scale, 2 for the rest; Behemoth's fp8 scoring pass compiled on 32 v5p chips held 58.07 GiB per chip
+  (docs/SCALE.md), within 1% (the rules replicate the scales of heads-shaped weights)."""
+  from flax import nnx
+
+  from behemoth_jax.model.layers import contracted_axes
+  from behemoth_jax.model.transformer import abstract_model
+  from behemoth_jax.scale.memory import weight_bytes
+  from behemoth_jax.scale.params import count_params
+
+  mc = load_config("configs/scout.yaml").model
+  want = 0
+  for key, var in nnx.to_flat_state(nnx.state(abstract_model(mc), nnx.Param)):
+    shape, axes = var.get_value().shape, var.get_metadata("out_sharding")
+    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or "shared" in key:
+      want += math.prod(shape) + 4 * math.prod(d for i, d in enumerate(shape) if i not in contracted_axes(axes))
+    else:
+      want += 2 * math.prod(shape)
+  assert weight_bytes(mc, "fp8") == weight_bytes(mc, "int8") == want
+  assert weight_bytes(mc, "bfloat16") == 2 * count_params(mc)["total"]
+  behemoth = weight_bytes(load_config("configs/behemoth.yaml").model, "fp8")
+  assert abs(behemoth / (32 * 58.07 * 2**30) - 1) < 0.01
+
+
 def test_memory_serving_table_counts_weights_and_the_chunked_kv_ring():
   from behemoth_jax.model.cost import kv_cache_bytes
 

@@ -27,11 +27,14 @@ import math
 import sys
 from dataclasses import dataclass
 
+import jax
+from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import Config, ConfigError, load_config, teacher_model_config
 from behemoth_jax.model.cost import kv_cache_bytes
+from behemoth_jax.model.transformer import abstract_model
 from behemoth_jax.scale import aot
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state
@@ -190,7 +193,7 @@ def serving_table(configs: list[str], precisions: list[str], contexts: list[int]
     lines.append(head)
     lines.append("|" + "---|" * (2 + 2 * len(contexts)))
     for prec in precisions:
-      w = n * BYTES[prec]
+      w = weight_bytes(cfg.model, prec)
       lines.append(
         f"| {path.split('/')[-1].removesuffix('.yaml')} | {prec}: {w / GiB:,.0f} GiB | "
         + " | ".join(f"{x / GiB:,.1f} GiB" for x in kv)
@@ -199,6 +202,17 @@ def serving_table(configs: list[str], precisions: list[str], contexts: list[int]
         + " |"
       )
   return "\n".join(lines)
+
+
+def weight_bytes(mc, precision: str) -> float:
+  """Bytes of the model's weights held in `precision`: fp8 / int8 as `model.weight_quant` stores them
+  (1-byte projections and experts, their float32 per-channel scales, bf16 for the rest: what
+  `generate --weights` and `distill.teacher_dtype` hold), otherwise every parameter at that width
+  (int4: a formula, no such storage here)."""
+  if precision in ("fp8", "int8"):
+    quantized = abstract_model(dataclasses.replace(mc, param_dtype="bfloat16", weight_quant=precision))
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(quantized, nnx.Param)))
+  return count_params(mc)["total"] * BYTES[precision]
 
 
 def _ctx(c: int) -> str:
