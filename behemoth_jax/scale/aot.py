@@ -2,8 +2,10 @@
 
 `train.py --compile-topology v5p-1024` compiles the real train step (the trainer's own state
 shardings, `make_train_step` and batch layout) for the chips of that slice, without TPU hardware, and
-reports XLA's per-chip memory analysis against the chip's HBM; `python -m behemoth_jax.memory
---prefill N --compile-topology` does the same for a prefill (serving) step. One report for both.
+reports XLA's per-chip memory analysis against the chip's HBM; with `distill.teacher_config` it is the
+online distillation step (frozen teacher forward + student train step; no checkpoint needed).
+`python -m behemoth_jax.memory --prefill N [--score K] --compile-topology` does the same for a prefill
+(serving) step or `generate --score`'s scoring pass. One report for all.
 
 Names follow Cloud TPU: v4-N and v5p-N count TensorCores (2 per chip, so v5p-1024 is 512 chips);
 v5e-N and v6e-N count chips. One jax device per chip (megacore).
