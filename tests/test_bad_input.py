@@ -126,7 +126,7 @@ def _api(fn):
 
 
 # --- configs ---------------------------------------------------------------------------------------
-@case(r"model\.hiden_size: unknown key \(valid: attention_block, .*, hidden_size, .*, vocab_size\)")
+@case(r"model\.hiden_size: unknown key \(valid: attention_block, .*, hidden_size, .*, vocab_size, weight_quant\)")
 def config_unknown_key(env, capsys):
   return _train(env, capsys, "model.hiden_size=64")
 

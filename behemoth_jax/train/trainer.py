@@ -18,12 +18,12 @@ from pathlib import Path
 
 import jax
 import yaml
+from flax import nnx
 from tqdm import tqdm
 
-from behemoth_jax.config import Config, ConfigError, teacher_model_config, to_dict, unquantized
+from behemoth_jax.config import Config, ConfigError, teacher_model_config, to_dict
 from behemoth_jax.data import load_tokenizer, make_iterator
 from behemoth_jax.data.multimodal import MMSource, make_mm_iterator
-from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import to_global
 from behemoth_jax.train.checkpoint import (
   CONFIG_NAME,
@@ -317,8 +317,10 @@ def load_teacher(cfg: Config, mesh, lead: bool):
     raise ConfigError(str(e)) from None
   if lead:
     held = tcfg.weight_quant if tcfg.weight_quant != "none" else tcfg.param_dtype
+    # The model's parameters: every leaf but the per-channel scales of quantized weights.
+    n = sum(v.get_value().size for k, v in nnx.to_flat_state(params) if k[-1] != "scale")
     print(
-      f"distilling from {dc.teacher} ({count_params(unquantized(tcfg))['total']:,} parameters, frozen, held as {held}: "
+      f"distilling from {dc.teacher} ({n:,} parameters, frozen, held as {held}: "
       f"{per_device_bytes(params) / 2**30:.2f} GiB per device): "
       f"weight {dc.weight}, alpha {dc.alpha}, temperature {dc.temperature}"
     )
