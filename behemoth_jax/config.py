@@ -422,7 +422,7 @@ class TrainConfig:
     )
 
 
-DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic")
+DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic", "relative")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "bf16", "fp8", "int8")
 
 

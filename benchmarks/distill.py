@@ -7,8 +7,8 @@ Regimes (teachers: configs/tiny.yaml, 3.87M parameters, on the built-in corpus):
   weak    an undertrained teacher (60 steps) and the same student, 150 steps
   large   the trained teacher and a larger student (width 128, 2 layers, 8 experts: 2.0M), 300 steps
 Weightings, per token loss (1 − w)·CE + w·τ²·KL(teacher ‖ student) at τ = 1:
-  none (w = 0), fixed 0.5, fixed 1.0, scheduled (w = 1 − step/steps) and dynamic
-  (w = 1 − (max_v p_T(v) − p_T(label)), the default).
+  none (w = 0), fixed 0.5, fixed 1.0, scheduled (w = 1 − step/steps), dynamic
+  (w = 1 − (max_v p_T(v) − p_T(label))) and relative (w = p_T(y) / (p_T(y) + p_S(y))).
 Each student runs with seeds 0..N-1 (parameter init and data order; the teacher is fixed per regime).
 Prints mean ± sd of the held-out cross-entropy (real labels, nats/token) per regime and weighting and
 writes OUT/results.json. A finished run directory is reused (delete it to retrain). Runs share a
@@ -49,6 +49,7 @@ WEIGHTINGS = {
   "fixed 1.0": ["distill.weight=fixed", "distill.alpha=1.0"],
   "scheduled": ["distill.weight=scheduled", "distill.alpha=1.0"],
   "dynamic": ["distill.weight=dynamic", "distill.alpha=1.0"],
+  "relative": ["distill.weight=relative", "distill.alpha=1.0"],
 }
 
 

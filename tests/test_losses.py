@@ -106,7 +106,7 @@ def test_distillation_terms_match_numpy_and_topk_reduces_to_dense():
   y = r.integers(0, 11, (2, 3))
   tau = 2.0
   t_logp = np.asarray(jax.nn.log_softmax(t, -1))
-  ce, kl, margin = distillation_terms(jnp.asarray(s), jnp.asarray(t_logp), jnp.asarray(y), tau)
+  ce, kl, margin, label_p = distillation_terms(jnp.asarray(s), jnp.asarray(t_logp), jnp.asarray(y), tau)
 
   def softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
@@ -117,6 +117,7 @@ def test_distillation_terms_match_numpy_and_topk_reduces_to_dense():
   np.testing.assert_allclose(ce, -np.log(np.take_along_axis(softmax(s), y[..., None], -1)[..., 0]), rtol=1e-5)
   p_t1 = softmax(t)
   np.testing.assert_allclose(margin, p_t1.max(-1) - np.take_along_axis(p_t1, y[..., None], -1)[..., 0], atol=1e-6)
+  np.testing.assert_allclose(label_p, np.take_along_axis(p_t1, y[..., None], -1)[..., 0], rtol=1e-5)
   # top-k with k = V (any order) is the dense case; top-3 renormalises over its support
   order = np.argsort(-t_logp, -1)
   sparse = distillation_terms(
@@ -126,10 +127,10 @@ def test_distillation_terms_match_numpy_and_topk_reduces_to_dense():
     tau,
     teacher_ids_BTK=jnp.asarray(order),
   )
-  for a, b in zip(sparse, (ce, kl, margin), strict=True):
+  for a, b in zip(sparse, (ce, kl, margin, label_p), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   k3 = order[..., :3]
-  _, kl3, _ = distillation_terms(
+  _, kl3, _, _ = distillation_terms(
     jnp.asarray(s),
     jnp.asarray(np.take_along_axis(t_logp, k3, -1)),
     jnp.asarray(y),
@@ -148,6 +149,10 @@ def test_soft_weights():
   assert np.allclose(soft_weight("fixed", 0.5, p, 0.3), 0.5)
   assert np.allclose(soft_weight("scheduled", 0.5, p, 0.3), 0.35)
   assert np.allclose(soft_weight("dynamic", 0.5, p, 0.3), [[0.4, 0.05]])  # p holds margins here
+  # relative: α·p_T(y) / (p_T(y) + p_S(y)), p_S(y) = exp(−CE), no gradient through the student's CE
+  p_t, ce = jnp.asarray([[0.6, 0.1]]), jnp.asarray([[-np.log(0.2), -np.log(0.3)]])
+  assert np.allclose(soft_weight("relative", 0.5, p, 0.3, p_t, ce), [[0.5 * 0.6 / 0.8, 0.5 * 0.1 / 0.4]])
+  assert np.allclose(jax.grad(lambda c: soft_weight("relative", 1.0, p, 0.3, p_t, c).sum())(ce), 0)
 
 
 def test_distillation_step_from_itself_has_zero_soft_loss_and_gradient():
@@ -226,8 +231,8 @@ def test_offline_topk_targets_equal_the_online_teacher(tmp_path):
 
 
 def _distill_loss(terms, w_BT, mask_BT):
-  ce, kl, margin = terms
-  return jnp.sum(((1 - w_BT) * ce + w_BT * kl) * mask_BT) + 0.0 * jnp.sum(margin)
+  ce, kl, margin, label_p = terms
+  return jnp.sum(((1 - w_BT) * ce + w_BT * kl) * mask_BT) + 0.0 * jnp.sum(margin + label_p)
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 64])
@@ -287,7 +292,7 @@ def test_chunked_distillation_holds_no_vocabulary_sized_buffer_and_runs_vocabula
   targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
 
   def loss(h, w, th, tw):
-    ce, kl, _ = chunked_distillation_terms(h, w, targets, tau, chunk, teacher_h_BTD=th, teacher_w_DV=tw)
+    ce, kl, _, _ = chunked_distillation_terms(h, w, targets, tau, chunk, teacher_h_BTD=th, teacher_w_DV=tw)
     return jnp.sum(0.5 * ce + 0.5 * kl)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

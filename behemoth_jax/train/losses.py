@@ -137,7 +137,7 @@ def distillation_terms(
   temperature: float,
   teacher_ids_BTK: jax.Array | None = None,
 ):
-  """Per-token (hard CE, soft KL, teacher margin max_v p_T(v) − p_T(label)), all float32 [B, T].
+  """Per-token (hard CE, soft KL, teacher margin max_v p_T(v) − p_T(label), p_T(label)), float32 [B, T].
 
   Teacher: log-probs over the whole vocabulary (online: `teacher_ids_BTK` None, K = V) or its top-k
   (offline records: `teacher_ids_BTK` the token ids). Soft targets are the teacher's distribution at
@@ -158,16 +158,28 @@ def distillation_terms(
   # How far the teacher's favourite is ahead of the observed label (0 when it ranks the label top-1).
   margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
   kl = temperature**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
-  return ce, kl, margin
+  return ce, kl, margin, label_p
 
 
-def soft_weight(kind: str, alpha: float, margin_BT: jax.Array, progress: jax.Array) -> jax.Array:
+def soft_weight(
+  kind: str,
+  alpha: float,
+  margin_BT: jax.Array,
+  progress: jax.Array,
+  teacher_label_p_BT: jax.Array | None = None,
+  student_ce_BT: jax.Array | None = None,
+) -> jax.Array:
   """Weight w of the soft term per token; the loss is (1 − w)·CE + w·KL.
 
-  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic (default):
-  α·(1 − (max_v p_T(v) − p_T(label))): the teacher's full distribution wherever it ranks the observed
-  token first, giving way to the label by as much as the teacher's favourite beats it.
+  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic: α·(1 − (max_v p_T(v) −
+  p_T(label))): the teacher's full distribution wherever it ranks the observed token first, giving way
+  to the label by as much as the teacher's favourite beats it. relative: α·p_T(y) / (p_T(y) + p_S(y)),
+  p_S(y) = exp(−CE) without gradient: the teacher counts where it gives the observed token more
+  probability than the student does by now, so a teacher the student has caught up with fades out.
   """
+  if kind == "relative":
+    p_s = jnp.exp(-jax.lax.stop_gradient(student_ce_BT))
+    return alpha * teacher_label_p_BT / (teacher_label_p_BT + p_s)
   if kind == "none":
     return jnp.zeros_like(margin_BT)
   if kind == "fixed":
@@ -190,8 +202,8 @@ def chunked_distillation_terms(
   teacher_logp_BTK: jax.Array | None = None,
   teacher_ids_BTK: jax.Array | None = None,
 ):
-  """`distillation_terms` without [B, T, V] logits of either model: (hard CE, τ²·KL, teacher margin)
-  per token, float32 [B, T], from the student's final hidden states and LM head and either the
+  """`distillation_terms` without [B, T, V] logits of either model: (hard CE, τ²·KL, teacher margin,
+  p_T(label)) per token, float32 [B, T], from the student's final hidden states and LM head and either the
   teacher's (online: `teacher_h_BTD`, `teacher_w_DV`) or its top-k log-probs and ids (offline).
 
   A scan over vocabulary chunks of `chunk` columns keeps online log-sum-exps of s, s/τ, t and t/τ and
@@ -199,7 +211,7 @@ def chunked_distillation_terms(
       KL = τ² · (E_pTτ[t − s] / τ − lse(t/τ) + lse(s/τ)).
   The backward pass (written out, no autodiff through the scan) recomputes each chunk's logits and
   gives the student dlogits = g_ce·(p_S − onehot(label)) + g_kl·τ·(p_Sτ − p_Tτ); the teacher is frozen
-  (no gradient) and the margin, a function of the teacher alone, carries none.
+  (no gradient) and the margin and p_T(label), functions of the teacher alone, carry none.
   """
   online = teacher_h_BTD is not None
   h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
@@ -298,7 +310,8 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
     lse_t = st["m_t"] + jnp.log(st["S_t"])
     lse_tT = st["m_tT"] + jnp.log(st["S_tT"])
     kl = tau**2 * (st["A"] / st["S_tT"] / tau - lse_tT + lse_sT)
-    margin = jnp.exp(st["t_max"] - lse_t) - jnp.exp(st["t_lab"] - lse_t)
+    label_p = jnp.exp(st["t_lab"] - lse_t)
+    margin = jnp.exp(st["t_max"] - lse_t) - label_p
     teacher_res = lse_tT  # the backward pass rebuilds p_Tτ chunk by chunk from lse(t/τ)
   else:
     tau_t = jax.nn.log_softmax(t_logp / tau, axis=-1)
@@ -307,12 +320,12 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
     label_p = jnp.sum(jnp.where(ids == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
     margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
     teacher_res = jnp.exp(tau_t)  # p_Tτ over the top-k
-  return (ce, kl, margin), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res)
+  return (ce, kl, margin, label_p), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res)
 
 
 def _distill_bwd(tau, c, online, res, g):
   h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res = res
-  g_ce, g_kl, _ = g  # the margin depends on the teacher alone
+  g_ce, g_kl, _, _ = g  # the margin and p_T(label) depend on the teacher alone
   d, v = w_DV.shape
   xs = _scan_inputs(w_DV, teacher, c, online)
   n = xs[0].shape[0]

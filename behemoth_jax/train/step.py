@@ -101,10 +101,10 @@ def loss_and_stats(
         teacher.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"], batch["segment_ids"]
       )
       teacher_terms = {"teacher_h_BTD": th, "teacher_w_DV": teacher.lm_head_weight()}
-    ce, kl, margin = chunked_distillation_terms(
+    ce, kl, margin, label_p = chunked_distillation_terms(
       h, model.lm_head_weight(), batch["targets"], dc.temperature, tc.ce_chunk, **teacher_terms
     )
-    w = soft_weight(dc.weight, dc.alpha, margin, progress)
+    w = soft_weight(dc.weight, dc.alpha, margin, progress, label_p, ce)
     m = batch["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(((1 - w) * ce + w * kl) * m)
     extra = {
