@@ -433,9 +433,10 @@ class DistillConfig:
   teacher: str | None = None  # orbax checkpoint of the teacher (a step dir or a train.py run dir)
   teacher_config: str | None = None  # the teacher's YAML config (its model section); default: the student's
   topk: int = 0  # > 0: offline targets — data.source is a JSONL from `generate --score K` (K >= topk)
-  weight: str = (
-    "dynamic"  # none | fixed | scheduled | dynamic (per token: α · (1 − (max p_teacher − p_teacher(label))))
-  )
+  # none | fixed (α) | scheduled (α·(1 − step/steps), the default: the most robust across the regimes
+  # of docs/DISTILLATION.md) | dynamic (per token: α·(1 − (max p_T − p_T(label)))) | relative (per token:
+  # α·p_T(label) / (p_T(label) + p_S(label)))
+  weight: str = "scheduled"
   alpha: float = 1.0  # the soft weight (fixed), its start (scheduled) or its scale (dynamic)
   temperature: float = 1.0
   # How the online teacher's weights are held: auto (its config's param_dtype) | float32 | bfloat16

@@ -171,7 +171,7 @@ def soft_weight(
 ) -> jax.Array:
   """Weight w of the soft term per token; the loss is (1 − w)·CE + w·KL.
 
-  fixed: α. scheduled: α·(1 − progress), soft early, hard late. dynamic: α·(1 − (max_v p_T(v) −
+  fixed: α. scheduled (default): α·(1 − progress), soft early, hard late. dynamic: α·(1 − (max_v p_T(v) −
   p_T(label))): the teacher's full distribution wherever it ranks the observed token first, giving way
   to the label by as much as the teacher's favourite beats it. relative: α·p_T(y) / (p_T(y) + p_S(y)),
   p_S(y) = exp(−CE) without gradient: the teacher counts where it gives the observed token more
