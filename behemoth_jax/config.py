@@ -597,24 +597,3 @@ def to_dict(cfg: Any) -> dict:
     return list(conv(x) for x in v) if isinstance(v, tuple) else v
 
   return conv(cfg)
-
-
-def teacher_model_config(cfg: Config) -> ModelConfig:
-  """The online teacher's model: `distill.teacher_config`'s model section (default: the student's),
-  its weights held as `distill.teacher_dtype` says; same vocabulary as the student (one line if not)."""
-  dc = cfg.distill
-  tcfg = load_config(dc.teacher_config).model if dc.teacher_config else cfg.model
-  if tcfg.vocab_size != cfg.model.vocab_size:
-    raise ConfigError(
-      f"distill.teacher_config: teacher vocab_size {tcfg.vocab_size} != student's "
-      f"{cfg.model.vocab_size} (distillation compares distributions token by token)"
-    )
-  td = {"bf16": "bfloat16"}.get(dc.teacher_dtype, dc.teacher_dtype)
-  if td in ("fp8", "int8"):
-    return dataclasses.replace(tcfg, param_dtype="bfloat16", weight_quant=td, fp8=False)
-  return dataclasses.replace(tcfg, param_dtype=td, fp8=False) if td != "auto" else tcfg
-
-
-def unquantized(mc: ModelConfig) -> ModelConfig:
-  """The same model with float weights (a quantized model's parameter count, its float checkpoint)."""
-  return dataclasses.replace(mc, weight_quant="none")

@@ -10,11 +10,11 @@ import pytest
 from batches import random_batch
 from flax import nnx
 
-from behemoth_jax.config import ConfigError, DistillConfig, load_config, teacher_model_config
+from behemoth_jax.config import ConfigError, DistillConfig, load_config
 from behemoth_jax.model.layers import contracted_axes
 from behemoth_jax.model.transformer import create_model
 from behemoth_jax.train.checkpoint import save_params
-from behemoth_jax.train.state import restore_model_params
+from behemoth_jax.train.state import restore_model_params, teacher_model_config
 from behemoth_jax.train.step import loss_and_stats
 from sharding.mesh import make_mesh
 

@@ -25,13 +25,13 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from behemoth_jax.chips import CHIPS, Chip
-from behemoth_jax.config import Config, ConfigError, ModelConfig, teacher_model_config, unquantized
+from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.generate import prefill, score_step
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import batch_specs
-from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state
+from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state, teacher_model_config, unquantized
 from behemoth_jax.train.step import (
   analytic_train_flops,
   make_optimizer,

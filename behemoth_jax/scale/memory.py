@@ -32,12 +32,12 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from behemoth_jax.cli import ArgumentParser
-from behemoth_jax.config import Config, ConfigError, load_config, teacher_model_config
+from behemoth_jax.config import Config, ConfigError, load_config
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.model.transformer import abstract_model
 from behemoth_jax.scale import aot
 from behemoth_jax.scale.params import count_params
-from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state
+from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state, teacher_model_config
 from behemoth_jax.train.step import make_optimizer
 from sharding import axes as ax
 from sharding.api import per_device_bytes

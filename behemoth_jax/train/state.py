@@ -4,6 +4,7 @@ out_shardings)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from behemoth_jax.config import Config, ModelConfig, unquantized
+from behemoth_jax.config import Config, ConfigError, ModelConfig, load_config
 from behemoth_jax.model.layers import quantize_weight
 from behemoth_jax.model.transformer import Llama4, create_model
 from behemoth_jax.train.checkpoint import restore_params
@@ -91,6 +92,27 @@ def make_init(cfg: Config, tx, shardings_p, mesh: Mesh):
       "opt_state": optimizer_shardings(tx, abstract_opt, shardings_p, mesh),
     },
   )
+
+
+def teacher_model_config(cfg: Config) -> ModelConfig:
+  """The online teacher's model: `distill.teacher_config`'s model section (default: the student's),
+  its weights held as `distill.teacher_dtype` says; same vocabulary as the student (one line if not)."""
+  dc = cfg.distill
+  tcfg = load_config(dc.teacher_config).model if dc.teacher_config else cfg.model
+  if tcfg.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(
+      f"distill.teacher_config: teacher vocab_size {tcfg.vocab_size} != student's "
+      f"{cfg.model.vocab_size} (distillation compares distributions token by token)"
+    )
+  td = {"bf16": "bfloat16"}.get(dc.teacher_dtype, dc.teacher_dtype)
+  if td in ("fp8", "int8"):
+    return dataclasses.replace(tcfg, param_dtype="bfloat16", weight_quant=td, fp8=False)
+  return dataclasses.replace(tcfg, param_dtype=td, fp8=False) if td != "auto" else tcfg
+
+
+def unquantized(mc: ModelConfig) -> ModelConfig:
+  """The same model with float weights (a quantized model's parameter count, its float checkpoint)."""
+  return dataclasses.replace(mc, weight_quant="none")
 
 
 def restore_model_params(path, cfg: ModelConfig, mesh: Mesh, what: str):

@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from behemoth_jax.config import Config, ConfigError, teacher_model_config, to_dict
+from behemoth_jax.config import Config, ConfigError, to_dict
 from behemoth_jax.data import load_tokenizer, make_iterator
 from behemoth_jax.data.multimodal import MMSource, make_mm_iterator
 from behemoth_jax.train.batch import to_global
@@ -38,6 +38,7 @@ from behemoth_jax.train.state import (
   abstract_train_state,
   make_init,
   restore_model_params,
+  teacher_model_config,
 )
 from behemoth_jax.train.step import (
   analytic_train_flops,
