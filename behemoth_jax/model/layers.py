@@ -106,8 +106,9 @@ def quantize_weight(w: jax.Array, axes: ax.Axes, quant: str) -> tuple[jax.Array,
 class QuantizedWeight(nnx.Module):
   """A weight stored as `q` (float8_e4m3fn or int8, the weight's shape and logical axes) and `scale`
   (float32 per output channel, size 1 on the contracted axes): 1 byte per element, not 2 or 4, in
-  device memory and in checkpoints. `w[...]` is the dequantized weight in the compute dtype, formed
-  where it is used (one layer at a time inside the scan; XLA fuses it into the matmul's operand)."""
+  device memory (it is made from a float checkpoint: `train.state.restore_model_params`). `w[...]` is
+  the dequantized weight in the compute dtype, formed where it is used: one layer at a time inside the
+  scan (whether XLA also fuses it into the matmul's operand is its choice; not checked here)."""
 
   def __init__(self, rngs, shape: tuple[int, ...], axes: ax.Axes, std: float, quant: str, dtype: str):
     assert quant in _QDTYPE, quant
