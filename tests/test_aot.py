@@ -279,6 +279,17 @@ def test_calculator_counts_an_online_teacher():
     assert abs(est.total / 2**30 / compiled - 1) < 0.10, (chips, dtype, est.total / 2**30, compiled)
 
 
+def test_calculator_cli_takes_overrides_on_either_side_of_the_options(capsys):
+  from behemoth_jax.scale import memory
+
+  mesh = ["parallel.fsdp=1", "parallel.expert=16", "parallel.context=2", "train.batch_size=16"]
+  assert memory.main(["train.seq_len=2048", "--config", "configs/scout.yaml", "--chips", "32", *mesh]) == 0
+  out = capsys.readouterr().out
+  est = memory.train_estimate(load_config("configs/scout.yaml", ["train.seq_len=2048", *mesh]), 32)
+  total = float(re.search(r"^  total\s+([\d.,]+) GiB$", out, re.M).group(1).replace(",", ""))
+  assert total == round(est.total / 2**30, 2) and "teacher" not in out, out
+
+
 def test_serving_weights_count_quantization_scales():
   """fp8 / int8 weights as model.weight_quant stores them: 1 byte per projection/expert element, 4 per
   scale, 2 for the rest; Behemoth's fp8 scoring pass compiled on 32 v5p chips held 58.07 GiB per chip

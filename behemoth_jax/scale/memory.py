@@ -67,7 +67,10 @@ class TrainEstimate:
     return sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chips")
 
   def rows(self) -> list[tuple[str, float]]:
-    return [(f.name.replace("_", " "), getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "chips"]
+    """(name, bytes) of every term; the teacher's only when there is one."""
+    teacher = self.teacher_params > 0
+    names = [f.name for f in dataclasses.fields(self) if f.name != "chips" and (teacher or "teacher" not in f.name)]
+    return [(name.replace("_", " "), getattr(self, name)) for name in names]
 
 
 # Fitted to XLA's live-buffer peak of compiled TPU v5p train steps (docs/SCALE.md: Scout, Maverick,
