@@ -9,6 +9,7 @@ import math
 import re
 
 import pytest
+from quantized import element_counts
 
 import train
 from behemoth_jax.config import ConfigError, load_config
@@ -115,10 +116,6 @@ def test_online_distillation_step_compiles_with_an_fp8_teacher(capsys, tmp_path)
   per-chip bytes are those of e4m3 projections and experts + f32 per-channel scales + bf16 for the rest
   (counted here from the float model's shapes), and XLA's argument bytes hold teacher and student."""
   import yaml
-  from flax import nnx
-
-  from behemoth_jax.model.layers import contracted_axes
-  from behemoth_jax.model.transformer import abstract_model
 
   teacher = {
     "model": {
@@ -141,17 +138,8 @@ def test_online_distillation_step_compiles_with_an_fp8_teacher(capsys, tmp_path)
     "train.seq_len=512",
   )
   assert rc == 0 and "fits" in out, out
-  want = 0
-  tcfg = load_config(tmp_path / "teacher.yaml").model
-  for key, var in nnx.to_flat_state(nnx.state(abstract_model(tcfg), nnx.Param)):
-    n, axes = math.prod(var.get_value().shape), var.get_metadata("out_sharding")
-    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or (
-      key[-2:-1] == ("shared",)
-    ):
-      kept = math.prod(d for i, d in enumerate(var.get_value().shape) if i not in contracted_axes(axes))
-      want += n + 4 * kept
-    else:
-      want += 2 * n  # bf16
+  quantized, scales, other = element_counts(load_config(tmp_path / "teacher.yaml").model)
+  want = quantized + 4 * scales + 2 * other  # 1-byte values, float32 scales, bf16 for the rest
   got = _gib(out, "held as fp8:")
   assert got == pytest.approx(want / 4 / 2**30, abs=0.006), (got, want / 4 / 2**30)
   assert "(frozen: forward only, no optimizer state)" in out and "+ teacher forward" in out
@@ -246,21 +234,13 @@ def test_calculator_counts_an_online_teacher():
   quantized projections and experts + float32 scales (fp8), spread over every chip by the rules; the
   calculator adds them and the teacher's hidden states to the student's terms and stays within 10% of
   the compiled peaks (none of which was used to fit it)."""
-  from flax import nnx
 
-  from behemoth_jax.model.layers import contracted_axes
-  from behemoth_jax.model.transformer import abstract_model
   from behemoth_jax.scale.memory import train_estimate
   from behemoth_jax.scale.params import count_params
 
   behemoth = load_config("configs/behemoth.yaml").model
   n_teacher = count_params(behemoth)["total"]
-  quantized = scales = 0
-  for key, var in nnx.to_flat_state(nnx.state(abstract_model(behemoth), nnx.Param)):
-    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or "shared" in key:
-      shape, axes = var.get_value().shape, var.get_metadata("out_sharding")
-      quantized += math.prod(shape)
-      scales += math.prod(d for i, d in enumerate(shape) if i not in contracted_axes(axes))
+  quantized, scales, _ = element_counts(behemoth)
   for student_cfg, chips, expert, context, dtype, compiled in DISTILL_COMPILED:
     mesh = ["parallel.fsdp=1", f"parallel.expert={expert}", f"parallel.context={context}"]
     batch = [f"train.batch_size={expert}", "train.seq_len=8192", "distill.teacher_config=configs/behemoth.yaml"]
@@ -294,21 +274,13 @@ def test_serving_weights_count_quantization_scales():
   """fp8 / int8 weights as model.weight_quant stores them: 1 byte per projection/expert element, 4 per
   scale, 2 for the rest; Behemoth's fp8 scoring pass compiled on 32 v5p chips held 58.07 GiB per chip
   (docs/SCALE.md), within 1% (the rules replicate the scales of heads-shaped weights)."""
-  from flax import nnx
 
-  from behemoth_jax.model.layers import contracted_axes
-  from behemoth_jax.model.transformer import abstract_model
   from behemoth_jax.scale.memory import weight_bytes
   from behemoth_jax.scale.params import count_params
 
   mc = load_config("configs/scout.yaml").model
-  want = 0
-  for key, var in nnx.to_flat_state(nnx.state(abstract_model(mc), nnx.Param)):
-    shape, axes = var.get_value().shape, var.get_metadata("out_sharding")
-    if key[-1] in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_EDF", "w_up_EDF", "w_down_EFD") or "shared" in key:
-      want += math.prod(shape) + 4 * math.prod(d for i, d in enumerate(shape) if i not in contracted_axes(axes))
-    else:
-      want += 2 * math.prod(shape)
+  quantized, scales, other = element_counts(mc)
+  want = quantized + 4 * scales + 2 * other
   assert weight_bytes(mc, "fp8") == weight_bytes(mc, "int8") == want
   assert weight_bytes(mc, "bfloat16") == 2 * count_params(mc)["total"]
   behemoth = weight_bytes(load_config("configs/behemoth.yaml").model, "fp8")

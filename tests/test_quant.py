@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from batches import random_batch
 from flax import nnx
+from quantized import QUANTIZED
 
 from behemoth_jax.config import ConfigError, DistillConfig, load_config
 from behemoth_jax.model.layers import contracted_axes
@@ -17,9 +18,6 @@ from behemoth_jax.train.checkpoint import save_params
 from behemoth_jax.train.state import restore_model_params, teacher_model_config
 from behemoth_jax.train.step import loss_and_stats
 from sharding.mesh import make_mesh
-
-QUANTIZED = ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD", "w_gate_DF", "w_up_DF", "w_down_FD")
-QUANTIZED += ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 def _numpy_quantize(w: np.ndarray, reduce: tuple[int, ...], quant: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,16 +113,7 @@ def test_distillation_step_from_a_quantized_teacher(tmp_path):
   assert (tcfg.weight_quant, tcfg.param_dtype) == ("fp8", "bfloat16")
   tcfg = dataclasses.replace(tcfg, param_dtype="float32")  # bf16 rounding apart, to compare exactly
   t_graphdef, t_params = restore_model_params(tmp_path / "t", tcfg, make_mesh(cfg.parallel), what="test")
-  deq = {}
-  for key, var in nnx.to_flat_state(t_params):
-    if key[-1] == "q":
-      deq[key[:-1]] = np.asarray(var.get_value()).astype(np.float32) * np.asarray(
-        dict(nnx.to_flat_state(t_params))[(*key[:-1], "scale")].get_value()
-      )
-    elif key[-1] != "scale":
-      deq[key] = np.asarray(var.get_value())
-  ref_teacher = create_model(cfg.model, seed=1)
-  nnx.update(ref_teacher, nnx.from_flat_state(deq))
+  ref_teacher = _dequantized_reference(cfg.model, t_params)
   graphdef, student = nnx.split(create_model(cfg.model, seed=2))
   batch = random_batch(2, 16)
   dc = DistillConfig(weight="fixed", alpha=1.0)

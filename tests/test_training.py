@@ -247,7 +247,6 @@ def test_distill_from_a_run_and_generate_from_its_checkpoint(tmp_path, capsys):
         f"distill.teacher={teacher}",
         "distill.teacher_config=configs/tiny.yaml",
         "distill.teacher_dtype=fp8",  # quantized weight by weight on its shards as it is restored
-        "distill.weight=dynamic",
         f"train.out_dir={student}",
       ]
     )
