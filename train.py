@@ -15,6 +15,8 @@ import math
 import os
 import shutil
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -23,6 +25,7 @@ from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, load_config
 from behemoth_jax.data import DataError
 from behemoth_jax.scale import aot
+from behemoth_jax.train import supervise
 from behemoth_jax.train.checkpoint import CheckpointError
 from behemoth_jax.train.hostmem import keep_freed_memory
 from behemoth_jax.train.trainer import NonFinite, RunOptions, Trainer
@@ -67,6 +70,14 @@ def parse_args(argv):
   p.add_argument("--coordinator", help="multi-process: coordinator address host:port (jax.distributed)")
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
+  p.add_argument(
+    "--peer-timeout",
+    type=float,
+    default=30.0,
+    metavar="SECONDS",
+    help="multi-process: exit (status 4, one line naming it) when another process has sent no heartbeat "
+    "for this long (default: %(default)s)",
+  )
   p.add_argument("--local-devices", type=int, default=None, help="CPU only: fake devices in this process")
   p.add_argument(
     "--compile-topology",
@@ -85,6 +96,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.coordinator and not supervise.supervised():  # one of many processes: see train/supervise.py
+    return supervise.supervise(
+      [os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], args.process_id, args.num_processes
+    )
   keep_freed_memory()  # before jax starts its backend threads (behemoth_jax/train/hostmem.py)
   try:
     cfg = load_config(args.config, args.overrides)
@@ -107,13 +122,33 @@ def main(argv: list[str] | None = None) -> int:
       coordinator=args.coordinator,
       num_processes=args.num_processes,
       process_id=args.process_id,
+      peer_timeout=args.peer_timeout,
     )
     return Trainer(cfg, options).run()
   except (ConfigError, DataError, ShardingError, CheckpointError, NonFinite) as e:
     print(f"error: {e}", file=sys.stderr)
     if fresh and args.process_id == 0 and not any(p.name.isdigit() for p in out.glob("checkpoints/*")):
       shutil.rmtree(out, ignore_errors=True)  # this run created it and saved nothing: leave nothing behind
-    return 3 if isinstance(e, NonFinite) else 1 if isinstance(e, CheckpointError) else 2
+    status = 3 if isinstance(e, NonFinite) else 1 if isinstance(e, CheckpointError) else 2
+    if args.coordinator:
+      _leave(status, args.process_id)
+    return status
+  except BaseException:
+    if not args.coordinator:
+      raise
+    traceback.print_exc()  # a bug's traceback, without jax's shutdown barrier waiting on the others
+    _leave(1, args.process_id)
+
+
+def _leave(status: int, process_id: int) -> None:
+  """A failed process of many exits without jax's shutdown barrier, which would wait for processes
+  that are exiting themselves. Process 0 first gives the others a moment to read its failure
+  (peers.py): the coordination service they read it from goes with it."""
+  sys.stderr.flush()
+  sys.stdout.flush()
+  if process_id == 0:
+    time.sleep(3)
+  os._exit(status)
 
 
 if __name__ == "__main__":

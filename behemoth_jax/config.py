@@ -353,6 +353,7 @@ class DataConfig:
   tokenizer: str = "bytes"  # "bytes" (in-repo byte tokenizer) or a path to an HF tokenizer.json
   heldout_fraction: float = 0.02  # documents held out for evaluation (deterministic split)
   shuffle_seed: int = 0
+  streams: int = 0  # train: packing streams dealt the documents; each fills B/streams rows (0: one per row)
   worker_count: int = 0  # grain multiprocessing workers (0: in-process)
   prefetch: int = 2  # batches prefetched ahead of the step
   # Multimodal (model.vision set): see behemoth_jax/data/multimodal.py.
@@ -362,7 +363,8 @@ class DataConfig:
   def __post_init__(self):
     check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
     check(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
-    check(self.worker_count >= 0 and self.prefetch >= 0, "data.worker_count", "must be >= 0")
+    for name in ("worker_count", "prefetch", "streams"):
+      check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
     check(self.max_tiles_per_row >= 1, "data.max_tiles_per_row", f"must be >= 1, got {self.max_tiles_per_row}")
     check(self.video_frames >= 1, "data.video_frames", f"must be >= 1, got {self.video_frames}")
 

@@ -194,6 +194,70 @@ def test_two_processes_see_disjoint_documents_covering_the_split(tmp_path):
   assert found[0] | found[1] == train
 
 
+def _global_batches(cfg: DataConfig, procs: int, n: int, states=None, global_batch=4) -> tuple[list, list]:
+  """n global batches assembled from `procs` processes' iterators (rows stacked in process order), and
+  each process's state after them; `states`: every process's saved states, to resume from."""
+  its = [
+    make_iterator(
+      cfg,
+      ByteTokenizer(),
+      split="train",
+      seq_len=T,
+      batch_size=global_batch // procs,
+      seed=3,
+      process_index=p,
+      process_count=procs,
+    )
+    for p in range(procs)
+  ]
+  if states is not None:
+    for it in its:
+      it.set_state(json.loads(json.dumps(states)))  # through JSON, as a checkpoint stores them
+  batches = [
+    {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    for parts in zip(*[[next(it) for _ in range(n)] for it in its], strict=True)
+  ]
+  out = [it.get_state() for it in its]
+  for it in its:
+    it.close()
+  return batches, out
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+  return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+@pytest.mark.parametrize("streams", [0, 2])
+def test_processes_assemble_one_global_stream_and_resume_on_another_count(tmp_path, streams):
+  """The global batches do not depend on the number of processes (streams = rows: each process reads
+  its own streams; 2 streams on 4 processes: two processes read each stream, keeping their rows), and
+  a data state resumes on another number of processes with the very batches the uninterrupted run
+  reads next: no document lost or repeated, none reordered."""
+  docs = _docs(40, seed=5)
+  cfg = DataConfig(source=str(_write_jsonl(tmp_path / "c.jsonl", docs)), streams=streams)
+  one, _ = _global_batches(cfg, 1, 12)  # > one epoch: 40 documents are ~5 global batches of 4 x 16
+  assert len({b["inputs"].tobytes() for b in one}) == 12
+  for procs in (2, 4):
+    assert _same(_global_batches(cfg, procs, 12)[0], one), procs
+  for before, after in ((1, 2), (2, 1), (4, 2)):
+    head, states = _global_batches(cfg, before, 5)
+    tail, _ = _global_batches(cfg, after, 7, states=states)
+    assert _same(head + tail, one), (before, after)
+
+
+def test_per_process_data_states_refuse_another_process_count(tmp_path):
+  cfg = DataConfig(source=str(_write_jsonl(tmp_path / "c.jsonl", _docs(20))), worker_count=1)
+  kw = dict(split="train", seq_len=T, seed=0)
+  it = make_iterator(cfg, ByteTokenizer(), batch_size=4, process_index=0, process_count=1, **kw)
+  next(it)
+  state = it.get_state()
+  it.close()
+  other = make_iterator(cfg, ByteTokenizer(), batch_size=2, process_index=1, process_count=2, **kw)
+  with pytest.raises(DataError, match="same number of processes"):
+    other.set_state([state])
+  other.close()
+
+
 # --- Checkpointing ------------------------------------------------------------------------------
 @pytest.mark.parametrize("worker_count", [0, 1])
 def test_state_restore_gives_the_same_batches(tmp_path, worker_count):

@@ -3,10 +3,7 @@
 Faults (SIGKILL, SIGTERM, corrupt checkpoints, NaN) are in test_faults.py."""
 
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -149,49 +146,6 @@ def test_packed_rows_from_the_pipeline_equal_separate_documents(tmp_path):
       np.testing.assert_allclose(packed[row, idx], np.asarray(alone)[0, : len(idx)], atol=1e-4)
       checked += 1
   assert checked >= 3  # rows really hold several documents
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_and_checkpoint(tmp_path):
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  cmds = [
-    [
-      sys.executable,
-      str(ROOT / "train.py"),
-      *SMALL,
-      "train.steps=6",
-      "train.checkpoint_every=3",
-      f"train.out_dir={tmp_path}",
-      "--coordinator",
-      f"127.0.0.1:{port}",
-      "--num-processes",
-      "2",
-      "--process-id",
-      str(i),
-      "--local-devices",
-      "4",
-    ]
-    for i in range(2)
-  ]
-  procs = [
-    subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds
-  ]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs, strict=True):
-    assert p.returncode == 0, log[-3000:]
-  metrics = _metrics(tmp_path)
-  assert sorted(metrics) == list(range(1, 7)) and metrics[6]["loss"] < metrics[1]["loss"]
-  for step in (3, 6):
-    data = tmp_path / "checkpoints" / str(step) / "data"
-    assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
-  assert "held-out loss" in logs[0]
 
 
 def test_init_from_checkpoint_and_missing_path(tmp_path, capsys):

@@ -11,14 +11,26 @@ arrays, each [B, T]:
   loss_mask    float32  1 where `targets` is a real next token of the same document, else 0
 
 Stages, all grain (`grain.MapDataset` up to reading, `grain.IterDataset` after):
-  1. document indices of the split (held-out: a fixed hash of the index, independent of the seed),
-     then this process's contiguous 1/process_count of them;
+  1. document indices of the split (held-out: a fixed hash of the index, independent of the seed);
   2. train: a global shuffle, reseeded every epoch (`shuffle` then `repeat`); held-out: file order;
-  3. read + tokenize: [BOS] + tokens + [EOS]; documents of fewer than 2 tokens are skipped and counted;
-  4. inputs = doc[:-1], targets = doc[1:], cut into pieces of at most T (`FlatMapIterDataset`);
-  5. first-fit packing of the pieces into rows of T (`FirstFitPackIterDataset`), batching with
-     padding of a last partial batch (`batch_and_pad`), prefetch (threads, or `mp_prefetch` worker
-     processes when data_cfg.worker_count > 0).
+  3. the order is dealt round-robin to S *streams* (document k of the order goes to stream k mod S);
+     each stream, on its own:
+  4. read + tokenize: [BOS] + tokens + [EOS]; documents of fewer than 2 tokens are skipped and counted;
+  5. inputs = doc[:-1], targets = doc[1:], cut into pieces of at most T (`FlatMapIterDataset`);
+  6. first-fit packing of the pieces into rows of T (`FirstFitPackIterDataset`), B/S rows per batch,
+     padding of a last partial batch (`batch_and_pad`);
+  7. the global batch is the streams' batches stacked in stream order; a process reads only the
+     streams that overlap its rows [p·B/P, (p+1)·B/P) and keeps those rows; prefetch (threads, or
+     `mp_prefetch` worker processes when data_cfg.worker_count > 0).
+
+One global stream of batches, whatever the number of processes. The sequence of global batches is a
+function of the data config, the seed, T, the global batch B and S only (S = `data.streams`; train
+default: one stream per row, S = B; held-out: S = 1). Two processes assemble exactly the batches one
+process makes, and a checkpoint's data state (each stream's grain state) resumes on another number of
+processes: every stream continues where it stopped, so no document is lost or repeated — the resumed
+run reads the very batches the uninterrupted run would have (tests/test_data.py checks 1 → 2 and
+2 → 1). Why not grain's ElasticIterator: it refuses IterDataset stages, and packing is one. With
+P > S processes several read the same stream (each keeps its rows): correct, at P/S times the reading.
 
 Long documents: piece k of a document longer than T holds tokens [k*T, (k+1)*T) with positions
 k*T ... (k+1)*T - 1, i.e. positions continue through the document (RoPE sees where in the document
@@ -26,9 +38,12 @@ the piece is), while the piece is its own segment (attention cannot reach the pr
 is in another row or batch). Only a document's last piece can be shorter than T, so two pieces of one
 document never share a row. Positions can therefore exceed T (up to the longest document's length).
 
-State: `get_state()` is a JSON-serialisable dict (grain's iterator state plus a fingerprint of the
-arguments); `set_state` on a fresh iterator made with the same arguments continues with exactly the
-same batches. A state saved with different arguments is refused with a `DataError`.
+State: `get_state()` is a JSON-serialisable dict (each stream's grain state, plus a fingerprint of
+the arguments); `set_state` on a fresh iterator made with the same arguments continues with exactly
+the same batches. It also takes the list of every process's states (a checkpoint's `data` item),
+from which each process takes its streams, whatever number of processes saved them. A state saved
+with different arguments is refused with a `DataError`. With `data.worker_count` > 0 grain's
+multiprocessing state is per process: such a state resumes only on the same number of processes.
 """
 
 from __future__ import annotations
@@ -52,7 +67,7 @@ MIN_TOKENS = 2  # documents the tokenizer turns into fewer tokens are skipped (c
 # First-fit packing fills this many rows at once (at least the batch size): more open rows leave a
 # short piece more places to fit, so less padding; a checkpoint restore re-packs at most this many.
 MIN_PACKING_BINS = 64
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-stream states (one global stream of batches)
 
 
 def split_indices(num_documents: int, heldout_fraction: float, split: str) -> np.ndarray:
@@ -202,11 +217,62 @@ class _Finalize(grain.transforms.Map):
 
 
 # --- The iterator ---------------------------------------------------------------------------
+class _StreamRows(grain.IterDataset):
+  """This process's rows of the global batch: rows [lo, hi) of each overlapping stream's batch,
+  stacked in stream order. A finite stream that has ended contributes empty (padding) rows; the
+  iterator ends when all of them have. State: {stream id: that stream's grain state}."""
+
+  def __init__(self, streams: dict[int, grain.IterDataset], rows: dict[int, tuple[int, int]], empty):
+    super().__init__(list(streams.values()))
+    self.ids, self.rows, self.empty = list(streams), rows, empty
+
+  def __iter__(self) -> _StreamRowsIterator:
+    return _StreamRowsIterator(self)
+
+
+class _StreamRowsIterator(grain.DatasetIterator):
+  def __init__(self, ds: _StreamRows):
+    super().__init__([p.__iter__() for p in ds.parents])
+    self._ds = ds
+    self._ended = [False] * len(ds.ids)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = []
+    for i, (sid, it) in enumerate(zip(self._ds.ids, self._parents, strict=True)):
+      lo, hi = self._ds.rows[sid]
+      batch = None
+      if not self._ended[i]:
+        try:
+          batch = next(it)
+        except StopIteration:
+          self._ended[i] = True
+      parts.append(self._ds.empty(hi - lo) if batch is None else {k: v[lo:hi] for k, v in batch.items()})
+    if all(self._ended):
+      raise StopIteration
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+      str(sid): {"grain": it.get_state(), "ended": ended}
+      for sid, it, ended in zip(self._ds.ids, self._parents, self._ended, strict=True)
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for i, (sid, it) in enumerate(zip(self._ds.ids, self._parents, strict=True)):
+      it.set_state(state[str(sid)]["grain"])
+      self._ended[i] = bool(state[str(sid)]["ended"])
+
+
 class DataIterator:
   """Iterator of batch dicts with grain's checkpointing (`get_state` / `set_state`)."""
 
   def __init__(
-    self, dataset: grain.IterDataset, fingerprint: dict[str, Any], reader: _ReadAndTokenize, num_documents: int
+    self,
+    dataset: grain.IterDataset,
+    fingerprint: dict[str, Any],
+    reader: _ReadAndTokenize,
+    num_documents: int,
+    streams: tuple[int, ...] | None = None,
   ):
     self._dataset = dataset
     self._it = iter(dataset)
@@ -215,7 +281,8 @@ class DataIterator:
     self._finalizer = weakref.finalize(self, _close, self._it)
     self._fingerprint = fingerprint
     self._reader = reader
-    self.num_documents = num_documents  # documents of this split assigned to this process
+    self.num_documents = num_documents  # documents of the split
+    self.streams = streams  # the streams this process reads; None: one per-process grain state
 
   def __iter__(self) -> DataIterator:
     return self
@@ -231,19 +298,46 @@ class DataIterator:
     return self._reader.skipped
 
   def get_state(self) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), "grain": self._it.get_state()}
+    key = "grain" if self.streams is None else "streams"
+    return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), key: self._it.get_state()}
 
-  def set_state(self, state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-      raise DataError(
-        f"data iterator state: expected version {STATE_VERSION}, got "
-        f"{state.get('version') if isinstance(state, dict) else type(state).__name__}"
-      )
-    saved = state["fingerprint"]
-    for key, value in self._fingerprint.items():
-      if saved.get(key) != value:
-        raise DataError(f"data iterator state: saved with {key}={saved.get(key)!r}, this iterator has {value!r}")
-    self._it.set_state(state["grain"])
+  def set_state(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Continues from `state` (this iterator's), or from a list of every process's states."""
+    states = state if isinstance(state, list) else [state]
+    if not states:
+      raise DataError("data iterator state: empty")
+    for st in states:
+      if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+        raise DataError(
+          f"data iterator state: expected version {STATE_VERSION}, got "
+          f"{st.get('version') if isinstance(st, dict) else type(st).__name__}"
+        )
+      saved = st["fingerprint"]
+      for key, value in self._fingerprint.items():
+        if key in ("process_index", "process_count"):
+          continue  # per-process states: this process's is picked below
+        if saved.get(key) != value:
+          raise DataError(f"data iterator state: saved with {key}={saved.get(key)!r}, this iterator has {value!r}")
+    if self.streams is None:  # one grain state per process: only the same process count resumes
+      where = {k: self._fingerprint.get(k) for k in ("process_index", "process_count")}
+      mine = [st for st in states if all(st["fingerprint"].get(k) == v for k, v in where.items())]
+      if len(mine) != 1:
+        raise DataError(
+          f"data iterator state: saved by {len(states)} process(es), this run has "
+          f"{self._fingerprint.get('process_count', 1)}; with per-process data states (data.worker_count > 0, "
+          "multimodal data) a run resumes only on the same number of processes"
+        )
+      self._it.set_state(mine[0]["grain"])
+      return
+    merged = {}
+    for st in states:
+      if "streams" not in st:
+        raise DataError("data iterator state: saved without streams (data.worker_count > 0?)")
+      merged.update(st["streams"])
+    missing = [s for s in self.streams if str(s) not in merged]
+    if missing:
+      raise DataError(f"data iterator state: no state for stream(s) {missing[:8]} among {len(merged)} saved")
+    self._it.set_state({str(s): merged[str(s)] for s in self.streams})
 
   def close(self) -> None:
     """Stops prefetch threads / worker processes (also done when collected, and at exit)."""
@@ -297,9 +391,11 @@ def make_iterator(
   records: data/scores.py); records give the token ids
   (not re-tokenized) and batches add teacher_topk_ids int32 / teacher_topk_logp float32 [B, T, k].
 
-  `batch_size` is per process. `seed` drives the train shuffle and packing-row order (callers pass
-  data_cfg.shuffle_seed or one derived from it). `num_epochs=None` repeats forever; with a number, the
-  iterator ends after that many passes, the last batch filled up with padding rows.
+  `batch_size` is per process (the global batch is batch_size × process_count). `seed` drives the
+  train shuffle and packing-row order (callers pass data_cfg.shuffle_seed or one derived from it).
+  `num_epochs=None` repeats forever; with a number, each stream ends after that many passes, its last
+  batch filled up with padding rows, and the iterator when all of this process's streams have ended
+  (processes may end a batch apart: multi-process callers take a fixed number of batches).
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -312,16 +408,13 @@ def make_iterator(
 
   corpus = open_source(data_cfg.source, data_cfg.format, data_cfg.text_field)
   ids_N = split_indices(len(corpus), data_cfg.heldout_fraction, split)
-  # Contiguous blocks (like grain's ShardOptions even split): a process reads only its own files / row
-  # groups. Taken as arguments, not ShardByJaxProcess, so that tests can play several processes.
-  start = len(ids_N) * process_index // process_count
-  end = len(ids_N) * (process_index + 1) // process_count
-  if end == start:
-    raise DataError(
-      f"{data_cfg.source}: no documents for split {split!r} of process {process_index} "
-      f"of {process_count} ({len(corpus)} documents in the source, {len(ids_N)} in the split)"
-    )
-  _check_usable(corpus, tokenizer, ids_N[start:end], split)
+  global_batch = batch_size * process_count
+  num_streams = (data_cfg.streams or global_batch) if split == "train" else 1
+  if global_batch % num_streams:
+    raise DataError(f"data.streams: {num_streams} streams do not divide the global batch of {global_batch} rows")
+  if len(ids_N) == 0:
+    raise DataError(f"{data_cfg.source}: no documents for split {split!r} ({len(corpus)} documents in the source)")
+  _check_usable(corpus, tokenizer, ids_N, split)
 
   seed = int(seed) % 2**32  # grain's shuffle takes 32-bit seeds
 
@@ -332,25 +425,33 @@ def make_iterator(
   if teacher_topk and len(corpus):  # a score file of too few entries fails here, before any step
     reader.map(0)
     reader.skipped = 0  # counted again when the pipeline reads it
-  ds = document_order(ids_N[start:end], shuffle=split == "train", seed=seed, num_epochs=num_epochs)
-  ds = ds.map(reader).filter(_IsUsable())
-  read_options = grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=64)
-  it = ds.to_iter_dataset(read_options)
-  it = grain.experimental.FlatMapIterDataset(it, _SplitIntoPieces(seq_len))
-  it = grain.experimental.FirstFitPackIterDataset(
-    it,
-    length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len, **topk_struct(seq_len)},
-    num_packing_bins=max(batch_size, MIN_PACKING_BINS),
-    seed=seed,
-    shuffle_bins=split == "train",
-    # Our own positions (continuing through long documents) are packed as given, not re-derived.
-    meta_features=("positions",),
-    padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0, **topk_struct(0)},
+  order = document_order(ids_N, shuffle=split == "train", seed=seed, num_epochs=num_epochs)
+  rows = stream_rows(global_batch, num_streams, process_index, process_count)
+  # The process's read threads and buffers, shared out among the streams it reads.
+  read_options = grain.ReadOptions(
+    num_threads=max(1, min(4, os.cpu_count() or 1) // len(rows)), prefetch_buffer_size=max(4, 64 // len(rows))
   )
-  # A last partial batch (finite epochs) is filled with empty rows, not dropped: eval sees every document.
-  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
-  it = it.batch(batch_size, batch_fn=pad_batch)
-  it = it.map(_Finalize(tokenizer.pad_id))
+  rows_per_stream = global_batch // num_streams
+  streams = {}
+  for sid in rows:
+    ds = order[sid::num_streams].map(reader).filter(_IsUsable())
+    it = ds.to_iter_dataset(read_options)
+    it = grain.experimental.FlatMapIterDataset(it, _SplitIntoPieces(seq_len))
+    it = grain.experimental.FirstFitPackIterDataset(
+      it,
+      length_struct={"inputs": seq_len, "targets": seq_len, "positions": seq_len, **topk_struct(seq_len)},
+      num_packing_bins=max(rows_per_stream, MIN_PACKING_BINS),
+      seed=_stream_seed(seed, sid) if num_streams > 1 else seed,
+      shuffle_bins=split == "train",
+      # Our own positions (continuing through long documents) are packed as given, not re-derived.
+      meta_features=("positions",),
+      padding_struct={"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id, "positions": 0, **topk_struct(0)},
+    )
+    # A last partial batch (finite epochs) is filled with empty rows, not dropped: eval sees every document.
+    pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=rows_per_stream)
+    streams[sid] = it.batch(rows_per_stream, batch_fn=pad_batch).map(_Finalize(tokenizer.pad_id))
+  empty = functools.partial(_empty_rows, seq_len=seq_len, pad_id=tokenizer.pad_id, topk=teacher_topk)
+  it = _StreamRows(streams, rows, empty)
   if data_cfg.worker_count > 0:
     _absl_flags_parsed()
     it = it.mp_prefetch(
@@ -359,22 +460,59 @@ def make_iterator(
   elif data_cfg.prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data_cfg.prefetch)
 
-  # What a saved state is only valid for. Not the source path: a corpus may move between runs.
+  # What a saved state is only valid for. Not the source path: a corpus may move between runs. Not the
+  # number of processes: the batches do not depend on it (but grain's multiprocessing state does).
   fingerprint = dict(
     num_documents=len(corpus),
     heldout_fraction=data_cfg.heldout_fraction,
     split=split,
     seq_len=seq_len,
-    batch_size=batch_size,
+    global_batch_size=global_batch,
+    streams=num_streams,
     seed=seed,
-    process_index=process_index,
-    process_count=process_count,
     num_epochs=num_epochs,
     worker_count=data_cfg.worker_count,
     **({"teacher_topk": teacher_topk} if teacher_topk else {}),
+    **({"process_index": process_index, "process_count": process_count} if data_cfg.worker_count > 0 else {}),
     tokenizer=f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.bos_id}:{tokenizer.eos_id}",
   )
-  return DataIterator(it, fingerprint, reader, num_documents=end - start)
+  local = None if data_cfg.worker_count > 0 else tuple(rows)
+  return DataIterator(it, fingerprint, reader, num_documents=len(ids_N), streams=local)
+
+
+def stream_rows(
+  global_batch: int, num_streams: int, process_index: int, process_count: int
+) -> dict[int, tuple[int, int]]:
+  """{stream: (lo, hi)}: the streams overlapping process `process_index`'s rows of the global batch,
+  each with the rows of its own batch that fall to this process."""
+  per_stream = global_batch // num_streams
+  lo, hi = global_batch * process_index // process_count, global_batch * (process_index + 1) // process_count
+  return {
+    s: (max(lo, s * per_stream) - s * per_stream, min(hi, (s + 1) * per_stream) - s * per_stream)
+    for s in range(lo // per_stream, (hi - 1) // per_stream + 1)
+  }
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+  return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
+
+
+def _empty_rows(n: int, *, seq_len: int, pad_id: int, topk: int) -> dict[str, np.ndarray]:
+  """`n` padding rows (what `_Finalize` makes of batch_and_pad's zero rows): a finite stream that ended."""
+  out = {
+    "inputs": np.full((n, seq_len), pad_id, np.int32),
+    "targets": np.full((n, seq_len), pad_id, np.int32),
+    "segment_ids": np.zeros((n, seq_len), np.int32),
+    "positions": np.zeros((n, seq_len), np.int32),
+    "loss_mask": np.zeros((n, seq_len), np.float32),
+  }
+  if topk:
+    out = {
+      "teacher_topk_ids": np.zeros((n, seq_len, topk), np.int32),
+      "teacher_topk_logp": np.zeros((n, seq_len, topk), np.float32),
+      **out,
+    }
+  return out
 
 
 def document_order(ids_N: np.ndarray, *, shuffle: bool, seed: int, num_epochs: int | None) -> grain.MapDataset:

@@ -23,21 +23,17 @@ import tensorstore as ts
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from behemoth_jax.data.errors import DataError
+
 
 class _JsonState:
-  """Our DataIterator as grain's handler wants a non-grain iterator: state as JSON bytes."""
+  """Our DataIterator as grain's save handler wants a non-grain iterator: state as JSON bytes."""
 
   def __init__(self, it):
     self.it = it
 
   def get_state(self) -> bytes:
     return json.dumps(self.it.get_state()).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self.it.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:  # grain calls this after a restore; our iterator prefetches itself
-    pass
 
 
 class CheckpointError(RuntimeError):
@@ -166,13 +162,14 @@ class Checkpointer:
       pass
 
   def restore(self, step: int, abstract_state, data_iter):
-    """The state at `step`, placed by `abstract_state`'s shardings; `data_iter` is set in place."""
-    restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(_JsonState(data_iter))
-      ),
-    )
+    """The state at `step`, placed by `abstract_state`'s shardings; `data_iter` is set in place from
+    every process's saved data state (not grain's restore, which reads only the file of this process
+    index and count): a run saved by N processes resumes on M (data/pipeline.py: streams)."""
+    files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+    if not files:
+      raise CheckpointError(f"{self.directory / str(step)}: no data iterator state (data/process_*.json)")
+    data_iter.set_state([json.loads(f.read_text()) for f in files])
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
   def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -206,6 +203,8 @@ class Checkpointer:
       self._check_shapes(step, saved, abstract_state)
       try:
         state = self.restore(step, abstract_state, data_iter)
+      except DataError:  # another data config (not a damaged step): the one-line error, nothing moved
+        raise
       except Exception as e:
         broken.append((step, e))
         continue

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from behemoth_jax.config import Config, ConfigError, to_dict
@@ -34,6 +35,7 @@ from behemoth_jax.train.checkpoint import (
 )
 from behemoth_jax.train.evaluation import caption_accuracy
 from behemoth_jax.train.metrics import MetricsWriter, measure_cpu_peak_flops
+from behemoth_jax.train.peers import join
 from behemoth_jax.train.state import (
   abstract_train_state,
   make_init,
@@ -66,6 +68,7 @@ class RunOptions:
   coordinator: str | None = None  # multi-process: jax.distributed coordinator host:port
   num_processes: int = 1
   process_id: int = 0
+  peer_timeout: float = 30.0  # multi-process: seconds without a peer's heartbeat before exiting (peers.py)
 
 
 class Trainer:
@@ -76,15 +79,22 @@ class Trainer:
     self.cfg, self.options = cfg, options
     self.out = Path(cfg.train.out_dir)
     self._closers = []
+    self.peers = None
 
   def run(self) -> int:
     try:
       self.setup()
       if self.loop():
         self.finish()
-      return 0
+    except BaseException as e:
+      if self.peers is not None:  # a lost peer is named; else the others are told of this failure
+        self.peers.failed(e)
+      raise
     finally:
       self.close()
+    if self.peers is not None:
+      self.peers.stop("done")
+    return 0
 
   # --- set-up --------------------------------------------------------------------------------------
   def setup(self) -> None:
@@ -97,8 +107,7 @@ class Trainer:
         "generation; the trained model keeps model.param_dtype"
       )
     if o.coordinator:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(o.coordinator, num_processes=o.num_processes, process_id=o.process_id)
+      self.peers = join(o.coordinator, o.num_processes, o.process_id, o.peer_timeout)
     self.lead = jax.process_index() == 0
     self.tokenizer = load_tokenizer(dc.tokenizer)
     if self.tokenizer.vocab_size > mc.vocab_size:
@@ -138,7 +147,8 @@ class Trainer:
       if tc.init_from:  # the HF configs of a converted checkpoint travel with the run, for its export
         carry_source_configs(tc.init_from, self.out)
     self.stop_signal = None
-    signal.signal(signal.SIGTERM, lambda signum, _: setattr(self, "stop_signal", signum))
+    if self.peers is None:  # many processes: jax's preemption sync manager handles SIGTERM (loop)
+      signal.signal(signal.SIGTERM, lambda signum, _: setattr(self, "stop_signal", signum))
     with use_mesh(self.mesh):
       self.state = self._initial_state(abstract, tx)
       distill, self.teacher_params = load_teacher(cfg, self.mesh, self.lead)
@@ -203,11 +213,12 @@ class Trainer:
         if profile and step + 1 == profile[1]:
           jax.profiler.stop_trace()
         self.ckpt.save(step + 1, self.state, self.train_iter)
-        if self.stop_signal is not None:
+        if self._preempted(step + 1):
+          self._log_pending()  # the saved step's metrics (they were left out before)
           self.ckpt.save(step + 1, self.state, self.train_iter, force=True)
           self.ckpt.close()
           if self.lead:
-            print(f"received signal {self.stop_signal}: saved step {step + 1} to {self.ckpt.directory}; exiting")
+            print(f"received {self.stop_signal}: saved step {step + 1} to {self.ckpt.directory}; exiting")
           return False
       if self._pending is not None:
         self._log_pending()
@@ -215,6 +226,14 @@ class Trainer:
     self.ckpt.close()
     self.train_iter.close()  # stop its prefetch threads before evaluation starts its own
     return True
+
+  def _preempted(self, step: int) -> bool:
+    """SIGTERM received: by this process, or (many processes) by any, all agreeing on `step`."""
+    if self.peers is not None and multihost_utils.reached_preemption_sync_point(step):
+      self.stop_signal = "a preemption notice (SIGTERM) in one of the processes"
+    elif self.stop_signal is not None and not isinstance(self.stop_signal, str):
+      self.stop_signal = f"signal {self.stop_signal}"
+    return self.stop_signal is not None
 
   def _log_pending(self) -> dict:
     now = time.perf_counter()
