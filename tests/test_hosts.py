@@ -43,6 +43,7 @@ RUN = [
 ]  # the tiny config's mesh: fsdp 4 x expert 2 (8 devices: 1 process x 8 or 2 processes x 4)
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
 PEER_TIMEOUT = 10
+SLICES = ["parallel.num_slices=2", "parallel.dcn_axis=fsdp"]
 
 
 def _free_port() -> int:
@@ -59,7 +60,8 @@ def _launch(out: Path, procs: int, *extra: str, devices: int | None = None, only
   launched = []
   for i in range(procs):
     cmd = [sys.executable, str(ROOT / "train.py"), *RUN, f"train.out_dir={out}", "--local-devices", str(devices)]
-    cmd += [*multi, str(PEER_TIMEOUT), "--process-id", str(i)] if procs > 1 else []
+    # Each process a slice joined over DCN (parallel.dcn_axis=fsdp): the hybrid mesh across processes.
+    cmd += [*multi, str(PEER_TIMEOUT), "--process-id", str(i), *SLICES] if procs > 1 else []
     log = open(f"{out}.{len(list(out.parent.glob(out.name + '.*')))}.log", "w")  # noqa: SIM115 (closed by the child's exit)
     launched.append(
       subprocess.Popen(
@@ -140,7 +142,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_two_processes_equal_one(runs):
-  """Same mesh shape, same global batches (tests/test_data.py assembles them from 1, 2 and 4 processes):
+  """Same mesh shape (2 slices of fsdp 2 x expert 2 over DCN, one per process, vs fsdp 4 x expert 2), same global batches (tests/test_data.py assembles them from 1, 2 and 4 processes):
   every step's loss within 1e-6 relative, the final parameters and optimizer state within 1e-6."""
   one, two = _metrics(runs["one"]), _metrics(runs["two"])
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
