@@ -83,7 +83,8 @@ def parse_args(argv):
     "--compile-topology",
     metavar="SLICE",
     help="only compile the train step for a TPU slice (v5p-1024, v4-128, v5e-256, v6e-64; needs "
-    "libtpu: pip install -e '.[tpu]') and print per-chip memory and FLOPs; exit 1 if it does not fit",
+    "libtpu: pip install -e '.[tpu]') or a GPU cluster of NODESxGPUS (h100-8x8, h200-32x8; needs "
+    "pip install -e '.[gpu-compile]') and print per-device memory and FLOPs; exit 1 if it does not fit",
   )
   p.add_argument(
     "--num-slices",

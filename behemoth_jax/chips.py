@@ -1,7 +1,8 @@
 """Accelerator facts, one table: what MFU divides by, and what ahead-of-time compilation targets.
 
 Peaks are dense bf16 FLOP/s per chip (vendor figures). TPU HBM is the largest buffer libtpu accepts
-per chip (measured with libtpu 0.0.42), which is a little less than the marketed size.
+per chip (measured with libtpu 0.0.42), which is a little less than the marketed size; GPU memory is
+what the CUDA runtime reports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class Chip:
   tpu_generation: str | None = None  # libtpu's topology prefix (TPUs only)
   cores_per_chip_in_name: int = 1  # v4-N / v5p-N count TensorCores, v5e-N / v6e-N chips
   dims: int = 0  # torus dimensions (TPUs only)
+  gpu_target: str | None = None  # XLA target config for deviceless GPU compilation (scale/gpus/*.txtpb)
+  peak_fp8_flops: float | None = None
 
   @property
   def device_kind(self) -> str:
@@ -30,8 +33,9 @@ CHIPS = {
   "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16_908_767_232, "v5e", 1, 2),
   "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 33_549_930_496, "v6e", 1, 2),
   "a100": Chip("a100", ("NVIDIA A100",), 312e12),
-  "h100": Chip("h100", ("NVIDIA H100",), 989e12),
-  "h200": Chip("h200", ("NVIDIA H200",), 989e12),
+  # GPU memory: what cudaMemGetInfo / nvidia-smi report (81,008 and 143,771 MiB), as in the target configs.
+  "h100": Chip("h100", ("NVIDIA H100",), 989e12, 84_942_979_072, gpu_target="h100_sxm.txtpb", peak_fp8_flops=1979e12),
+  "h200": Chip("h200", ("NVIDIA H200",), 989e12, 150_754_820_096, gpu_target="h200_sxm.txtpb", peak_fp8_flops=1979e12),
 }
 
 

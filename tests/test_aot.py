@@ -47,7 +47,11 @@ def test_topology_names_give_the_slices_devices(name, chips, shape, kind):
 def test_bad_topology_names_are_one_line():
   for bad, msg in [
     ("v5p-7", r"v5p-7: v5p-N counts TensorCores \(2 per chip\); N must be even"),
-    ("v7x-8", r"'v7x-8' is not a TPU slice name like v5p-1024, v4-128, v5e-256, v6e-64"),
+    (
+      "v7x-8",
+      r"'v7x-8' is not a TPU slice like v5p-1024, v4-128, v5e-256, v6e-64 or a GPU cluster NODESxGPUS like h100-8x8, h200-32x8",
+    ),
+    ("h200-2x16", r"h200-2x16: NODESxGPUS needs at least 1 node of 1 to 8 GPUs"),
     ("v5p-24", r"v5p-24: 12 chips; slices here are powers of two of at least 4 chips"),
   ]:
     with pytest.raises(ConfigError) as e:

@@ -170,10 +170,10 @@ def fp8_grouped_matmul(
     for implementations whose output dtype follows the operands, such as
     `behemoth_jax.model.gmm.grouped_matmul(..., impl="blocked")`. Exact: every e4m3/e5m2 value and every
     product of two of them is representable in bf16, so only the accumulation differs.
-  Backward: dx = gmm_fn(q(dy) in e5m2, q(w)ᵀ), in f8 like the forward. dw[e] = x_eᵀ·dy_e has no
-  f8 grouped-transposed kernel here: it is `jax.vjp` of gmm_fn w.r.t. w (the gmm's own backward:
-  tgmm on TPU/GPU, the blocked loop on CPU) on the dequantized q(x), q(dy) in `x_MK.dtype`: the
-  quantized values of an fp8 step, but a wider matmul.
+  Backward: dx = gmm_fn(q(dy) in e5m2, q(w)ᵀ), in f8 like the forward. dw[e] = x_eᵀ·dy_e: on the
+  native path (carrier None) one `ragged_dot_general` contracting the ragged rows of q(x) (e4m3) and
+  q(dy) (e5m2), f8 like the rest; with a carrier it is `jax.vjp` of gmm_fn w.r.t. w (the blocked loop
+  on CPU) on the dequantized q(x), q(dy) in `x_MK.dtype`: the same quantized values, a wider matmul.
   """
   return _fp8_gmm(gmm_fn, carrier_dtype, x_MK, w_EKN, group_sizes_E)
 
@@ -209,6 +209,9 @@ def _fp8_gmm_bwd(gmm_fn, carrier_dtype, res, dy_MN):
   qdy, sdy = quantize(dy_MN, E5M2)
   qw_ENK = jnp.swapaxes(qw, 1, 2)
   dx = _rescale(gmm_fn(_carry(qdy, carrier_dtype), _carry(qw_ENK, carrier_dtype), group_sizes_E), sdy * sw, x_tag.dtype)
+  if carrier_dtype is None:  # native f8 (ragged_dot): dw[e] = x_eᵀ·dy_e is one f8 ragged contraction too
+    dw = (_tgmm(qx, qdy, group_sizes_E) * (sx * sdy)).astype(w_tag.dtype)
+    return _sum_to_varying(dx, x_tag), _sum_to_varying(dw, w_tag), None
   # dw: gmm_fn's own vjp on the dequantized x and dy (the quantized values, rounded to x's dtype). The
   # scales go in *before* the vjp: under shard_map each shard has its own scales, and the vjp sums
   # over shards itself when w is replicated. The primal output is dead code after jit.
@@ -221,3 +224,15 @@ def _fp8_gmm_bwd(gmm_fn, carrier_dtype, res, dy_MN):
 
 
 _fp8_gmm.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
+
+# x [M, K] and dy [M, N] contracted over their rows, which are ragged by group: out [E, K, N].
+_TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
+  dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+)
+
+
+def _tgmm(x_MK: jax.Array, dy_MN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """Per-group xᵀ·dy (the weight gradient of a grouped matmul), f32-accumulated from f8 operands."""
+  return jax.lax.ragged_dot_general(
+    x_MK, dy_MN, group_sizes_E.astype(jnp.int32), _TGMM_DIMS, preferred_element_type=jnp.float32
+  )

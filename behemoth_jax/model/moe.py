@@ -16,9 +16,13 @@ from flax import nnx
 
 from behemoth_jax.config import ModelConfig
 from behemoth_jax.model.fp8 import fp8_grouped_matmul
-from behemoth_jax.model.gmm import grouped_matmul
+from behemoth_jax.model.gmm import grouped_matmul, resolve_impl
 from behemoth_jax.model.layers import SwiGLU, param, weight
 from sharding import axes as ax
+
+
+def _f8_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  return jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E.astype(jnp.int32), preferred_element_type=jnp.float32)
 
 
 class Routing(NamedTuple):
@@ -108,6 +112,8 @@ def routed_experts(
   def swiglu(xs_MD, group_sizes):
     def gmm(x, w):
       run = lambda a, b, gs: grouped_matmul(a, b, gs, impl=cfg.moe_impl, block=cfg.moe_block_size)
+      if cfg.fp8 and resolve_impl(cfg.moe_impl) == "ragged":  # TPU / GPU: f8 operands into the grouped GEMMs
+        return fp8_grouped_matmul(x, w.astype(dt), group_sizes, _f8_ragged_dot).astype(dt)
       if cfg.fp8:  # f8 values carried exactly in bf16 so every grouped-matmul backend accepts them
         return fp8_grouped_matmul(x, w.astype(dt), group_sizes, run, carrier_dtype=jnp.bfloat16).astype(dt)
       return run(x, w.astype(dt), group_sizes)

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation for a TPU topology on any machine (libtpu: `pip install -e ".[tpu]"`).
+"""Ahead-of-time compilation for a TPU slice or a GPU cluster on any machine, without the hardware
+(TPU: libtpu, `pip install -e ".[tpu]"`; NVIDIA GPU: the CUDA PJRT plugin, `pip install -e ".[gpu-compile]"`).
 
 `train.py --compile-topology v5p-1024` compiles the real train step (the trainer's own state
 shardings, `make_train_step` and batch layout) for the chips of that slice, without TPU hardware, and
@@ -8,16 +9,26 @@ online distillation step (frozen teacher forward + student train step; no checkp
 (serving) step or `generate --score`'s scoring pass. One report for all.
 
 Names follow Cloud TPU: v4-N and v5p-N count TensorCores (2 per chip, so v5p-1024 is 512 chips);
-v5e-N and v6e-N count chips. One jax device per chip (megacore).
+v5e-N and v6e-N count chips. One jax device per chip (megacore). GPU clusters are NODESxGPUS:
+h100-4x8 is 4 nodes of 8 H100 SXM GPUs (NVLink inside a node, the network across), compiled for the
+target configs in scale/gpus/ (written from NVIDIA's published facts). Devices are numbered node by
+node and the mesh axes are laid out in `sharding.rules.MESH_AXES` order (data, fsdp, expert, context,
+tensor), so the trailing axes — tensor, context, expert — stay inside a node as far as they fit and
+data / fsdp run across nodes; `parallel.num_slices=NODES parallel.dcn_axis=fsdp` makes that explicit.
+XLA's GPU compiler does not refuse a program larger than the GPU's memory, so the fit is decided here:
+XLA's peak against 95% of the memory the CUDA runtime reports (GPU_MEM_FRACTION: a run sets
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; the rest is the CUDA context, cuBLAS / NCCL workspaces).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +40,7 @@ from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.generate import prefill, score_step
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
+from behemoth_jax.scale.flops import matmuls
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import batch_specs
 from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state, teacher_model_config, unquantized
@@ -52,8 +64,17 @@ class Topology:
   num_slices: int
 
   @property
-  def devices(self) -> list:
+  def gpu(self) -> bool:
+    return self.chip.gpu_target is not None
 
+  @property
+  def unit(self) -> str:
+    return "GPU" if self.gpu else "chip"
+
+  @property
+  def devices(self) -> list:
+    if self.gpu:
+      return _gpu_devices(self)
     kw = {"chip_config_name": "megacore"} if self.chip.dims == 3 else {}
     kw["chips_per_host_bounds"] = (min(2, self.shape[0]), min(2, self.shape[1]), 1)  # one host: 2x2x1 chips
     if self.num_slices > 1:
@@ -68,6 +89,9 @@ class Topology:
     return list(desc.devices)
 
   def describe(self) -> str:
+    if self.gpu:
+      nodes, per = self.shape
+      return f"{self.name}: {nodes} node{'s' * (nodes > 1)} x {per} {self.chip.device_kind} = {self.chips} GPUs"
     s = f"{self.name}: {self.chips} chips ({'x'.join(map(str, self.shape))} {self.chip.device_kind})"
     return s + (f" x {self.num_slices} slices" if self.num_slices > 1 else "")
 
@@ -82,10 +106,43 @@ def _torus_shape(chips: int, dims: int) -> tuple[int, ...]:
   return tuple(shape[1:] + shape[:1]) if shape[0] == 1 and dims == 3 else tuple(shape)
 
 
+GPU_MAX_PER_NODE = 8  # HGX / DGX nodes: 8 GPUs on one NVLink switch
+# The share of a GPU's memory a step may use: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (jax's default
+# 0.75 leaves a quarter unused); the rest is the CUDA context, cuBLAS / NCCL workspaces and fragmentation.
+GPU_MEM_FRACTION = 0.95
+
+
+def _gpu_devices(topo: Topology) -> list:
+  """The devices of a GPU cluster, from the plugin's deviceless topology and our target config."""
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    raise ConfigError(
+      f"--compile-topology {topo.name}: compiling for NVIDIA GPUs needs the CUDA compiler plugin: "
+      "pip install -e '.[gpu-compile]'"
+    )
+  target = (Path(__file__).parent / "gpus" / topo.chip.gpu_target).read_text()
+  nodes, per = topo.shape
+  desc = topologies.get_topology_desc(platform="cuda", target_config=target, topology=f"1x{nodes}x{per}")
+  return list(desc.devices)
+
+
 def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  g = re.fullmatch(r"(h100|h200)-(\d+)x(\d+)", name.strip().lower())
+  if g:
+    nodes, per = int(g.group(2)), int(g.group(3))
+    if nodes < 1 or not 1 <= per <= GPU_MAX_PER_NODE:
+      raise ConfigError(f"--compile-topology: {name}: NODESxGPUS needs at least 1 node of 1 to {GPU_MAX_PER_NODE} GPUs")
+    if num_slices != 1:
+      raise ConfigError(
+        "--num-slices: for a GPU cluster, lay an axis across nodes with parallel.num_slices=NODES "
+        "parallel.dcn_axis=fsdp instead"
+      )
+    return Topology(name, CHIPS[g.group(1)], nodes * per, (nodes, per), 1)
   m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
   if not m:
-    raise ConfigError(f"--compile-topology: {name!r} is not a TPU slice name like v5p-1024, v4-128, v5e-256, v6e-64")
+    raise ConfigError(
+      f"--compile-topology: {name!r} is not a TPU slice like v5p-1024, v4-128, v5e-256, v6e-64 "
+      "or a GPU cluster NODESxGPUS like h100-8x8, h200-32x8"
+    )
   chip = CHIPS[m.group(1)]
   n = int(m.group(2))
   if n % chip.cores_per_chip_in_name:
@@ -102,8 +159,8 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 
 
 def for_tpu(cfg: Config) -> Config:
-  """The config as it runs on TPU: the MoE grouped matmul resolves to `ragged_dot` (native there)
-  even though this process's default backend is the CPU."""
+  """The config as it runs on TPU or GPU: the MoE grouped matmul resolves to `ragged_dot` (native
+  there) even though this process's default backend is the CPU."""
   return dataclasses.replace(cfg, model=for_tpu_model(cfg.model))
 
 
@@ -171,7 +228,7 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   # Online distillation: the teacher's config is enough (no checkpoint is read to compile).
   teacher_cfg = for_tpu_model(teacher_model_config(cfg)) if cfg.distill.teacher or cfg.distill.teacher_config else None
   cfg = for_tpu(cfg)
-  if topo.num_slices != cfg.parallel.num_slices:
+  if not topo.gpu and topo.num_slices != cfg.parallel.num_slices:
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, num_slices=topo.num_slices))
   mc, tc = cfg.model, cfg.train
   t0 = time.perf_counter()
@@ -193,7 +250,7 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     print(
       f"  teacher: {teacher_cfg.num_layers} layers, {count_params(unquantized(teacher_cfg))['total']:,} "
       f"parameters held as "
-      f"{held}: {gib(per_device_bytes(t_abstract))} per chip (frozen: forward only, no optimizer state)"
+      f"{held}: {gib(per_device_bytes(t_abstract))} per {topo.unit} (frozen: forward only, no optimizer state)"
     )
   step = jax.jit(
     make_train_step(graphdef, tx, tc, schedule, distill),
@@ -202,19 +259,21 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   )
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
     lowered = step.lower(abstract, batch_specs(cfg, mesh), *teacher)
-  mem, reason, _ = compile_report(lowered, topo)
+  mem, reason, compiled = compile_report(lowered, topo)
+  if compiled is not None and topo.gpu:
+    print(f"  matmul FLOPs by operand type (compiled GEMMs, loops by trip count): {matmul_shares(compiled.as_text())}")
   flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
   if teacher_cfg is not None:  # + the teacher's forward (a third of its train FLOPs)
     flops += analytic_train_flops(teacher_cfg, tc.batch_size, tc.seq_len) / 3
   chips, peak = topo.chips * topo.num_slices, topo.chip.peak_bf16_flops
   print(
     f"  {'student ' if teacher_cfg else ''}parameters {count_params(mc)['total']:,}; train state (params + "
-    f"optimizer) per chip {gib(per_device_bytes(abstract))}"
+    f"optimizer) per {topo.unit} {gib(per_device_bytes(abstract))}"
   )
   print(
     f"  FLOPs per step {flops:.4g} (analytic, 3 x forward{' + teacher forward' if teacher_cfg else ''}), "
-    f"per chip {flops / chips:.4g}; at 100% of the "
-    f"bf16 peak ({peak / 1e12:.0f} TFLOP/s per chip) a step takes {flops / chips / peak:.2f} s, at 50% "
+    f"per {topo.unit} {flops / chips:.4g}; at 100% of the "
+    f"bf16 peak ({peak / 1e12:.0f} TFLOP/s per {topo.unit}) a step takes {flops / chips / peak:.2f} s, at 50% "
     f"{2 * flops / chips / peak:.2f} s"
   )
   return _fits(
@@ -225,6 +284,22 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     f"outputs {gib(mem.outputs) if mem else ''} "
     f"({gib(mem.aliased) if mem else ''} of them written over donated arguments)",
   )
+
+
+def matmul_shares(hlo: str) -> str:
+  """ "f8 97.1%, bf16 2.5%, f32 0.4%": each operand type's share of the program's matmul FLOPs (a
+  GEMM reading one f8 and one e5m2 operand is f8; one with any wider operand counts as the widest)."""
+  by = {}
+  for m in matmuls(hlo):
+    kind = "f8" if all(t.startswith("f8") for t in m.dtypes) else max(m.dtypes, key=_width)
+    by[kind] = by.get(kind, 0.0) + m.flops
+  total = sum(by.values()) or 1.0
+  return ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+
+
+def _width(dtype: str) -> int:
+  m = re.search(r"(\d+)", dtype)
+  return int(m.group(1)) if m else 0
 
 
 def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: int = 1, score: int = 0) -> int:
@@ -256,7 +331,7 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     with use_mesh(mesh), jax.default_matmul_precision("default"):
       lowered = step.lower(abstract, ids, None)
     mem, reason, _ = compile_report(lowered, topo)
-    print(f"  weights per chip {gib(per_device_bytes(abstract))}")
+    print(f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}")
     return _fits(mem, reason, topo, t0, f"outputs (top-{score} ids and log-probs) {gib(mem.outputs) if mem else ''}")
   caches = jax.eval_shape(
     lambda p: prefill(graphdef, p, jnp.zeros((1, tokens), jnp.int32), jnp.ones((1, tokens), jnp.int32), None, tokens)[
@@ -277,7 +352,9 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
     lowered = step.lower(abstract, ids, mask)
   mem, reason, _ = compile_report(lowered, topo)
-  print(f"  weights per chip {gib(per_device_bytes(abstract))}; KV cache {gib(kv_cache_bytes(cfg, tokens))} in all")
+  print(
+    f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV cache {gib(kv_cache_bytes(cfg, tokens))} in all"
+  )
   return _fits(mem, reason, topo, t0, f"outputs (KV caches, logits) {gib(mem.outputs) if mem else ''}")
 
 
@@ -287,12 +364,22 @@ def _fits(mem: MemoryReport | None, reason: str | None, topo: Topology, t0: floa
     print(f"  DOES NOT FIT on {topo.chip.device_kind}: {reason} [{time.perf_counter() - t0:.0f}s]")
     return 1
   hbm = topo.chip.hbm_bytes
+  if topo.gpu:  # XLA:GPU compiles a program of any size (libtpu refuses it itself): decided here
+    hbm = int(hbm * GPU_MEM_FRACTION)
+    if mem.total > hbm:
+      print(
+        f"  DOES NOT FIT on {topo.chip.device_kind}: needs {gib(mem.total)} per GPU (XLA's peak: arguments "
+        f"{gib(mem.arguments)}, temporaries {gib(mem.temporaries)}), the GPU has {gib(hbm)} usable "
+        f"({GPU_MEM_FRACTION:.0%} of {gib(topo.chip.hbm_bytes)}) [{time.perf_counter() - t0:.0f}s]"
+      )
+      return 1
   print(
-    f"  per chip: arguments {gib(mem.arguments)}, {outputs}, temporaries {gib(mem.temporaries)}, "
+    f"  per {topo.unit}: arguments {gib(mem.arguments)}, {outputs}, temporaries {gib(mem.temporaries)}, "
     f"code {gib(mem.generated_code)}"
   )
   print(
-    f"  peak {gib(mem.total)} of {gib(hbm)} HBM ({mem.total / hbm:.0%}; XLA's live-buffer peak): fits "
+    f"  peak {gib(mem.total)} of {gib(hbm)} {'usable memory' if topo.gpu else 'HBM'} ({mem.total / hbm:.0%}; "
+    "XLA's live-buffer peak): fits "
     f"[{time.perf_counter() - t0:.0f}s]"
   )
   return 0

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -208,6 +209,57 @@ def compiled_flops(compiled) -> float:
     ValueError: if a while loop has no known trip count (named in the message).
   """
   return hlo_text_flops(compiled.as_text())
+
+
+@dataclass(frozen=True)
+class Matmul:
+  """One matmul of a compiled program: where it comes from, its operand dtypes, its FLOPs per step."""
+
+  op_name: str  # jax's name stack of the op (metadata op_name), e.g. "jit(step)/jvp(BTD,DNH->BTNH)/dot_general"
+  dtypes: tuple[str, ...]  # operand element types, e.g. ("f8e4m3fn", "f8e5m2")
+  flops: float  # per execution of the program: loops counted by trip count
+
+
+def matmuls(hlo: str) -> list[Matmul]:
+  """Every dot / gemm custom call of an optimized HLO module (inside fusions and loops too), with its
+  operand dtypes and its FLOPs counted as `hlo_text_flops` counts them. On GPU a dot sits inside a
+  GEMM fusion (Triton) or is a cuBLAS(Lt) custom call; its operand types are what the GEMM reads."""
+  comps, entry = _split_computations(hlo)
+  out: list[Matmul] = []
+
+  def visit(comp: str, times: float) -> None:
+    shapes = {name: shape for name, shape, _, _ in comps[comp]}
+    for name, shape, opcode, rest in comps[comp]:
+      f = _op_flops(opcode, shape, rest, shapes)
+      if f:
+        types = tuple(_operand_dtype(o, shapes) for o in _operands(rest)[:2])
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        out.append(Matmul(op_name.group(1) if op_name else name, types, f * times))
+      if opcode in ("async-done", "async-update"):
+        continue
+      callees = _callees(rest)
+      if opcode == "while":
+        trip = _TRIP_COUNT.search(rest)
+        if trip is None:
+          raise ValueError(f"while loop {name!r} in {comp!r} has no known_trip_count; cannot count its FLOPs")
+        for c in callees.get("body", []):
+          visit(c, times * int(trip.group(1)))
+      elif opcode == "conditional":  # every branch, each as if it ran (an upper bound, as above)
+        for cs in callees.values():
+          for c in cs:
+            visit(c, times)
+      else:
+        for cs in callees.values():
+          for c in cs:
+            visit(c, times)
+
+  visit(entry, 1.0)
+  return out
+
+
+def _operand_dtype(operand: str, shapes: dict[str, str]) -> str:
+  text = operand if _ARRAY_SHAPE.match(operand) else shapes.get(operand.split()[-1].lstrip("%"), "?[")
+  return text.split("[", 1)[0]
 
 
 _CONTAINERS = ("while", "conditional", "call")

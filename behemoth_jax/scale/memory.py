@@ -248,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     default=0,
     help="with --prefill: compile the scoring pass of `generate --score K` (top-K log-probs at every position)",
   )
-  p.add_argument("--compile-topology", metavar="SLICE", help="compile for this TPU slice and compare with XLA")
+  p.add_argument(
+    "--compile-topology",
+    metavar="SLICE",
+    help="compile for this TPU slice (or GPU cluster, h200-4x8) and compare with XLA",
+  )
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
   if args.compile_topology:
