@@ -177,6 +177,35 @@ def test_scoring_pass_compiles_without_vocabulary_sized_logits(capsys):
   assert _gib(out, "temporaries") < 0.5 * 4096 * 65536 * 4 / 2**30, out
 
 
+@needs_libtpu
+def test_decode_step_compiles_with_fp8_weights_and_sharded_caches(capsys):
+  """Generation's decode step (a batch of slots, one token each, against KV caches of --context tokens)
+  compiled for TPU with fp8 weights: the caches' bytes equal those of the model's own init_cache
+  (slots over the batch axes), the donated caches are updated in place, and a context too long for
+  one chip is refused with exit 1."""
+  import jax
+
+  from behemoth_jax.config import load_config
+  from behemoth_jax.model.transformer import abstract_model
+  from behemoth_jax.scale import memory
+
+  args = ["--config", "configs/tiny.yaml", "--decode", "8", "--context", "16384", "model.weight_quant=fp8"]
+  rc = memory.main([*args, "--compile-topology", "v5p-8", "parallel.fsdp=2", "parallel.expert=2"])
+  out = capsys.readouterr().out
+  assert rc == 0 and "decode step of 8 slots x 16,384-token caches" in out and "(weights fp8)" in out, out
+  cfg = load_config("configs/tiny.yaml", [])
+  caches = jax.eval_shape(lambda: abstract_model(cfg.model).init_cache(8, 16384))
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
+  assert _gib(out, "KV caches") == pytest.approx(total / 2**30, abs=0.01)
+  assert _gib(out, "GiB in all,") == pytest.approx(total / 4 / 2**30, abs=0.01)  # 8 slots over 4 chips
+  assert _gib(out, "GiB (") == pytest.approx(total / 4 / 2**30, abs=0.01)  # the caches are updated in place
+  rc = memory.main(
+    [*args[:4], "--context", "8388608", "--compile-topology", "v5e-1", "parallel.fsdp=1", "parallel.expert=1"]
+  )
+  out = capsys.readouterr().out
+  assert rc == 1 and "DOES NOT FIT" in out, out
+
+
 MID = [
   "model.vocab_size=32768",
   "model.hidden_size=1024",

@@ -88,7 +88,8 @@ def prefill(graphdef, params, ids_BT, mask_BT, pixel_values, max_len):
   return model.logits(h[:, -1:])[:, 0], caches, positions[:, -1]
 
 
-def _decode(graphdef, params, caches, tokens_B, positions_B):
+def decode_step(graphdef, params, caches, tokens_B, positions_B):
+  """(next-token logits [B, V], updated caches) of one token per sequence at `positions_B`."""
   model = nnx.merge(graphdef, params)
   x = model.embed_tokens(tokens_B[:, None])
   ones = jnp.ones_like(tokens_B)[:, None]
@@ -124,7 +125,7 @@ def _generate(
     out = out.at[:, i].set(tok)
     done = done | jnp.isin(tok, stop)
     pos = pos + 1
-    logits, caches = _decode(graphdef, params, caches, tok, pos)
+    logits, caches = decode_step(graphdef, params, caches, tok, pos)
     return i + 1, out, done, logits, caches, pos
 
   out = jnp.full((b, max_new), pad_id, jnp.int32)
@@ -209,7 +210,7 @@ def decode_logits(model, caches, tokens_B, positions_B):
 
 
 _jit_prefill = jax.jit(prefill, static_argnums=(0, 5))
-_jit_decode = jax.jit(_decode, static_argnums=0)
+_jit_decode = jax.jit(decode_step, static_argnums=0)
 
 
 SCORE_CHUNK = 8192  # vocabulary columns per step of the scoring scan (as train.ce_chunk)

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig
-from behemoth_jax.infer.generate import prefill, score_step
+from behemoth_jax.infer.generate import decode_step, prefill, score_step
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
 from behemoth_jax.scale.flops import matmuls
@@ -356,6 +357,58 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV cache {gib(kv_cache_bytes(cfg, tokens))} in all"
   )
   return _fits(mem, reason, topo, t0, f"outputs (KV caches, logits) {gib(mem.outputs) if mem else ''}")
+
+
+def compile_decode(cfg: Config, slots: int, context: int, topology: str | None, num_slices: int = 1) -> int:
+  """Compiles one decode step of `slots` sequences (generation's continuous batch) against KV caches of
+  `context` tokens each for a TPU slice / GPU cluster: the weights as `model.weight_quant` holds them
+  (fp8 / int8 with per-channel scales), slots over the batch axes, the caches' length over `context`;
+  prints per-device memory; 0 if it fits."""
+  if topology is None:
+    raise ConfigError("--decode needs --compile-topology (a TPU slice or GPU cluster to compile for)")
+  topo = parse_topology(topology, num_slices)
+  cfg = for_tpu(cfg)
+  t0 = time.perf_counter()
+  mesh = make_mesh(cfg.parallel, topo.devices)
+  held = cfg.model.weight_quant if cfg.model.weight_quant != "none" else cfg.model.param_dtype
+  print(
+    f"compiling a decode step of {slots} slots x {context:,}-token caches of a {cfg.model.num_layers}-layer model "
+    f"(weights {held}) for {topo.describe()}; mesh {dict(mesh.shape)}"
+  )
+  graphdef, abstract, _ = abstract_sharded_model(cfg.model, mesh)
+  model = nnx.merge(graphdef, abstract)  # abstract: only shapes are read
+  caches = jax.eval_shape(lambda: model.init_cache(slots, context))
+
+  def cache_sharding(leaf):  # keys/values [.., B, S, K, H] and positions [.., B, S]: B over the batch axes
+    if leaf.ndim < 2:
+      return NamedSharding(mesh, logical_to_spec((None,) * leaf.ndim, mesh, leaf.shape))
+    lead = (None,) * (leaf.ndim - (4 if leaf.ndim >= 4 else 2))
+    logical = lead + ((ax.BATCH, ax.LENGTH, ax.KV_HEADS, None) if leaf.ndim >= 4 else (ax.BATCH, ax.LENGTH))
+    return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))
+
+  cache_specs = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding(c)), caches)
+  slot = NamedSharding(mesh, logical_to_spec((ax.BATCH,), mesh, (slots,)))
+  tokens = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=slot)
+  decode = lambda p, c, t, pos: decode_step(graphdef, p, c, t, pos)  # noqa: E731
+  # The caches come out as they go in, but for a static flag in their pytree (decoding has begun).
+  out_caches = jax.eval_shape(decode, abstract, caches, tokens, tokens)[1]
+  step = jax.jit(decode, out_shardings=(None, jax.tree.map(cache_sharding, out_caches)), donate_argnums=1)
+  with use_mesh(mesh), jax.default_matmul_precision("default"):
+    lowered = step.lower(abstract, cache_specs, tokens, tokens)
+  mem, reason, _ = compile_report(lowered, topo)
+  print(
+    f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV caches "
+    f"{gib(sum(c.size * c.dtype.itemsize for c in jax.tree.leaves(caches)))} in all, "
+    f"{gib(per_device_bytes(cache_specs))} per {topo.unit}"
+  )
+  return _fits(
+    mem,
+    reason,
+    topo,
+    t0,
+    f"outputs (next-token logits, caches) {gib(mem.outputs) if mem else ''} "
+    f"({gib(mem.aliased) if mem else ''} of them written over the donated caches)",
+  )
 
 
 def _fits(mem: MemoryReport | None, reason: str | None, topo: Topology, t0: float, outputs: str) -> int:

@@ -249,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     help="with --prefill: compile the scoring pass of `generate --score K` (top-K log-probs at every position)",
   )
   p.add_argument(
+    "--decode",
+    type=int,
+    metavar="SLOTS",
+    help="with --compile-topology and --context: compile one decode step of SLOTS sequences (generation's "
+    "batch) against KV caches of --context tokens each (weights as model.weight_quant: fp8 / int8 / none)",
+  )
+  p.add_argument("--context", type=int, metavar="TOKENS", help="with --decode: the KV caches' length")
+  p.add_argument(
     "--compile-topology",
     metavar="SLICE",
     help="compile for this TPU slice (or GPU cluster, h200-4x8) and compare with XLA",
@@ -271,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.prefill:
       return aot.compile_prefill(cfg, args.prefill, args.compile_topology, score=args.score)
+    if args.decode:
+      if not args.context:
+        raise ConfigError("--decode: give the KV caches' length with --context TOKENS")
+      return aot.compile_decode(cfg, args.decode, args.context, args.compile_topology)
     chips = aot.parse_topology(args.compile_topology).chips if args.compile_topology else args.chips
     est = train_estimate(cfg, chips)
   except (ConfigError, ShardingError) as e:
