@@ -35,7 +35,7 @@ def _release_compiled_programs():
 # The fast subset for iterating (`pytest -n 2 -m "not slow"`, ~3 minutes on 2 cores) leaves out these:
 # each took over ~8 s in the two-worker suite (measured 2026-12-03). Whole files: training runs,
 # fault injection and multi-process runs start train.py (processes) and compile full train steps.
-SLOW_FILES = ("test_training.py", "test_faults.py", "test_hosts.py")
+SLOW_FILES = ("test_training.py", "test_faults.py", "test_hosts.py", "test_generate_job.py")
 SLOW_TESTS = (
   "test_aot.py::test_calculator_against_compiled_memory",
   "test_aot.py::test_scout_train_step_compiles_for_a_v5p_slice",

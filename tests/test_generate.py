@@ -119,6 +119,21 @@ def test_sampling_rules():
     assert set(draws[:, b]) <= set(keep)
 
 
+def test_a_records_samples_do_not_depend_on_its_batch_or_slot():
+  """Sampled completions are keyed by the record's identity and the token position: record 9 gets the
+  same completion beside another record, and in another slot of the batch."""
+  from behemoth_jax.config import load_config
+  from behemoth_jax.model.transformer import create_model
+
+  model = create_model(load_config("configs/tiny.yaml", ["model.num_layers=2"]).model, seed=2)
+  gen = Generator(model, stop_ids=(), pad_id=258, sampling=Sampling(temperature=1.0, seed=4), bucket=16)
+  rng = np.random.default_rng(1)
+  a, b, c = (rng.integers(0, 256, n) for n in (9, 12, 10))
+  runs = [gen([a, b], 12, records=[5, 9])[1], gen([c, b], 12, records=[7, 9])[1], gen([b, a], 12, records=[9, 5])[0]]
+  assert all(np.array_equal(runs[0], r) for r in runs[1:]), runs
+  assert not np.array_equal(gen([b, a], 12, records=[8, 5])[0], runs[0])  # another identity, other samples
+
+
 def test_cli_generate_and_score(tmp_path):
   hf = make_hf_model(seed=4, vocab_size=272, bos_token_id=256, eos_token_id=257, pad_token_id=258)
   save_hf(hf, tmp_path / "hf")

@@ -1,6 +1,12 @@
 """Generation with KV caches: jitted prefill + a jitted decode loop; sampling; a CLI for synthetic data.
 
-`python -m behemoth_jax.generate --ckpt RUN_OR_CKPT --prompts prompts.jsonl --out out.jsonl [--config CFG.yaml]`
+`python -m behemoth_jax.generate --ckpt RUN_OR_CKPT --prompts prompts.jsonl --out OUT_DIR [--config CFG.yaml]`
+
+`--out OUT_DIR` is a resumable job (infer/shards.py): numbered JSONL shards, each committed atomically;
+rerunning the same command after any interruption generates only the missing shards, with the same
+completions as an uninterrupted run — each record's samples are keyed by the seed, the record's index in
+the prompt file and the token position, and a shard's batches are the same in every run. `--out
+FILE.jsonl` writes one file (renamed into place when complete).
 
 Caches (attention.KVCache): chunked (RoPE) layers keep one chunk of keys in a ring — O(chunk) memory
 however long the generation — and global layers keep every token. Batches are left-padded; every row
@@ -28,9 +34,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from behemoth_jax.cli import ArgumentParser
-from behemoth_jax.config import ConfigError, ParallelConfig, load_config
+from behemoth_jax.config import ConfigError, ParallelConfig, load_config, to_dict
 from behemoth_jax.convert import load_hf
 from behemoth_jax.data import DataError, load_tokenizer, scores
+from behemoth_jax.infer.shards import ShardedOutput, file_sha256
 from behemoth_jax.model.transformer import check_token_ids, create_model, unstack_layers
 from behemoth_jax.train.checkpoint import CheckpointError, find_config, restore_params
 from behemoth_jax.train.losses import chunked_topk_logprobs
@@ -48,8 +55,9 @@ class Sampling:
   seed: int = 0
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-  """Next tokens [B] from float32 logits [B, V]."""
+def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling, rows_B: jax.Array | None = None) -> jax.Array:
+  """Next tokens [B] from float32 logits [B, V]. Row b draws with `fold_in(key, rows_B[b])` (default:
+  its index b): give each row its record's identity and its draw depends on no other row."""
   if s.temperature <= 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits = logits_BV / s.temperature
@@ -64,7 +72,8 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
   # One key per row: a row's draw does not depend on which other rows share the batch (or its padding).
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0]))
+  rows_B = jnp.arange(logits.shape[0]) if rows_B is None else rows_B
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows_B)
   return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, logits).astype(jnp.int32)
 
 
@@ -103,6 +112,7 @@ def _generate(
   ids_BT,
   mask_BT,
   pixel_values,
+  records_B,
   *,
   max_new: int,
   stop_ids: tuple[int, ...],
@@ -120,7 +130,8 @@ def _generate(
 
   def body(state):
     i, out, done, logits, caches, pos = state
-    tok = sample(logits, jax.random.fold_in(key, i), sampling)
+    # The draw of new token i of record r: fold_in(fold_in(key(seed), i), r), whatever the batch.
+    tok = sample(logits, jax.random.fold_in(key, i), sampling, records_B)
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, i].set(tok)
     done = done | jnp.isin(tok, stop)
@@ -156,9 +167,15 @@ class Generator:
     self._jit = {}
 
   def __call__(
-    self, prompts: list[np.ndarray], max_new_tokens: int, pixel_values: np.ndarray | None = None
+    self,
+    prompts: list[np.ndarray],
+    max_new_tokens: int,
+    pixel_values: np.ndarray | None = None,
+    records: list[int] | None = None,
   ) -> list[np.ndarray]:
-    """Completions (without the prompt, cut after the first stop token) for left-padded `prompts`."""
+    """Completions (without the prompt, cut after the first stop token) for left-padded `prompts`.
+    `records`: each prompt's identity (its index in the prompt file), which keys its samples
+    (default: its position in this call)."""
 
     n = len(prompts)
     rows = [np.asarray(p, np.int32) for p in prompts]
@@ -169,6 +186,9 @@ class Generator:
     rows += [np.asarray([self.pad_id], np.int32)] * ((-n) % self.rows_multiple)  # filler rows, dropped below
     ids, mask = left_pad(rows, self.pad_id, self.bucket)
     mask[n:] = 0
+    records_B = np.arange(len(rows), dtype=np.int32)
+    if records is not None:
+      records_B[:n] = records
     fn = self._jit.get(max_new_tokens)
     if fn is None:
       fn = self._jit[max_new_tokens] = jax.jit(
@@ -182,10 +202,10 @@ class Generator:
         )
       )
     if self.mesh is None:
-      out, _ = fn(self.params, ids, mask, pixel_values)
+      out, _ = fn(self.params, ids, mask, pixel_values, records_B)
     else:
       with use_mesh(self.mesh):
-        out, _ = fn(self.params, ids, mask, pixel_values)
+        out, _ = fn(self.params, ids, mask, pixel_values, records_B)
     out = np.asarray(out)[:n]
     results = []
     for row in out:
@@ -313,7 +333,18 @@ def main(argv: list[str] | None = None) -> int:
   src.add_argument("--ckpt", help="orbax checkpoint: a step directory or a train.py run directory (latest step)")
   src.add_argument("--hf", help="Hugging Face save_pretrained directory instead")
   p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field (or --field); 'text' for --score")
-  p.add_argument("--out", required=True, help="output JSONL (written to OUT.tmp, renamed when complete)")
+  p.add_argument(
+    "--out",
+    required=True,
+    help="output: a directory of JSONL shards, resumable (rerun the same command after any interruption), "
+    "or one FILE.jsonl / FILE.array_record (written to FILE.tmp, renamed when complete)",
+  )
+  p.add_argument(
+    "--shard-records",
+    type=int,
+    default=256,
+    help="with --out DIR: records per shard, the work a crash can lose (default: %(default)s)",
+  )
   p.add_argument("--field", default=None, help="prompt field (default: prompt; text with --score)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -345,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   out = Path(args.out)
+  sharded = out.suffix.lower() not in (".jsonl", ".json", *scores.SUFFIXES)
   try:
-    if out.exists():
+    if sharded and args.score:
+      raise DataError(f"{out}: --score writes one file: give --out FILE.jsonl or FILE.array_record")
+    if out.exists() and not sharded:
       raise DataError(f"{out}: already exists (remove it or choose another --out)")
     field = args.field or ("text" if args.score else "prompt")
     records = read_prompts(args.prompts, field)
@@ -373,6 +407,26 @@ def main(argv: list[str] | None = None) -> int:
     sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
     mesh=mesh,
   )
+  encode = lambda r: np.concatenate(  # noqa: E731
+    [[tok.bos_id] if tok.bos_id is not None else [], tok.encode(r[field])]
+  ).astype(np.int32)
+  if sharded:
+    job = {
+      "checkpoint": str(Path(args.ckpt or args.hf).resolve()),
+      "model": to_dict(cfg)["model"],
+      "weights": args.weights,
+      "prompts_sha256": file_sha256(args.prompts),
+      "field": field,
+      "max_new_tokens": args.max_new_tokens,
+      "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed},
+      "batch_size": args.batch_size,
+    }
+    try:
+      shards = ShardedOutput(out, job, len(records), args.shard_records)
+    except DataError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return _generate_shards(gen, shards, records, encode, tok, args.max_new_tokens, args.batch_size)
   tmp = out.with_name(out.name + ".tmp")
   new_tokens, t0 = 0, time.perf_counter()
   bar = tqdm(total=len(records), unit="prompt", dynamic_ncols=True)
@@ -381,10 +435,7 @@ def main(argv: list[str] | None = None) -> int:
   with scores.Writer(tmp, args.score_dtype) if binary else tmp.open("w") as f:
     for start in range(0, len(records), args.batch_size):
       batch = records[start : start + args.batch_size]
-      encoded = [
-        np.concatenate([[tok.bos_id] if tok.bos_id is not None else [], tok.encode(r[field])]).astype(np.int32)
-        for r in batch
-      ]
+      encoded = [encode(r) for r in batch]
       if args.score:
         ids, mask = left_pad(encoded, tok.pad_id)
         top_ids, top_lp = topk_logprobs(model, ids, args.score, segment_ids_BT=mask)
@@ -407,6 +458,33 @@ def main(argv: list[str] | None = None) -> int:
   print(
     f"wrote {len(records)} records to {out} ({new_tokens:,} tokens, "
     f"{new_tokens / (time.perf_counter() - t0):,.0f} tokens/s)"
+  )
+  return 0
+
+
+def _generate_shards(gen, shards: ShardedOutput, records, encode, tok, max_new: int, batch_size: int) -> int:
+  """The resumable job: the shards not yet committed, in order, each generated in batches of its own
+  records (the same batches in every run: a resumed run computes what an uninterrupted one would)."""
+  pending = shards.pending()
+  before = len(records) - sum(len(shards.records(k)) for k in pending)
+  if before:
+    print(f"resuming {shards.dir}: {before} of {len(records)} records in {shards.num_shards - len(pending)} shards")
+  new_tokens, t0 = 0, time.perf_counter()
+  bar = tqdm(total=len(records), initial=before, unit="prompt", dynamic_ncols=True)
+  for k in pending:
+    lines, idx = [], list(shards.records(k))
+    for start in range(0, len(idx), batch_size):
+      batch = idx[start : start + batch_size]
+      for i, c in zip(batch, gen([encode(records[i]) for i in batch], max_new, records=batch), strict=True):
+        lines.append(json.dumps({**records[i], "completion": tok.decode(c), "completion_ids": c.tolist()}))
+        new_tokens += len(c)
+      bar.update(len(batch))
+      bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):,.0f}")
+    shards.commit(k, lines)
+  bar.close()
+  print(
+    f"wrote {len(records) - before} records to {shards.dir} ({shards.num_shards} shards in all; "
+    f"{new_tokens:,} tokens, {new_tokens / (time.perf_counter() - t0):,.0f} tokens/s)"
   )
   return 0
 
