@@ -33,16 +33,14 @@ def _role(op_name: str) -> str:
   spec = re.search(r"\b([A-Za-z]+),([A-Za-z]+)->([A-Za-z]+)\b", op_name)
   if spec is None:
     return "loss"  # the chunked cross-entropy's own dots (float32 by the dtype policy)
-  # Blocked attention (n: key blocks), RoPE tables (J), the router (E) and the LM head (V) stay wide.
-  return "wide" if set("nJEV") & set(spec.group(0)) else "projection"
+  # Attention (q, s: query and key positions; n: key blocks), RoPE tables (J), the router (E) and the LM
+  # head (V) stay wide.
+  return "wide" if set("nqsJEV") & set(spec.group(0)) else "projection"
 
 
 def fp8_gemms() -> None:
-  for mesh in (
-    ["parallel.fsdp=2", "parallel.expert=1"],
-    ["parallel.fsdp=1", "parallel.expert=2", "model.remat_policy=full"],
-  ):
-    _fp8_gemms(mesh)
+  # Experts exchanged over the expert axis (shard_map), layers rematerialized (remat's name stack).
+  _fp8_gemms(["parallel.fsdp=1", "parallel.expert=2", "model.remat_policy=full"])
 
 
 def _fp8_gemms(mesh: list[str]) -> None:

@@ -68,12 +68,24 @@ def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
   proc.wait()
 
 
+_REFERENCES: dict[tuple[str, ...], list[dict]] = {}
+
+
+def _reference(job: Path, sampling: list[str]) -> list[dict]:
+  """The records of an uninterrupted run (one per sampling setting, made once per module)."""
+  key = tuple(sampling)
+  if key not in _REFERENCES:
+    want = job / f"uninterrupted-{len(_REFERENCES)}"
+    _run(job, want, *sampling)
+    _REFERENCES[key] = read_shards(want)
+  reference = _REFERENCES[key]
+  assert [r["id"] for r in reference] == list(range(64)) and all(r["completion_ids"] for r in reference)
+  return reference
+
+
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8", "--seed", "11"]], ids=["greedy", "sampled"])
 def test_killed_three_times_the_job_resumes_to_the_uninterrupted_records(job, tmp_path, sampling):
-  want = tmp_path / "uninterrupted"
-  _run(job, want, *sampling)
-  reference = read_shards(want)
-  assert [r["id"] for r in reference] == list(range(64)) and all(r["completion_ids"] for r in reference)
+  reference = _reference(job, sampling)
   out, rng = tmp_path / "killed", random.Random(5)
   for how in ("moment", "commit", "moment"):
     before = _shards(out)
@@ -91,11 +103,31 @@ def test_killed_three_times_the_job_resumes_to_the_uninterrupted_records(job, tm
   assert "resuming" in r.stdout
   assert not list(out.glob("*.tmp"))
   assert read_shards(out) == reference  # every record once, in order, each with the same completion
+  if not sampling:  # the same directory with another sampling setting is another job: refused, one line
+    r = subprocess.run(_cmd(job, out, "--temperature", "0.5"), env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {out}: written by another job")
+    assert "sampling" in r.stderr and read_shards(out) == reference
 
 
-def test_another_jobs_directory_is_refused(job, tmp_path):
-  out = tmp_path / "o"
-  _run(job, out)
-  r = subprocess.run(_cmd(job, out, "--temperature", "0.5"), env=ENV, cwd=ROOT, capture_output=True, text=True)
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {out}: written by another job")
-  assert "sampling" in r.stderr
+def test_two_processes_share_a_job_and_each_resumes_its_own_shards(job, tmp_path):
+  """--num-processes 2: process I takes the shards k with k mod 2 = I, both in one directory at once;
+  process 1 is killed after its first shard and rerun alone: the records are the uninterrupted run's."""
+  reference, out = _reference(job, []), tmp_path / "shared"
+
+  def launch(i: int) -> subprocess.Popen:
+    cmd = _cmd(job, out, "--num-processes", "2", "--process-id", str(i))
+    return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  first, second = launch(0), launch(1)
+  _kill_when(second, lambda: out.is_dir() and any(out.glob("part-0000[1357].jsonl")), "process 1's first shard")
+  assert first.wait(timeout=600) == 0
+  log = first.stdout.read()
+  assert "wrote 32 records" in log and "shards left to the other processes" in log, log[-2000:]
+  assert sorted(int(p.name[5:10]) % 2 for p in out.glob("part-*.jsonl")).count(0) == 4
+  r = subprocess.run(
+    _cmd(job, out, "--num-processes", "2", "--process-id", "1"), env=ENV, cwd=ROOT, capture_output=True, text=True
+  )
+  assert r.returncode == 0 and "resuming" in r.stdout and "the job is complete: 8 shards" in r.stdout, (
+    r.stdout + r.stderr[-2000:]
+  )
+  assert read_shards(out) == reference

@@ -42,7 +42,7 @@ RUN = [
   "model.nope_layer_interval=2",
 ]  # the tiny config's mesh: fsdp 4 x expert 2 (8 devices: 1 process x 8 or 2 processes x 4)
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
-PEER_TIMEOUT = 10
+PEER_TIMEOUT = 6
 SLICES = ["parallel.num_slices=2", "parallel.dcn_axis=fsdp"]
 
 

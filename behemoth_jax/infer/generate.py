@@ -340,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     "or one FILE.jsonl / FILE.array_record (written to FILE.tmp, renamed when complete)",
   )
   p.add_argument(
+    "--num-processes",
+    type=int,
+    default=1,
+    help="with --out DIR: processes sharing the job, each on its own devices (replicas); process I "
+    "generates the shards k with k mod N = I, so every record is generated once (default: %(default)s)",
+  )
+  p.add_argument("--process-id", type=int, default=0, help="with --num-processes: this process's index I")
+  p.add_argument(
     "--shard-records",
     type=int,
     default=256,
@@ -380,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if sharded and args.score:
       raise DataError(f"{out}: --score writes one file: give --out FILE.jsonl or FILE.array_record")
+    if not 0 <= args.process_id < args.num_processes:
+      raise DataError(f"--process-id: must be in [0, {args.num_processes}), got {args.process_id}")
+    if args.num_processes > 1 and not sharded:
+      raise DataError(f"--num-processes: processes share a job directory: give --out DIR, not {out}")
     if out.exists() and not sharded:
       raise DataError(f"{out}: already exists (remove it or choose another --out)")
     field = args.field or ("text" if args.score else "prompt")
@@ -426,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-    return _generate_shards(gen, shards, records, encode, tok, args.max_new_tokens, args.batch_size)
+    mine = (args.process_id, args.num_processes)
+    return _generate_shards(gen, shards, records, encode, tok, args.max_new_tokens, args.batch_size, mine)
   tmp = out.with_name(out.name + ".tmp")
   new_tokens, t0 = 0, time.perf_counter()
   bar = tqdm(total=len(records), unit="prompt", dynamic_ncols=True)
@@ -462,16 +475,24 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _generate_shards(gen, shards: ShardedOutput, records, encode, tok, max_new: int, batch_size: int) -> int:
+def _generate_shards(
+  gen, shards: ShardedOutput, records, encode, tok, max_new: int, batch_size: int, process=(0, 1)
+) -> int:
   """The resumable job: the shards not yet committed, in order, each generated in batches of its own
-  records (the same batches in every run: a resumed run computes what an uninterrupted one would)."""
-  pending = shards.pending()
-  before = len(records) - sum(len(shards.records(k)) for k in pending)
+  records (the same batches in every run: a resumed run computes what an uninterrupted one would).
+  `process` (I, N): this process takes the shards k with k mod N = I."""
+  me, count = process
+  owned = [k for k in range(shards.num_shards) if k % count == me]
+  pending = [k for k in shards.pending() if k % count == me]
+  total = sum(len(shards.records(k)) for k in owned)
+  before = total - sum(len(shards.records(k)) for k in pending)
+  who = f" (process {me} of {count}: {len(owned)} of the job's {shards.num_shards} shards)" if count > 1 else ""
   if before:
-    print(f"resuming {shards.dir}: {before} of {len(records)} records in {shards.num_shards - len(pending)} shards")
+    print(f"resuming {shards.dir}{who}: {before} of {total} records in {len(owned) - len(pending)} shards")
   new_tokens, t0 = 0, time.perf_counter()
-  bar = tqdm(total=len(records), initial=before, unit="prompt", dynamic_ncols=True)
+  bar = tqdm(total=total, initial=before, unit="prompt", dynamic_ncols=True)
   for k in pending:
+    shards.clean(k)
     lines, idx = [], list(shards.records(k))
     for start in range(0, len(idx), batch_size):
       batch = idx[start : start + batch_size]
@@ -482,9 +503,11 @@ def _generate_shards(gen, shards: ShardedOutput, records, encode, tok, max_new: 
       bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):,.0f}")
     shards.commit(k, lines)
   bar.close()
+  left = len(shards.pending())
   print(
-    f"wrote {len(records) - before} records to {shards.dir} ({shards.num_shards} shards in all; "
-    f"{new_tokens:,} tokens, {new_tokens / (time.perf_counter() - t0):,.0f} tokens/s)"
+    f"wrote {total - before} records to {shards.dir}{who} ({new_tokens:,} tokens, "
+    f"{new_tokens / (time.perf_counter() - t0):,.0f} tokens/s); "
+    + (f"{left} shards left to the other processes" if left else f"the job is complete: {shards.num_shards} shards")
   )
   return 0
 

@@ -6,11 +6,12 @@ killed at any moment (SIGKILL, power loss) resumes where it stopped with the sam
     OUT_DIR/part-00000.jsonl records [0, n) of the prompt file, in order; part-k holds [k·n, (k+1)·n)
     OUT_DIR/part-00001.jsonl ...
 
-A shard is written whole at its commit: to `part-k.jsonl.tmp`, flushed and fsynced, renamed (atomic on
-POSIX), and the directory fsynced, so a shard is either complete or absent; a leftover `.tmp` is the
-trace of a commit cut short and is removed on resume. Which input records a shard holds is its number
-(times job.json's `shard_records`). A directory written by another job (another model, prompt file or
-sampling setting) is refused with one line naming what differs.
+A shard is written whole at its commit: to `part-k.jsonl.PID.tmp`, flushed and fsynced, renamed
+(atomic on POSIX), and the directory fsynced, so a shard is either complete or absent; a leftover
+`.tmp` is the trace of a commit cut short and is removed when the shard's owner resumes. Several
+processes may share a job (each its own shards, `generate --num-processes`). Which input records a
+shard holds is its number (times job.json's `shard_records`). A directory written by another job
+(another model, prompt file or sampling setting) is refused with one line naming what differs.
 """
 
 from __future__ import annotations
@@ -51,13 +52,11 @@ class ShardedOutput:
             f"{self.dir}: written by another job ({key}: {saved.get(key)!r} there, {self.job.get(key)!r} now); "
             "choose another --out"
           )
-    elif self.dir.exists() and any(self.dir.iterdir()):
+    elif self.dir.exists() and any(not p.name.endswith(".tmp") for p in self.dir.iterdir()):
       raise DataError(f"{self.dir}: exists and is not a generation job's directory (no {JOB}); choose another --out")
-    else:
+    else:  # several processes may start the job at once: each writes the same job.json, atomically
       self.dir.mkdir(parents=True, exist_ok=True)
       _atomic_write(path, json.dumps(self.job, indent=1) + "\n")
-    for tmp in self.dir.glob("part-*.jsonl.tmp"):  # a commit cut short
-      tmp.unlink()
 
   @property
   def num_shards(self) -> int:
@@ -72,6 +71,11 @@ class ShardedOutput:
   def pending(self) -> list[int]:
     return [k for k in range(self.num_shards) if not self.shard_path(k).is_file()]
 
+  def clean(self, k: int) -> None:
+    """Removes what a commit of shard k cut short left behind (its temporary files)."""
+    for tmp in self.dir.glob(f"{self.shard_path(k).name}.*.tmp"):
+      tmp.unlink(missing_ok=True)
+
   def commit(self, k: int, lines: list[str]) -> None:
     if len(lines) != len(self.records(k)):
       raise ValueError(f"shard {k}: {len(lines)} records, expected {len(self.records(k))}")
@@ -79,7 +83,7 @@ class ShardedOutput:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: processes may share the directory
   with open(tmp, "w") as f:
     f.write(text)
     f.flush()
