@@ -2,9 +2,8 @@
 
 Loading is strict: YAML keys that are not fields, values of the wrong type, and inconsistent numbers
 raise `ConfigError` with one line naming the field and the rule. `key=value` overrides use dotted
-paths (`model.hidden_size=64`) and YAML syntax for values (`model.moe_layers=[0,2]`).
-
-The mapping to and from Hugging Face config.json lives in behemoth_jax/convert/hf_config.py.
+paths (`model.hidden_size=64`) and YAML syntax for values (`model.moe_layers=[0,2]`). The mapping to
+and from Hugging Face config.json lives in behemoth_jax/convert/hf_config.py.
 """
 
 from __future__ import annotations
