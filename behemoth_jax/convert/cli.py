@@ -31,7 +31,7 @@ from flax import nnx
 
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import Config, ConfigError, load_config, to_dict
-from behemoth_jax.convert.export import source_configs, write_hf
+from behemoth_jax.convert.export import fsync, source_configs, write_hf
 from behemoth_jax.convert.hf import ConversionError, convert_hf_to_checkpoint
 from behemoth_jax.model.transformer import create_model
 from behemoth_jax.train.checkpoint import (
@@ -59,12 +59,17 @@ def from_hf(args) -> str:
   try:
     cfg = convert_hf_to_checkpoint(args.hf_dir, tmp, dtype=args.dtype, progress=True, compress=args.compress)
     (tmp / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(Config(model=cfg)), sort_keys=False))
+    for name in os.listdir(tmp):  # orbax fsynced its own files; ours and the directory before the rename
+      if not (tmp / name).is_dir():
+        fsync(tmp / name)
+    fsync(tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if out.exists():
     shutil.rmtree(out)
   os.replace(tmp, out)
+  fsync(out.parent)
   return f"wrote {out} (parameters, one leaf per layer, + {CONFIG_NAME}); train with train.init_from={out}"
 
 
@@ -92,7 +97,7 @@ def to_hf(args) -> str:
     cfg,
     abstract.decoder.num_cycles,
     shapes,
-    reader.read_into,
+    reader.start_read,
     out,
     max_shard_size=args.max_shard_size,
     dtype=args.dtype,

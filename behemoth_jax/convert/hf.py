@@ -34,6 +34,7 @@ from behemoth_jax.train.checkpoint import CHUNK_BYTES, HF_CONFIG, HF_GENERATION_
 from sharding.api import place
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+DATA_FILE_BYTES = 32 << 20  # orbax's target size of an OCDBT data file, for from-hf
 AUTO = "auto"  # keep each tensor's dtype as the checkpoint stores it (transformers' dtype="auto")
 
 
@@ -78,10 +79,17 @@ class SafetensorsDir:
   def keys(self) -> set[str]:
     return set(self.file_of)
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The tensor (a new array, or read into the front of the uint8 `buffer`)."""
     if name not in self.file_of:
       raise ConversionError(f"{name}: missing from checkpoint {self.path}")
-    return self._files[self.file_of[name]].get(name)
+    return self._files[self.file_of[name]].get(name, buffer)
+
+  def nbytes(self, name: str) -> int:
+    return self._files[self.file_of[name]].nbytes(name)
+
+  def prefetch(self, name: str) -> None:
+    self._files[self.file_of[name]].prefetch(name)
 
   def dtype(self, name: str) -> np.dtype:
     """The stored dtype, from the header (no data read)."""
@@ -213,29 +221,32 @@ def _progress(progress: bool, what: str):
   return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"reading {what}")
 
 
-class _FusedOnce:
-  """`source.get` that reads a fused HF tensor (gate_up_proj, split between two of our leaves) once:
-  it is kept from its first leaf until its last part is taken, instead of being read per part."""
+class _ReadsInto:
+  """`source.get` into one reused buffer of the largest tensor's size: a tensor is valid until the next
+  read. The tensor last read is kept, so a fused HF tensor (gate_up_proj, split between two of our
+  leaves that come one after the other) is read once. Why one buffer: a fresh buffer's pages are zeroed
+  by the kernel as the read first touches them (perf: ~10% of from-hf's CPU time in clear_page)."""
 
-  def __init__(self, source, by_leaf: dict):
+  def __init__(self, source, order: list[str], ahead_bytes: int):
     self.source = source
-    self._parts_left = defaultdict(int)
-    for ents in by_leaf.values():
-      for e in ents:
-        if e.rule.part is not None:
-          self._parts_left[e.hf_name] += 1
-    self._kept: dict[str, np.ndarray] = {}
+    self._buffer = np.empty(max((source.nbytes(n) for n in order), default=0), np.uint8)
+    self._last: tuple[str, np.ndarray] | None = None
+    # Readahead: the tensors to be read next, up to `ahead_bytes`, are being read by the kernel while
+    # this one is converted and saved (from-hf reads at the disk's pace instead of waiting on each read).
+    self._order, self._next, self._ahead = order, 0, ahead_bytes
+    self._queued: dict[str, int] = {}  # prefetched, not read yet: bytes
 
   def get(self, name: str) -> np.ndarray:
-    if name not in self._parts_left:
-      return self.source.get(name)
-    raw = self._kept.pop(name, None)
-    if raw is None:
-      raw = self.source.get(name)
-    self._parts_left[name] -= 1
-    if self._parts_left[name]:
-      self._kept[name] = raw
-    return raw
+    if self._last is None or self._last[0] != name:
+      self._last = None  # the buffer is overwritten: drop the old view first
+      self._queued.pop(name, None)
+      while self._next < len(self._order) and sum(self._queued.values()) < self._ahead:
+        ahead = self._order[self._next]
+        self.source.prefetch(ahead)
+        self._queued[ahead] = self.source.nbytes(ahead)
+        self._next += 1
+      self._last = (name, self.source.get(name, self._buffer))
+    return self._last[1]
 
 
 def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, dtype: np.dtype, bar=None) -> np.ndarray:
@@ -301,6 +312,43 @@ def _release_freed_memory() -> None:
     pass
 
 
+def _nbytes(target, dtype) -> int:
+  return int(np.prod(target.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+class _Slabs:
+  """Two reused byte buffers that batches of leaves are copied into, one filled while the other's batch
+  is saved. Reused for the same reason as `_ReadsInto`'s buffer (fresh pages are zeroed on first touch)."""
+
+  ALIGN = 64
+
+  def __init__(self, batch_bytes: int, largest: int):
+    self.size = max(batch_bytes, largest)
+    self._slabs = [np.empty(self.size, np.uint8), np.empty(self.size, np.uint8)]
+    self._which, self._used = 0, 0
+
+  def fits(self, shape, dtype) -> bool:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return self._used + nbytes <= self.size
+
+  def put(self, value: np.ndarray, shape, dtype) -> np.ndarray:
+    """A contiguous copy of `value` in `dtype`, in the current slab (`fits` was checked)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    out = self._slabs[self._which][self._used : self._used + nbytes].view(dtype).reshape(shape)
+    self._used += -(-nbytes // self.ALIGN) * self.ALIGN
+    if value.dtype == dtype and dtype.itemsize == 2:
+      # As 16-bit integers: numpy copies a strided bfloat16 array element by element through ml_dtypes'
+      # generic copy (perf: 6% of from-hf's CPU time), an integer one with its fast strided loops.
+      np.copyto(out.view(np.uint16), value.view(np.uint16))
+    else:
+      np.copyto(out, value, casting="unsafe")
+    return out
+
+  def swap(self) -> None:
+    self._which, self._used = 1 - self._which, 0
+
+
 def convert_hf_to_checkpoint(
   path: str | Path,
   out: str | Path,
@@ -327,45 +375,53 @@ def convert_hf_to_checkpoint(
     cfg, leaf_dtypes = _with_dtypes(cfg, source, by_leaf, dtype, None)
     _, flat = _abstract_leaves(cfg, by_leaf)
     bar = _progress(progress, path)
-    pending: dict = {}
-    # Reading and saving overlap: one batch is saved on a second thread while the next is read (each
-    # orbax partial save is synchronous). At most two batches are alive: memory ~2 × max(buffer, tensor).
+    order = list(dict.fromkeys(e.hf_name for ents in by_leaf.values() for e in ents))
+    reads = _ReadsInto(source, order, ahead_bytes=2 * buffer_bytes)
+    slabs = _Slabs(buffer_bytes, max(_nbytes(flat[leaf].get_value(), leaf_dtypes[leaf]) for leaf in by_leaf))
+    # Reading and saving overlap: one batch is saved on a second thread while the next is read into the
+    # other slab (each orbax partial save is synchronous). Memory: the two slabs and the read buffer.
     saver = ThreadPoolExecutor(1, thread_name_prefix="from-hf-save")
     saving = None
+    pending: dict = {}
 
     def save(batch):
       ocp1.partial.save(out, {"params": nnx.from_flat_state(batch)})
-      del batch
-      _release_freed_memory()
+      _release_freed_memory()  # orbax's and tensorstore's own buffers
 
     def flush():
       nonlocal saving
       if saving is not None:
-        saving.result()
+        saving.result()  # the other slab is free again
       # In the caller's context: orbax options (an `ocp.Context`) are context variables.
       saving = saver.submit(contextvars.copy_context().run, save, dict(pending)) if pending else None
       pending.clear()
+      slabs.swap()
 
-    reads = _FusedOnce(source, by_leaf)  # leaves come layer by layer: gate and up one after the other
     options = ocp1.Context()
     options.array_options.saving.use_compression = compress
     # Chunks of <= 64 MiB: to-hf's reads (and train.init_from's) copy chunks on several threads; one
     # 256 MiB chunk per half of gate_up made to-hf 7.5-9.7 s instead of 5.9-6.1 s (benchmark, 2 runs each).
     options.array_options.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    # No deep copy of what is saved (orbax's guard against the caller changing an array during an
+    # async save): a slab is written again only after its partial save has returned.
+    options.memory_options.deepcopy_host_arrays = False
+    # Data files of ~32 MiB instead of one per partial save: tensorstore writes (and fsyncs) several
+    # files at once, where one file was written and synced by one thread (from-hf 10.6-13.2 s ->
+    # 6.9-9.0 s on the benchmark's checkpoint, alternating runs).
+    options.array_options.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
     with options:  # orbax reads its options from the context
       try:
         for leaf, leaf_entries in by_leaf.items():
           var = flat[leaf]
-          value = _leaf_value(cfg, reads, leaf_entries, var.get_value(), leaf_dtypes[leaf], bar)
-          # Contiguous here, on the reading thread: orbax deep-copies what it saves, and its copy of a
-          # strided view (a transpose, half of gate_up) was the slowest part of a save (measured ~1 s
-          # per 256 MiB; from-hf 8.6 -> 7.4 s on the benchmark, mean of pairs).
-          value = np.ascontiguousarray(value)
+          target = var.get_value()
+          value = _leaf_value(cfg, reads, leaf_entries, target, leaf_dtypes[leaf], bar)
           # Leaves are saved in batches of up to `buffer_bytes` (each orbax partial save costs a
           # metadata round trip); one leaf larger than that is saved alone.
-          if pending and sum(v.get_value().nbytes for v in pending.values()) + value.nbytes > buffer_bytes:
+          if not slabs.fits(target.shape, leaf_dtypes[leaf]):
             flush()
-          pending[leaf] = var.replace(value)
+          # Contiguous in the slab, on the reading thread: tensorstore's copy of a strided view (a
+          # transpose, half of gate_up) into its chunks was the slowest part of a save (~1 s per 256 MiB).
+          pending[leaf] = var.replace(slabs.put(value, target.shape, leaf_dtypes[leaf]))
           del value
         flush()
         if saving is not None:

@@ -86,10 +86,21 @@ class SafetensorsFile:
   def dtype(self, name: str) -> np.dtype:
     return DTYPES[self.header[name]["dtype"]]
 
-  def get(self, name: str) -> np.ndarray:
+  def nbytes(self, name: str) -> int:
+    begin, end = self.header[name]["data_offsets"]
+    return end - begin
+
+  def prefetch(self, name: str) -> None:
+    """Asks the kernel to start reading the tensor into its page cache (readahead, asynchronous), so that
+    the disk works while this process does something else; `get` then copies from memory."""
+    begin, end = self.header[name]["data_offsets"]
+    os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+  def get(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The tensor, read into a new array, or into the front of `buffer` (uint8, at least `nbytes`)."""
     info = self.header[name]
     begin, end = info["data_offsets"]
-    out = np.empty(end - begin, np.uint8)
+    out = np.empty(end - begin, np.uint8) if buffer is None else buffer[: end - begin]
     view, done = memoryview(out), 0
     while done < end - begin:  # pread may return less than asked for large reads
       n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)

@@ -373,10 +373,14 @@ class ParamReader:
 
   def read_into(self, leaf: tuple, index: int | None, out: np.ndarray) -> None:
     """out[...] = leaf[index] (or the whole leaf), converting to out's dtype."""
+    self.start_read(leaf, index, out).result()
+
+  def start_read(self, leaf: tuple, index: int | None, out: np.ndarray) -> ts.Future:
+    """`read_into` started: its future, done when `out` is filled (several reads then share the disk)."""
     src = self._store(leaf)
     if index is not None:
       src = src[index]
-    ts.array(out, copy=False, write=True).write(src).result()
+    return ts.array(out, copy=False, write=True).write(src)
 
 
 def save_args(tree):
