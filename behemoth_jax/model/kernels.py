@@ -14,7 +14,8 @@ docs/ARCHITECTURE.md §2.4).
 
 Two kernels, each with a hand-written backward tested against `jax.grad` of a plain reference: the
 dense one (key spans up to `block`; causal query blocks skip the masked upper triangle) and the
-blocked one (online softmax over key blocks, FlashAttention's recomputing backward).
+blocked one (online softmax over key blocks, FlashAttention's recomputing backward; only the (query
+block, key block) pairs holding a visible key are computed, forward and backward).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def causal_attention(
   `block` at a time with an online softmax and FlashAttention's recomputing backward: live scores
   are queries × block, not queries × keys (what lets 8K-token chunks and 1M-token global layers
   fit). A span that is not a multiple of `block` gets masked padding keys up to the next multiple.
-  That path still computes masked-out key blocks (no block skipping: ~2x the needed FLOPs); the dense
-  path (spans up to `block`) skips them by query block (`_dense`).
+  Both paths skip what causality masks out: the blocked one visits only the (query block, key block)
+  pairs that hold a visible key (`_block_pairs`), the dense one splits queries into row blocks (`_dense`).
   """
   b, t, n, h = q_BTNH.shape
   kv = k_BTKH.shape[2]
@@ -107,7 +108,7 @@ def causal_attention(
         pos_k=None if pos_k is None else widen(pos_k, 0),
         seg_k=None if seg_k is None else widen(seg_k, -1),
       )
-    out = _flash(q, k, v, masks, block)
+    out = _flash(q, k, v, masks, _block_pairs(c, k.shape[2], block, windowed), block)
   else:
     out = _dense(q, k, v, masks, windowed)
   return out.reshape(b, nc * c, n, h)[:, :t]
@@ -209,6 +210,11 @@ class _Masks(NamedTuple):
     cut = lambda x: None if x is None else x[..., start : start + size]
     return self._replace(idx_q=cut(self.idx_q), pos_q=cut(self.pos_q), seg_q=cut(self.seg_q))
 
+  def rows_at(self, start: jax.Array, size: int) -> _Masks:
+    """`rows` at a traced start."""
+    cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+    return self._replace(idx_q=cut(self.idx_q), pos_q=cut(self.pos_q), seg_q=cut(self.seg_q))
+
   def block(self, start: int | jax.Array, size: int) -> jax.Array:
     """[B or 1, n, cq, size] for keys [start, start + size)."""
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
@@ -231,16 +237,46 @@ def _key_block(x, j, block: int):
   return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=2)
 
 
-def _flash_forward(q, k, v, masks: _Masks, block: int):
-  """Online softmax over key blocks (a scan): O(queries · block) live scores instead of queries × keys.
-  Returns the output [B, n, cq, K, G, H] in q's dtype and the log-sum-exp [B, n, K, G, cq] (float32)."""
+def _block_pairs(cq: int, s: int, block: int, windowed: bool) -> tuple[int, tuple[tuple[int, int], ...]]:
+  """(query block size, the (query block, key block) pairs to visit, query-block-major): only pairs
+  holding a key some query of the block may see. Row r of a chunk sees keys [0, r] (`s` keys in the
+  chunk's own layout), or, windowed, keys (r, r + c] of the previous chunk and its own (2c keys; keys c or
+  more indices back are never in the same position chunk: see the module docstring). So a global or
+  chunked layer visits nq(nq+1)/2 of nq² pairs, a windowed one nq + 1 key blocks per query block
+  instead of 2nq. Queries not a multiple of `block` stay one block (every key block visited)."""
+  nk = s // block
+  if cq % block or cq == block:
+    return cq, tuple((0, j) for j in range(nk))
+  pairs = []
+  for i in range(cq // block):
+    last_row = (i + 1) * block - 1
+    lo, hi = (i, (last_row + cq) // block) if windowed else (0, last_row // block)
+    pairs += [(i, j) for j in range(lo, min(hi, nk - 1) + 1)]
+  return block, tuple(pairs)
+
+
+def _rows(x, i, size: int, axis: int):
+  return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
+def _put_rows(x, value, i, size: int, axis: int):
+  return jax.lax.dynamic_update_slice_in_dim(x, value, i * size, axis=axis)
+
+
+def _flash_forward(q, k, v, masks: _Masks, pairs, block: int):
+  """Online softmax over key blocks (a scan over the visited (query block, key block) pairs): O(query
+  block · key block) live scores instead of queries × keys. Returns the output [B, n, cq, K, G, H] in
+  q's dtype and the log-sum-exp [B, n, K, G, cq] (float32)."""
   b, n, cq, kv, g, h = q.shape
+  qb, pairs = pairs
   m0 = jnp.full((b, n, kv, g, cq), NEG_INF, jnp.float32)
   acc0 = jnp.zeros((b, n, kv, g, cq, h), jnp.float32)
 
-  def body(carry, j):
-    m, l, acc = carry
-    sc = _block_scores(q, _key_block(k, j, block), masks, j * block, block)
+  def body(carry, ij):
+    m_all, l_all, acc_all = carry
+    i, j = ij[0], ij[1]
+    m, l, acc = _rows(m_all, i, qb, 4), _rows(l_all, i, qb, 4), _rows(acc_all, i, qb, 4)
+    sc = _block_scores(_rows(q, i, qb, 2), _key_block(k, j, block), masks.rows_at(i * qb, qb), j * block, block)
     m_new = jnp.maximum(m, sc.max(axis=-1))
     p = jnp.exp(sc - m_new[..., None])
     corr = jnp.exp(m - m_new)
@@ -248,45 +284,53 @@ def _flash_forward(q, k, v, masks: _Masks, block: int):
     pv = jnp.einsum(
       "BcKGqs,BcsKH->BcKGqH", p.astype(v.dtype), _key_block(v, j, block), preferred_element_type=jnp.float32
     )
-    return (m_new, l, acc * corr[..., None] + pv), None
+    acc = acc * corr[..., None] + pv
+    return (_put_rows(m_all, m_new, i, qb, 4), _put_rows(l_all, l, i, qb, 4), _put_rows(acc_all, acc, i, qb, 4)), None
 
-  (m, l, acc), _ = jax.lax.scan(body, (m0, jnp.zeros_like(m0), acc0), jnp.arange(k.shape[2] // block))
-  out = (acc / l[..., None]).astype(q.dtype)  # l >= 1: the row maximum contributes exp(0)
+  init = (m0, jnp.zeros_like(m0), acc0)
+  (m, l, acc), _ = jax.lax.scan(body, init, jnp.asarray(pairs, jnp.int32))
+  out = (acc / l[..., None]).astype(q.dtype)  # l >= 1 for every row: each visits its own diagonal key
   return jnp.moveaxis(out, 4, 2), m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, masks: _Masks, block: int):
-  return _flash_forward(q, k, v, masks, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, masks: _Masks, pairs, block: int):
+  return _flash_forward(q, k, v, masks, pairs, block)[0]
 
 
-def _flash_fwd(q, k, v, masks, block):
-  out, lse = _flash_forward(q, k, v, masks, block)
+def _flash_fwd(q, k, v, masks, pairs, block):
+  out, lse = _flash_forward(q, k, v, masks, pairs, block)
   return out, (q, k, v, masks, out, lse)
 
 
-def _flash_bwd(block, res, d_out):
-  """FlashAttention's backward: probabilities recomputed per key block from the saved log-sum-exp, so
-  memory stays O(queries · block); dK and dV of each block come out of the scan, dQ is its carry."""
+def _flash_bwd(pairs, block, res, d_out):
+  """FlashAttention's backward over the same pairs: probabilities recomputed per pair from the saved
+  log-sum-exp, so memory stays O(query block · key block); dQ, dK and dV are float32 carries, each pair
+  adding into its query block's rows and its key block's."""
   q, k, v, masks, out, lse = res
+  qb, pairs = pairs
   d_out = jnp.moveaxis(d_out, 2, 4)  # [B, n, K, G, cq, H]
   delta = jnp.sum(d_out.astype(jnp.float32) * jnp.moveaxis(out, 2, 4).astype(jnp.float32), axis=-1)
   scale = q.shape[-1] ** -0.5
 
-  def body(dq, j):
+  def body(carry, ij):
+    dq_all, dk_all, dv_all = carry
+    i, j = ij[0], ij[1]
+    q_i, do_i = _rows(q, i, qb, 2), _rows(d_out, i, qb, 4)
     k_j, v_j = _key_block(k, j, block), _key_block(v, j, block)
-    p = jnp.exp(_block_scores(q, k_j, masks, j * block, block) - lse[..., None])
-    dv = jnp.einsum("BcKGqs,BcKGqH->BcsKH", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("BcKGqH,BcsKH->BcKGqs", d_out, v_j, preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-    dq = dq + jnp.einsum("BcKGqs,BcsKH->BcqKGH", ds, k_j, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("BcKGqs,BcqKGH->BcsKH", ds, q, preferred_element_type=jnp.float32)
-    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+    sc = _block_scores(q_i, k_j, masks.rows_at(i * qb, qb), j * block, block)
+    p = jnp.exp(sc - _rows(lse, i, qb, 4)[..., None])
+    dv = jnp.einsum("BcKGqs,BcKGqH->BcsKH", p.astype(d_out.dtype), do_i, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("BcKGqH,BcsKH->BcKGqs", do_i, v_j, preferred_element_type=jnp.float32)
+    ds = (p * (dp - _rows(delta, i, qb, 4)[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("BcKGqs,BcsKH->BcqKGH", ds, k_j, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("BcKGqs,BcqKGH->BcsKH", ds, q_i, preferred_element_type=jnp.float32)
+    add = lambda x, d, at, size: _put_rows(x, _rows(x, at, size, 2) + d, at, size, 2)
+    return (add(dq_all, dq, i, qb), add(dk_all, dk, j, block), add(dv_all, dv, j, block)), None
 
-  nb = k.shape[2] // block
-  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(nb))
-  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1], x.shape[2], nb * block, *x.shape[4:])
-  return dq.astype(q.dtype), unblock(dk), unblock(dv), None
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  (dq, dk, dv), _ = jax.lax.scan(body, (zeros(q), zeros(k), zeros(v)), jnp.asarray(pairs, jnp.int32))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
