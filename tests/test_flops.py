@@ -49,6 +49,19 @@ def test_nested_scan():
   assert compiled_flops(c) == 12 * MATMUL
 
 
+def test_trip_count_read_from_the_loop_condition_when_xla_prints_none():
+  """TPU programs print no known_trip_count: the count comes from the condition's compare(i, N)."""
+  import re
+
+  def f(x, ws):
+    return lax.scan(lambda c, w4: (_scan_matmuls(c, w4), None), x, ws)[0]
+
+  hlo = _compile(f, X, jnp.ones((3, 4, K, N))).as_text()
+  stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", hlo)
+  assert "known_trip_count" in hlo and "known_trip_count" not in stripped
+  assert hlo_text_flops(stripped) == hlo_text_flops(hlo) == 12 * MATMUL
+
+
 def test_batched_einsum():
   b, i, j, k = 4, 8, 16, 32
   c = _compile(lambda a, w: jnp.einsum("bij,bjk->bik", a, w), jnp.ones((b, i, j)), jnp.ones((b, j, k)))

@@ -41,6 +41,7 @@ from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
 from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
+from behemoth_jax.scale.collectives import bytes_by_kind
 from behemoth_jax.scale.flops import matmuls
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import batch_specs
@@ -263,6 +264,10 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   mem, reason, compiled = compile_report(lowered, topo)
   if compiled is not None and topo.gpu:
     print(f"  matmul FLOPs by operand type (compiled GEMMs, loops by trip count): {matmul_shares(compiled.as_text())}")
+  if compiled is not None:
+    print(
+      f"  collectives per {topo.unit} per step (compiled, loops by trip count): {collective_bytes(compiled.as_text())}"
+    )
   flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
   if teacher_cfg is not None:  # + the teacher's forward (a third of its train FLOPs)
     flops += analytic_train_flops(teacher_cfg, tc.batch_size, tc.seq_len) / 3
@@ -296,6 +301,16 @@ def matmul_shares(hlo: str) -> str:
     by[kind] = by.get(kind, 0.0) + m.flops
   total = sum(by.values()) or 1.0
   return ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+
+
+def collective_bytes(hlo: str) -> str:
+  """ "all-gather 1.2 GiB, reduce-scatter 0.6 GiB, ...": bytes each chip moves per step by kind
+  (`scale.collectives`: ring-algorithm bytes per member), or why they could not be counted."""
+  try:
+    by = bytes_by_kind(hlo)
+  except (ValueError, KeyError) as e:  # an HLO form the reader does not know: say so, keep the report
+    return f"not counted ({e})"
+  return ", ".join(f"{k} {gib(v)}" for k, v in by.items() if v) or "none"
 
 
 def _width(dtype: str) -> int:

@@ -172,10 +172,7 @@ def hlo_text_flops(hlo: str) -> float:
         continue  # same callee as async-start; count it once
       callees = _callees(rest)
       if opcode == "while":
-        trip = _TRIP_COUNT.search(rest)
-        if trip is None:
-          raise ValueError(f"while loop {name!r} in {comp!r} has no known_trip_count; cannot count its FLOPs")
-        n = int(trip.group(1))
+        n = _trip_count(name, comp, rest, comps)
         total += n * sum(comp_flops(c) for c in callees.get("body", []))
         total += (n + 1) * sum(comp_flops(c) for c in callees.get("condition", []))
       elif opcode == "conditional":
@@ -224,37 +221,75 @@ def matmuls(hlo: str) -> list[Matmul]:
   """Every dot / gemm custom call of an optimized HLO module (inside fusions and loops too), with its
   operand dtypes and its FLOPs counted as `hlo_text_flops` counts them. On GPU a dot sits inside a
   GEMM fusion (Triton) or is a cuBLAS(Lt) custom call; its operand types are what the GEMM reads."""
-  comps, entry = _split_computations(hlo)
   out: list[Matmul] = []
+  for (name, shape, opcode, rest), times, shapes in walk(hlo):
+    f = _op_flops(opcode, shape, rest, shapes)
+    if f:
+      types = tuple(_operand_dtype(o, shapes) for o in _operands(rest)[:2])
+      op_name = re.search(r'op_name="([^"]*)"', rest)
+      out.append(Matmul(op_name.group(1) if op_name else name, types, f * times))
+  return out
 
-  def visit(comp: str, times: float) -> None:
+
+def walk(hlo: str):
+  """(instruction, times it runs per execution of the module, {name: shape} of its computation) for
+  every instruction of an optimized HLO module, inside fusions, calls and loops (a while body counted
+  by its known trip count; every branch of a conditional, as if it ran: an upper bound; the callee of
+  an async pair once, at its start)."""
+  comps, entry = _split_computations(hlo)
+
+  def visit(comp: str, times: float):
     shapes = {name: shape for name, shape, _, _ in comps[comp]}
-    for name, shape, opcode, rest in comps[comp]:
-      f = _op_flops(opcode, shape, rest, shapes)
-      if f:
-        types = tuple(_operand_dtype(o, shapes) for o in _operands(rest)[:2])
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        out.append(Matmul(op_name.group(1) if op_name else name, types, f * times))
+    for instr in comps[comp]:
+      yield instr, times, shapes
+      name, _, opcode, rest = instr
       if opcode in ("async-done", "async-update"):
         continue
       callees = _callees(rest)
       if opcode == "while":
-        trip = _TRIP_COUNT.search(rest)
-        if trip is None:
-          raise ValueError(f"while loop {name!r} in {comp!r} has no known_trip_count; cannot count its FLOPs")
+        trip = _trip_count(name, comp, rest, comps)
         for c in callees.get("body", []):
-          visit(c, times * int(trip.group(1)))
-      elif opcode == "conditional":  # every branch, each as if it ran (an upper bound, as above)
-        for cs in callees.values():
-          for c in cs:
-            visit(c, times)
+          yield from visit(c, times * trip)
       else:
         for cs in callees.values():
           for c in cs:
-            visit(c, times)
+            yield from visit(c, times)
 
-  visit(entry, 1.0)
-  return out
+  yield from visit(entry, 1.0)
+
+
+_CONSTANT = re.compile(r"constant\((-?\d+)\)")
+_PARAMETER = re.compile(r"parameter\((\d+)\)")
+
+
+def _trip_count(name: str, comp: str, rest: str, comps: dict[str, list[Instr]]) -> int:
+  """A while loop's trip count: XLA's `known_trip_count` where it prints one (CPU, GPU), else read from
+  its condition (TPU programs print none): a ROOT `compare(counter, constant(N))`, maybe wrapped in a
+  fusion, direction LT (N trips) or LE (N + 1); the counter counting from 0 by 1, as the loops of
+  scans, fori_loops and XLA's windowed einsums do."""
+  trip = _TRIP_COUNT.search(rest)
+  if trip is not None:
+    return int(trip.group(1))
+  cond = _callees(rest).get("condition", [])
+  instrs = comps.get(cond[0], []) if cond else []
+  if instrs:
+    constants = {n: int(m.group(1)) for n, _, op, r in instrs if op == "constant" and (m := _CONSTANT.match(op + r))}
+    _, _, opcode, root_rest = instrs[-1]  # XLA prints a computation's ROOT last
+    ops = [o.split()[-1].lstrip("%") for o in _operands(root_rest)]
+    if opcode == "fusion":  # the compare inside, on the fusion's parameters
+      fused = comps.get((_callees(root_rest).get("calls") or [""])[0], [])
+      params = {n: int(m.group(1)) for n, _, op, r in fused if op == "parameter" and (m := _PARAMETER.match(op + r))}
+      if fused and fused[-1][2] == "compare":
+        opcode, root_rest = "compare", fused[-1][3]
+        ops = [ops[params[o.split()[-1].lstrip("%")]] for o in _operands(root_rest)]
+    direction = re.search(r"direction=(\w+)", root_rest)
+    if opcode == "compare" and len(ops) == 2 and direction is not None:
+      (a, b), d = ops, direction.group(1)
+      if b in constants and a not in constants and d in ("LT", "LE"):
+        return constants[b] + (d == "LE")
+      if a in constants and b not in constants and d in ("GT", "GE"):
+        return constants[a] + (d == "GE")
+  raise ValueError(f"while loop {name!r} in {comp!r}: no known_trip_count and no counter bound in its condition")
 
 
 def _operand_dtype(operand: str, shapes: dict[str, str]) -> str:

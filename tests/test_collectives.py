@@ -1,0 +1,86 @@
+"""Collective bytes per chip (`scale.collectives`) on small programs whose bytes are known by hand,
+compiled for the 8 fake CPU devices."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from behemoth_jax.scale.collectives import bytes_by_kind, collectives
+
+MESH = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _hlo(f, *args) -> str:
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def _only(hlo: str, kind: str) -> float:
+  got = bytes_by_kind(hlo)
+  assert {k for k, v in got.items() if v} == {kind}, got
+  return got[kind]
+
+
+def test_an_fsdp_all_gather_of_a_known_parameter():
+  """A [1024, 256] f32 parameter sharded 8 ways on its rows, gathered whole: each chip receives the 7
+  shards it lacks, 7 × 128 × 256 × 4 bytes."""
+  w = jax.device_put(jnp.ones((1024, 256)), NamedSharding(MESH, P("x", None)))
+  hlo = _hlo(lambda w: jax.sharding.reshard(w, NamedSharding(MESH, P())), w)
+  assert _only(hlo, "all-gather") == 7 * 128 * 256 * 4
+  (c,) = collectives(hlo)
+  assert (c.group, c.operand_bytes) == (8, 128 * 256 * 4)
+
+
+def test_an_all_to_all_and_a_reduce_scatter_of_known_size():
+  """Per chip [64, 32] f32 (8 KiB): an all-to-all sends 7/8 of it; a reduce-scatter of the same
+  array sends 7/8 of it too; groups of 4 (two groups) send 3/4."""
+  x = jax.device_put(jnp.ones((8 * 64, 32)), NamedSharding(MESH, P("x", None)))
+  a2a = jax.shard_map(
+    lambda x: jax.lax.all_to_all(x, "x", 0, 0, tiled=True), mesh=MESH, in_specs=P("x"), out_specs=P("x")
+  )
+  assert _only(_hlo(a2a, x), "all-to-all") == pytest.approx(7 / 8 * 64 * 32 * 4)
+  rs = jax.shard_map(lambda x: jax.lax.psum_scatter(x, "x", tiled=True), mesh=MESH, in_specs=P("x"), out_specs=P("x"))
+  assert _only(_hlo(rs, x), "reduce-scatter") == pytest.approx(7 / 8 * 64 * 32 * 4)
+  mesh2 = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  y = jax.device_put(jnp.ones((8 * 64, 32)), NamedSharding(mesh2, P(("a", "b"), None)))
+  a2a4 = jax.shard_map(
+    lambda x: jax.lax.all_to_all(x, "b", 0, 0, tiled=True), mesh=mesh2, in_specs=P(("a", "b")), out_specs=P(("a", "b"))
+  )
+  (c,) = collectives(_hlo(a2a4, y))
+  assert (c.kind, c.group, c.bytes) == ("all-to-all", 4, pytest.approx(3 / 4 * 64 * 32 * 4))
+
+
+def test_a_loop_of_all_reduces_counts_every_trip():
+  """psum of a [256] f32 per chip inside a 5-trip loop: 5 × 2 × 7/8 × 1 KiB per chip."""
+  x = jax.device_put(jnp.ones((8 * 256,)), NamedSharding(MESH, P("x")))
+
+  @partial(jax.shard_map, mesh=MESH, in_specs=P("x"), out_specs=P("x"))
+  def loop(x):
+    return jax.lax.fori_loop(0, 5, lambda i, y: jax.lax.psum(y, "x") * 0.5 + jnp.sin(y), x)
+
+  hlo = _hlo(loop, x)
+  assert _only(hlo, "all-reduce") == pytest.approx(5 * 2 * 7 / 8 * 256 * 4)
+  (c,) = collectives(hlo)
+  assert c.bytes == pytest.approx(
+    5
+    * collectives(_hlo(jax.shard_map(lambda y: jax.lax.psum(y, "x"), mesh=MESH, in_specs=P("x"), out_specs=P("x")), x))[
+      0
+    ].bytes
+  )
+
+
+def test_async_collectives_with_iota_groups_as_tpu_programs_print_them():
+  """An async all-gather in iota replica groups ([2,4]<=[8]: two groups of 4), counted once at its start."""
+  hlo = """HloModule m, num_partitions=8
+
+ENTRY %main (p: bf16[16,128]) -> bf16[64,128] {
+  %p = bf16[16,128]{1,0} parameter(0)
+  %ags = (bf16[16,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(bf16[16,128]{1,0} %p), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %agd = bf16[64,128]{1,0} all-gather-done((bf16[16,128]{1,0}, bf16[64,128]{1,0}) %ags)
+}
+"""
+  (c,) = collectives(hlo)
+  assert (c.kind, c.group, c.operand_bytes, c.bytes) == ("all-gather", 4, 16 * 128 * 2, 3 * 16 * 128 * 2)
