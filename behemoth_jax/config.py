@@ -198,7 +198,7 @@ class ModelConfig:
   # layer's key span (its chunk, or T for global layers) is longer (a span that is not a multiple of it
   # is padded with masked keys); 0: always the dense path.
   attention_block: int = 1024
-  moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
+  moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU (dense on XLA:GPU), blocked on CPU
   moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
   vision: VisionConfig | None = None  # early-fusion vision encoder (None: text only)
 

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 from common import CompiledTrainStep, median_seconds, random_batch
 
 from behemoth_jax.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from behemoth_jax.model.gmm import resolve_impl
+from behemoth_jax.scale.aot import matmul_shares
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.step import analytic_train_flops, peak_flops_per_device
 
@@ -84,6 +87,13 @@ def main(argv=None) -> int:
     choices=("float32", "bfloat16"),
     help="parameters and AdamW state; bfloat16 halves the 48 GB state for smaller chips",
   )
+  p.add_argument(
+    "--moe-impl",
+    default="auto",
+    choices=("auto", "ragged", "blocked", "dense"),
+    help="routed experts' grouped matmul (model.moe_impl); on GPU `ragged` is XLA's ragged_dot, which XLA:GPU "
+    "computes densely (every expert for every row: docs/PERFORMANCE.md)",
+  )
   p.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8 (default both)")
   p.add_argument("--smoke", action="store_true", help="toy model, batch 2 x 64, 2 steps: runs on CPU in about a minute")
   args = p.parse_args(argv)
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
   model, b, t = BENCH_1B, args.batch, args.seq
   if args.smoke:
     model, b, t, args.steps, args.warmup = SMOKE, 2, 64, 2, 1
-  model = dataclasses.replace(model, remat_policy=args.remat, param_dtype=args.param_dtype)
+  model = dataclasses.replace(model, remat_policy=args.remat, param_dtype=args.param_dtype, moe_impl=args.moe_impl)
   dev = jax.devices()[0]
   peak = peak_flops_per_device()
   if peak is None:
@@ -112,7 +122,8 @@ def main(argv=None) -> int:
   analytic = analytic_train_flops(model, b, t)
   print(
     f"{'smoke' if args.smoke else 'bench-1b'}: {active / 1e9:.3g} G active / {total / 1e9:.3g} G total "
-    f"parameters, batch {b} x seq {t}, params {model.param_dtype}, remat {model.remat_policy}; "
+    f"parameters, batch {b} x seq {t}, params {model.param_dtype}, remat {model.remat_policy}, "
+    f"moe_impl {resolve_impl(model.moe_impl)}; "
     f"device {dev.device_kind} ({dev.platform}); jax {jax.__version__}"
   )
   print(f"analytic FLOPs per step {analytic / 1e12:.4g} T (3 x forward); MFU against the {peak_name}")
@@ -141,8 +152,16 @@ def main(argv=None) -> int:
       )
       return 1
     seconds, _ = median_seconds(step.run, args.steps)
-    rows.append((mode, first, seconds, step.flops))
+    try:  # a data-dependent loop (the blocked grouped matmul) has no static count; off CPU no executed one
+      flops = step.flops
+    except Exception as e:  # noqa: BLE001 - the column says why instead of losing the timed run
+      print(f"{mode}: compiled matmul FLOPs not counted: {str(e).splitlines()[0][:160]}", flush=True)
+      flops = float("nan")
+    rows.append((mode, first, seconds, flops))
+    # Whether the fp8 GEMMs really read f8 operands on this chip (XLA:CPU converts f8 to f32 first).
+    print(f"{mode}: matmul FLOPs by operand type: {matmul_shares(step.compiled.as_text())}", flush=True)
     del step
+    gc.collect()  # free this mode's 63 GB of state before the next one is initialised
   print(
     f"\n| matmuls | first-step loss | step (median of {args.steps}) | tokens/s | TFLOP/s | MFU | "
     f"compiled/analytic matmul FLOPs |\n|---|---|---|---|---|---|---|"

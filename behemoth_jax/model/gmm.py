@@ -2,7 +2,9 @@
 
 Implementations (docs/ARCHITECTURE.md §2.6; the measurements behind the CPU kernel's shape are in
 docs/PERFORMANCE.md, "Design measurements"):
-- `ragged`: `jax.lax.ragged_dot`, native on TPU (and the GPU lowering of XLA).
+- `ragged`: `jax.lax.ragged_dot`, native on TPU. XLA:GPU expands it into one dense GEMM over every
+  expert (E× the FLOPs forward; measured on an H200 and in deviceless compiles, docs/PERFORMANCE.md
+  "GPU mode"): still the GPU default until `blocked` has been timed there.
 - `blocked`: on CPU `ragged_dot` lowers to one masked dense matmul per expert (E× the useful
   FLOPs), so this path scans over the experts, reads each expert's
   weight once and multiplies its own rows in tiles of 4·b rows (a `while` loop with a data-dependent
