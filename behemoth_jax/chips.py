@@ -21,6 +21,11 @@ class Chip:
   dims: int = 0  # torus dimensions (TPUs only)
   gpu_target: str | None = None  # XLA target config for deviceless GPU compilation (scale/gpus/*.txtpb)
   peak_fp8_flops: float | None = None
+  # Interconnect, bytes/s per chip in one direction (published figures; the mesh planner's roofline):
+  # ICI (TPU: all ports together; GPU: NVLink inside a node) and DCN (TPU: the host's NICs shared by its
+  # chips; GPU: the node's InfiniBand, one 400 Gb/s NIC per GPU).
+  ici_bytes_per_s: float = 0.0
+  dcn_bytes_per_s: float = 0.0
 
   @property
   def device_kind(self) -> str:
@@ -28,14 +33,41 @@ class Chip:
 
 
 CHIPS = {
-  "v4": Chip("v4", ("TPU v4",), 275e12, 33_013_592_064, "v4", 2, 3),
-  "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 102_802_796_544, "v5", 2, 3),
-  "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16_908_767_232, "v5e", 1, 2),
-  "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 33_549_930_496, "v6e", 1, 2),
+  # ICI per chip: 2,400 / 4,800 / 1,600 / 3,584 Gb/s (Cloud TPU docs); DCN: 200 Gb/s per host of 4 chips
+  # (v4, v5p), 2 x 100 Gb/s per host of 8 chips (v5e, v6e).
+  "v4": Chip("v4", ("TPU v4",), 275e12, 33_013_592_064, "v4", 2, 3, ici_bytes_per_s=300e9, dcn_bytes_per_s=6.25e9),
+  "v5p": Chip(
+    "v5p", ("TPU v5", "TPU v5p"), 459e12, 102_802_796_544, "v5", 2, 3, ici_bytes_per_s=600e9, dcn_bytes_per_s=6.25e9
+  ),
+  "v5e": Chip(
+    "v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16_908_767_232, "v5e", 1, 2, ici_bytes_per_s=200e9, dcn_bytes_per_s=3.1e9
+  ),
+  "v6e": Chip(
+    "v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 33_549_930_496, "v6e", 1, 2, ici_bytes_per_s=448e9, dcn_bytes_per_s=3.1e9
+  ),
   "a100": Chip("a100", ("NVIDIA A100",), 312e12),
   # GPU memory: what cudaMemGetInfo / nvidia-smi report (81,008 and 143,771 MiB), as in the target configs.
-  "h100": Chip("h100", ("NVIDIA H100",), 989e12, 84_942_979_072, gpu_target="h100_sxm.txtpb", peak_fp8_flops=1979e12),
-  "h200": Chip("h200", ("NVIDIA H200",), 989e12, 150_754_820_096, gpu_target="h200_sxm.txtpb", peak_fp8_flops=1979e12),
+  # NVLink 4: 900 GB/s per GPU both directions together.
+  "h100": Chip(
+    "h100",
+    ("NVIDIA H100",),
+    989e12,
+    84_942_979_072,
+    gpu_target="h100_sxm.txtpb",
+    peak_fp8_flops=1979e12,
+    ici_bytes_per_s=450e9,
+    dcn_bytes_per_s=50e9,
+  ),
+  "h200": Chip(
+    "h200",
+    ("NVIDIA H200",),
+    989e12,
+    150_754_820_096,
+    gpu_target="h200_sxm.txtpb",
+    peak_fp8_flops=1979e12,
+    ici_bytes_per_s=450e9,
+    dcn_bytes_per_s=50e9,
+  ),
 }
 
 

@@ -116,5 +116,10 @@ def constrainer(mesh: Mesh):
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
   """Within this context the model places activation constraints and runs its MoE on `mesh`."""
-  with ax.use_resolver(constrainer(mesh)), ax.use_expert_parallel(expert_parallel(mesh)):
+  counts = lambda logical: math.prod(mesh.shape[a] for a in RULES[logical])  # noqa: E731
+  with (
+    ax.use_resolver(constrainer(mesh)),
+    ax.use_expert_parallel(expert_parallel(mesh)),
+    ax.use_shard_count(counts),
+  ):
     yield mesh

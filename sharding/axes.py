@@ -77,3 +77,24 @@ def use_expert_parallel(fn: Callable) -> Iterator[None]:
     yield
   finally:
     _expert_parallel.reset(token)
+
+
+# How many parts the current mesh splits a logical axis into (1 without a mesh): for kernels whose best
+# loop structure depends on it (model/kernels.py keeps a context-split sequence's queries in one block).
+_shard_count: contextvars.ContextVar[Callable[[str], int] | None] = contextvars.ContextVar(
+  "behemoth_shard_count", default=None
+)
+
+
+def shards(logical: str) -> int:
+  fn = _shard_count.get()
+  return 1 if fn is None else fn(logical)
+
+
+@contextlib.contextmanager
+def use_shard_count(fn: Callable[[str], int]) -> Iterator[None]:
+  token = _shard_count.set(fn)
+  try:
+    yield
+  finally:
+    _shard_count.reset(token)

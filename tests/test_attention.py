@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from behemoth_jax.model.kernels import causal_attention, segment_positions
+from sharding import axes as ax
 
 
 def dense_reference(q, k, v, chunk, positions, segments):
@@ -180,11 +181,12 @@ def test_query_blocks_skip_masked_keys_exactly(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["global", "chunked", "packed_chunked"])
-def test_blocked_path_visits_only_key_blocks_with_visible_keys(case, monkeypatch):
+def test_blocked_path_visits_only_key_blocks_with_visible_keys(case):
   """The blocked kernel skips (query block, key block) pairs that causality (or, windowed, the chunk)
   masks entirely: with 4 query blocks per span it computes 5/8 of the matmul FLOPs of visiting every
-  key block with every query, forward and forward + backward, with the same values and gradients."""
-  from behemoth_jax.model import kernels
+  key block with every query, forward and forward + backward, with the same values and gradients. The
+  reference is the kernel's own every-pair path, which it takes when the sequence is split over
+  `context` (one query block)."""
   from behemoth_jax.scale.flops import compiled_flops
 
   rng = np.random.default_rng(9)
@@ -199,14 +201,14 @@ def test_blocked_path_visits_only_key_blocks_with_visible_keys(case, monkeypatch
     kw.update(
       positions_BT=segment_positions(jnp.asarray(seg)), segment_ids_BT=jnp.asarray(seg), explicit_positions=True
     )
-  every_pair = lambda cq, s, block, windowed: (cq, tuple((0, j) for j in range(s // block)))
   out, flops = {}, {}
   for name in ("skipping", "every pair"):
-    if name == "every pair":
-      monkeypatch.setattr(kernels, "_block_pairs", every_pair)
-    fwd = jax.jit(lambda q, k, v: causal_attention(q, k, v, **kw)).lower(q, k, v).compile()
-    grad = jax.jit(jax.grad(lambda q, k, v: (causal_attention(q, k, v, **kw) * w).sum(), argnums=(0, 1, 2)))
-    grad = grad.lower(q, k, v).compile()
+    # A sequence split over `context` keeps one query block: every pair (model/kernels.py).
+    split = 2 if name == "every pair" else 1
+    with ax.use_shard_count(lambda logical, split=split: split if logical == ax.LENGTH else 1):
+      fwd = jax.jit(lambda q, k, v: causal_attention(q, k, v, **kw)).lower(q, k, v).compile()
+      grad = jax.jit(jax.grad(lambda q, k, v: (causal_attention(q, k, v, **kw) * w).sum(), argnums=(0, 1, 2)))
+      grad = grad.lower(q, k, v).compile()
     out[name] = (fwd(q, k, v), *grad(q, k, v))
     flops[name] = (compiled_flops(fwd), compiled_flops(grad))
   for got, want in zip(out["skipping"], out["every pair"], strict=True):

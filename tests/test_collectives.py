@@ -84,3 +84,45 @@ ENTRY %main (p: bf16[16,128]) -> bf16[64,128] {
 """
   (c,) = collectives(hlo)
   assert (c.kind, c.group, c.operand_bytes, c.bytes) == ("all-gather", 4, 16 * 128 * 2, 3 * 16 * 128 * 2)
+
+
+def test_groups_spanning_slices_count_as_dcn():
+  """8 devices in 2 slices of 4 (ids 0-3, 4-7). `[4,2]<=[2,4]T(1,0)` pairs device i with i + 4: every
+  group spans both slices (DCN); `[2,4]<=[8]` keeps each group inside a slice (ICI); a permute from
+  0 to 4 crosses."""
+  hlo = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+ENTRY %main (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  %across = f32[16]{0} all-reduce(f32[16]{0} %p), channel_id=1, replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+  %inside = f32[16]{0} all-reduce(f32[16]{0} %across), channel_id=2, replica_groups=[2,4]<=[8], to_apply=%add
+  ROOT %perm = f32[16]{0} collective-permute(f32[16]{0} %inside), channel_id=3, source_target_pairs={{0,4},{4,0}}
+}
+"""
+  from behemoth_jax.scale.collectives import _groups, bytes_by_link
+
+  assert _groups("replica_groups=[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  # libtpu's mesh form: ids row-major over the axes, each group along the named ones.
+  assert _groups("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}", 8) == [
+    [0, 4],
+    [1, 5],
+    [2, 6],
+    [3, 7],
+  ]
+  assert _groups("replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] {'axis_0','axis_2'}", 8) == [
+    [0, 1, 4, 5],
+    [2, 3, 6, 7],
+  ]
+  got = bytes_by_link(hlo, lambda i: i // 4)
+  assert got == {
+    ("DCN", "all-reduce"): pytest.approx(2 * 1 / 2 * 64),
+    ("ICI", "all-reduce"): pytest.approx(2 * 3 / 4 * 64),
+    ("DCN", "collective-permute"): 64,
+  }
+  assert {c.link for c in collectives(hlo)} == {"ICI"}  # without unit_of nothing is DCN

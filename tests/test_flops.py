@@ -165,3 +165,31 @@ def test_executed_flops_count_only_the_branch_that_ran(take):
   c = _compile(f, X, jnp.ones((K, N)), jnp.bool_(take))
   assert compiled_flops(c) == 2 * MATMUL  # the static count: the most expensive branch
   assert _executed(f, X, jnp.ones((K, N)), jnp.bool_(take)) == (2 * MATMUL if take else 0)
+
+
+def test_tpu_ragged_dot_kernels_are_counted():
+  """Compiled for a TPU v5p chip (libtpu), ragged_dot is a Mosaic kernel (a custom call, not a dot):
+  the input gradient counts the useful 2·M·K·N; the weight gradient is an input-dilated
+  convolution whose taps on the inserted zeros are not counted, leaving E × the useful FLOPs: XLA
+  computes it densely over every expert (docs/SCALE.md)."""
+  from behemoth_jax.scale import aot
+  from behemoth_jax.scale.flops import matmuls
+
+  sh = jax.sharding.SingleDeviceSharding(aot.parse_topology("v5p-8").devices[0])
+  m, k, n, e = 4096, 256, 512, 8
+  args = [
+    jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((e, k, n), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((e,), jnp.int32, sharding=sh),
+  ]
+
+  def loss(x, w, g):
+    return jnp.sum(lax.ragged_dot(x, w, g, preferred_element_type=jnp.float32))
+
+  with jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16 (as scale.aot)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+  useful = 2 * m * k * n
+  kernels = [mm.flops for mm in matmuls(hlo) if mm.op_name.startswith("ragged-dot")]
+  others = [mm.flops for mm in matmuls(hlo) if not mm.op_name.startswith("ragged-dot")]
+  assert kernels == [useful]  # dx = dy · wᵀ, row by row (the loss is linear: no forward kernel needed)
+  assert others == [e * useful]

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sharding import axes as ax
+
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked scores: finite, so a fully masked row is no NaN
 
 
@@ -108,7 +110,12 @@ def causal_attention(
         pos_k=None if pos_k is None else widen(pos_k, 0),
         seg_k=None if seg_k is None else widen(seg_k, -1),
       )
-    out = _flash(q, k, v, masks, _block_pairs(c, k.shape[2], block, windowed), block)
+    # A sequence split over `context` keeps its queries in one block (every key block visited): the
+    # pair scan's dynamic query-block slices of context-sharded carries made XLA all-gather the f32
+    # carries at every pair (Scout, 4 layers, context 2 x tensor 4: 110 GiB of all-gathers per chip per
+    # step instead of 14 GiB; docs/SCALE.md).
+    pairs = _block_pairs(c, k.shape[2], block, windowed, one_query_block=ax.shards(ax.LENGTH) > 1)
+    out = _flash(q, k, v, masks, pairs, block)
   else:
     out = _dense(q, k, v, masks, windowed)
   return out.reshape(b, nc * c, n, h)[:, :t]
@@ -237,15 +244,18 @@ def _key_block(x, j, block: int):
   return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=2)
 
 
-def _block_pairs(cq: int, s: int, block: int, windowed: bool) -> tuple[int, tuple[tuple[int, int], ...]]:
+def _block_pairs(
+  cq: int, s: int, block: int, windowed: bool, one_query_block: bool = False
+) -> tuple[int, tuple[tuple[int, int], ...]]:
   """(query block size, the (query block, key block) pairs to visit, query-block-major): only pairs
   holding a key some query of the block may see. Row r of a chunk sees keys [0, r] (`s` keys in the
   chunk's own layout), or, windowed, keys (r, r + c] of the previous chunk and its own (2c keys; keys c or
   more indices back are never in the same position chunk: see the module docstring). So a global or
   chunked layer visits nq(nq+1)/2 of nq² pairs, a windowed one nq + 1 key blocks per query block
-  instead of 2nq. Queries not a multiple of `block` stay one block (every key block visited)."""
+  instead of 2nq. Queries not a multiple of `block`, or `one_query_block`, stay one block (every key
+  block visited)."""
   nk = s // block
-  if cq % block or cq == block:
+  if one_query_block or cq % block or cq == block:
     return cq, tuple((0, j) for j in range(nk))
   pairs = []
   for i in range(cq // block):

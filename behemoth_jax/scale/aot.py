@@ -221,10 +221,8 @@ def compile_report(lowered, topo: Topology) -> tuple[MemoryReport | None, str | 
   return MemoryReport.of(compiled), None, compiled
 
 
-def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: str = "") -> int:
-  """Compiles `cfg`'s real train step (train.py's state shardings, step function and batch layout)
-  for a TPU slice on this machine; prints the mesh, FLOPs and per-chip memory; 0 if it fits, 1 if not."""
-  topo = parse_topology(topology, num_slices)
+def for_target(cfg: Config, topo: Topology) -> tuple[Config, ModelConfig | None]:
+  """(the train config as it runs on `topo`, the online-distillation teacher's model config or None)."""
   if cfg.distill.topk:
     raise ConfigError("distill.topk: offline distillation steps are not compiled here (compile the student alone)")
   # Online distillation: the teacher's config is enough (no checkpoint is read to compile).
@@ -232,6 +230,35 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   cfg = for_tpu(cfg)
   if not topo.gpu and topo.num_slices != cfg.parallel.num_slices:
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, num_slices=topo.num_slices))
+  return cfg, teacher_cfg
+
+
+def lower_train_step(cfg: Config, mesh, teacher_cfg: ModelConfig | None = None):
+  """(lowered program, abstract train state, abstract teacher or None) of `cfg`'s real train step on
+  `mesh`: train.py's state shardings, step function and batch layout, with online distillation's frozen
+  teacher placed by the same rules table when `teacher_cfg` is given."""
+  tc = cfg.train
+  tx, schedule = make_optimizer(tc), make_schedule(tc)
+  graphdef, abstract = abstract_train_state(cfg, mesh, tx)
+  distill, teacher = None, ()
+  if teacher_cfg is not None:
+    t_graphdef, t_abstract, _ = abstract_sharded_model(teacher_cfg, mesh)
+    distill, teacher = (cfg.distill, t_graphdef), (t_abstract,)
+  step = jax.jit(
+    make_train_step(graphdef, tx, tc, schedule, distill),
+    donate_argnums=0,
+    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None),
+  )
+  with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
+    lowered = step.lower(abstract, batch_specs(cfg, mesh), *teacher)
+  return lowered, abstract, teacher[0] if teacher else None
+
+
+def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: str = "") -> int:
+  """Compiles `cfg`'s real train step (train.py's state shardings, step function and batch layout)
+  for a TPU slice on this machine; prints the mesh, FLOPs and per-chip memory; 0 if it fits, 1 if not."""
+  topo = parse_topology(topology, num_slices)
+  cfg, teacher_cfg = for_target(cfg, topo)
   mc, tc = cfg.model, cfg.train
   t0 = time.perf_counter()
   mesh = make_mesh(cfg.parallel, topo.devices)
@@ -241,26 +268,14 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     f"(grad_accum {tc.grad_accum}); dtypes: params {mc.param_dtype}, compute {mc.dtype}"
     f"{', fp8 matmuls' if mc.fp8 else ''}; remat {mc.remat_policy}; moe {mc.moe_impl}"
   )
-  tx, schedule = make_optimizer(tc), make_schedule(tc)
-  graphdef, abstract = abstract_train_state(cfg, mesh, tx)
-  distill, teacher = None, ()
+  lowered, abstract, t_abstract = lower_train_step(cfg, mesh, teacher_cfg)
   if teacher_cfg is not None:
-    # The frozen teacher, placed by the same rules table over the same devices from its own logical axes.
-    t_graphdef, t_abstract, _ = abstract_sharded_model(teacher_cfg, mesh)
-    distill, teacher = (cfg.distill, t_graphdef), (t_abstract,)
     held = teacher_cfg.weight_quant if teacher_cfg.weight_quant != "none" else teacher_cfg.param_dtype
     print(
       f"  teacher: {teacher_cfg.num_layers} layers, {count_params(unquantized(teacher_cfg))['total']:,} "
       f"parameters held as "
       f"{held}: {gib(per_device_bytes(t_abstract))} per {topo.unit} (frozen: forward only, no optimizer state)"
     )
-  step = jax.jit(
-    make_train_step(graphdef, tx, tc, schedule, distill),
-    donate_argnums=0,
-    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None),
-  )
-  with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
-    lowered = step.lower(abstract, batch_specs(cfg, mesh), *teacher)
   mem, reason, compiled = compile_report(lowered, topo)
   if compiled is not None and topo.gpu:
     print(f"  matmul FLOPs by operand type (compiled GEMMs, loops by trip count): {matmul_shares(compiled.as_text())}")

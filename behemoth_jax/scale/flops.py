@@ -44,6 +44,7 @@ _CALLEE_ATTRS = re.compile(
   r"branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
 )
 _TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
+_RAGGED_KERNEL = re.compile(r'custom_call_target="tpu_custom_call".*op_name="ragged-dot-(?!metadata)')
 _GEMM_TARGET = re.compile(r'custom_call_target="__cublas\$(?:gemm|lt\$matmul)')
 
 Instr = tuple[str, str, str, str]  # (name, result shape text, opcode, rest of line)
@@ -93,7 +94,8 @@ def _operands(rest: str) -> list[str]:
       cur = ""
     else:
       cur += ch
-  return out + ([cur.strip()] if cur.strip() else [])
+  out += [cur.strip()] if cur.strip() else []
+  return [re.sub(r"/\*.*?\*/", "", o).strip() for o in out]  # `/*index=5*/%x`: the printer's comments
 
 
 def _int_list(attr: str, text: str) -> list[int]:
@@ -131,8 +133,19 @@ def _op_flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]) -> flo
     if labels is None:
       raise ValueError(f"convolution without dim_labels: {rest[:200]}")
     out_features = kernel[labels.group(1).index("o")]
-    # Each output element does (kernel spatial * input features per group) MACs.
-    return 2.0 * math.prod(_dims(shape)) * math.prod(kernel) / out_features
+    # Each output element does (kernel spatial * input features per group) MACs; with the input
+    # dilated (lhs_dilate=d: TPU's ragged_dot weight gradient) only 1 in d window taps meets an input.
+    dilate = re.search(r"lhs_dilate=([\dx]+)", rest)
+    skipped = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
+    return 2.0 * math.prod(_dims(shape)) * math.prod(kernel) / out_features / skipped
+  if opcode == "custom-call" and _RAGGED_KERNEL.search(rest):
+    # TPU's ragged_dot kernel (a Mosaic custom call): rows [M, K] @ each row's expert [K, N] -> [M, N];
+    # the rows are the rank-2 operand of M rows (the others: group metadata, the [E, ., .] weights).
+    m, n = _dims(shape)
+    rows = [d for o in _operands(rest) if len(d := _operand_dims(o, shapes)) == 2 and d[0] == m]
+    if not rows:
+      raise ValueError(f"ragged-dot kernel without a [{m}, K] operand: {rest[:200]}")
+    return 2.0 * m * n * rows[0][1]
   return 0.0
 
 
