@@ -102,7 +102,25 @@ def test_convolution():
     return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   c = _compile(conv, jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32)))
-  assert compiled_flops(c) == 2 * (2 * 16 * 16 * 32) * (3 * 3 * 8)
+  # Taps on the SAME padding are not counted: along each spatial dim 16 outputs x 3 taps, less the 2
+  # that fall off the edges.
+  assert compiled_flops(c) == 2 * (2 * 32) * (16 * 3 - 2) ** 2 * 8
+
+
+def test_padded_convolution_that_is_a_dot_counts_the_dot():
+  """XLA:TPU writes some dots as a convolution whose window spans a whole dimension, padded by all
+  but one on each side (Scout's q projection: window 40, pad 39_39): only the taps on data count."""
+  hlo = """HloModule m
+
+ENTRY %main (a: bf16[64,1,16], b: bf16[40,16,8]) -> bf16[64,40,8] {
+  %a = bf16[64,1,16]{2,1,0} parameter(0)
+  %b = bf16[40,16,8]{2,1,0} parameter(1)
+  ROOT %c = bf16[64,40,8]{2,1,0} convolution(%a, %b), window={size=40 pad=39_39 rhs_reversal=1}, dim_labels=b0f_0io->b0f
+}
+"""
+  # The input's spatial size is 1: output position o meets it at tap 39 - o only, 40 taps in all (a
+  # [64, 16] x [16, 40 x 8] dot); whole windows would count 40 x 40.
+  assert hlo_text_flops(hlo) == 2 * 64 * 8 * 40 * 16
 
 
 def test_unknown_trip_count_raises():

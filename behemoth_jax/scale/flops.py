@@ -118,6 +118,42 @@ def _operand_dims(operand: str, shapes: dict[str, str]) -> list[int]:
   return _dims(shapes[name])
 
 
+def _window_attr(window: str, key: str, n: int, default: int) -> list[int]:
+  m = re.search(rf"\b{key}=([\dx_\-]+)", window)
+  return [int(v) for v in m.group(1).split("x")] if m else [default] * n
+
+
+def _conv_flops(shape: str, rest: str, shapes: dict[str, str]) -> float:
+  """2 x the multiply-adds of a convolution that meet an input element: window taps on padding or on
+  the zeros of an input dilation are not counted. XLA:TPU writes some dots as such convolutions (a
+  window as wide as a dimension, padded by all but one on each side; the ragged_dot weight gradient
+  as an input-dilated one), so counting whole windows would overstate them up to the window's size."""
+  lhs_text, kernel_text = _operands(rest)[:2]
+  lhs, kernel, out = _operand_dims(lhs_text, shapes), _operand_dims(kernel_text, shapes), _dims(shape)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+  if labels is None:
+    raise ValueError(f"convolution without dim_labels: {rest[:200]}")
+  lhs_l, ker_l, out_l = labels.groups()
+  window = re.search(r"window=\{([^}]*)\}", rest)
+  window = window.group(1) if window else ""
+  n = sum(ch.isdigit() for ch in lhs_l)
+  size = _window_attr(window, "size", n, 1)
+  stride, lhs_dil, rhs_dil = (_window_attr(window, k, n, 1) for k in ("stride", "lhs_dilate", "rhs_dilate"))
+  pads = re.search(r"\bpad=([\d_x\-]+)", window)
+  pad_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * n
+  taps = 1
+  for i in range(n):
+    extent = (lhs[lhs_l.index(str(i))] - 1) * lhs_dil[i] + 1
+    taps *= sum(
+      1
+      for o in range(out[out_l.index(str(i))])
+      for k in range(size[i])
+      if 0 <= (p := o * stride[i] + k * rhs_dil[i] - pad_lo[i]) < extent and p % lhs_dil[i] == 0
+    )
+  other = math.prod(d for d, ch in zip(out, out_l, strict=True) if not ch.isdigit())  # batch, features
+  return 2.0 * other * taps * kernel[ker_l.index("i")]
+
+
 def _op_flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]) -> float:
   """Matmul FLOPs of one instruction (0 for anything that is not a matmul)."""
   if opcode == "dot" or (opcode == "custom-call" and _GEMM_TARGET.search(rest)):
@@ -128,16 +164,7 @@ def _op_flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]) -> flo
     # Batch dims appear in the output shape, so they are already counted there.
     return 2.0 * math.prod(_dims(shape)) * math.prod(lhs[d] for d in contracting)
   if opcode == "convolution":
-    kernel = _operand_dims(_operands(rest)[1], shapes)
-    labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
-    if labels is None:
-      raise ValueError(f"convolution without dim_labels: {rest[:200]}")
-    out_features = kernel[labels.group(1).index("o")]
-    # Each output element does (kernel spatial * input features per group) MACs; with the input
-    # dilated (lhs_dilate=d: TPU's ragged_dot weight gradient) only 1 in d window taps meets an input.
-    dilate = re.search(r"lhs_dilate=([\dx]+)", rest)
-    skipped = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
-    return 2.0 * math.prod(_dims(shape)) * math.prod(kernel) / out_features / skipped
+    return _conv_flops(shape, rest, shapes)
   if opcode == "custom-call" and _RAGGED_KERNEL.search(rest):
     # TPU's ragged_dot kernel (a Mosaic custom call): rows [M, K] @ each row's expert [K, N] -> [M, N];
     # the rows are the rank-2 operand of M rows (the others: group metadata, the [E, ., .] weights).
