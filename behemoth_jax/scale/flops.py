@@ -168,6 +168,8 @@ def _op_flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]) -> flo
   if opcode == "custom-call" and _RAGGED_KERNEL.search(rest):
     # TPU's ragged_dot kernel (a Mosaic custom call): rows [M, K] @ each row's expert [K, N] -> [M, N];
     # the rows are the rank-2 operand of M rows (the others: group metadata, the [E, ., .] weights).
+    # Counted over all M rows, an upper bound: how many are in a group is known only at run time (the
+    # dropless exchange's buffer is expert x local rows, mostly padding).
     m, n = _dims(shape)
     rows = [d for o in _operands(rest) if len(d := _operand_dims(o, shapes)) == 2 and d[0] == m]
     if not rows:
@@ -265,7 +267,10 @@ def matmuls(hlo: str) -> list[Matmul]:
   for (name, shape, opcode, rest), times, shapes in walk(hlo):
     f = _op_flops(opcode, shape, rest, shapes)
     if f:
-      types = tuple(_operand_dtype(o, shapes) for o in _operands(rest)[:2])
+      operands = _operands(rest)
+      if opcode == "custom-call" and _RAGGED_KERNEL.search(rest):  # skip the kernel's int32 group metadata
+        operands = [o for o in operands if not _operand_dtype(o, shapes).startswith(("s", "u"))]
+      types = tuple(_operand_dtype(o, shapes) for o in operands[:2])
       op_name = re.search(r'op_name="([^"]*)"', rest)
       out.append(Matmul(op_name.group(1) if op_name else name, types, f * times))
   return out
