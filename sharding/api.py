@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sharding import axes as ax
 from sharding.expert import expert_parallel
 from sharding.mesh import ShardingError
-from sharding.rules import BEST_EFFORT, RULES
+from sharding.rules import BEST_EFFORT, RULES, shard_count
 
 
 def logical_to_spec(
@@ -116,10 +116,10 @@ def constrainer(mesh: Mesh):
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
   """Within this context the model places activation constraints and runs its MoE on `mesh`."""
-  counts = lambda logical: math.prod(mesh.shape[a] for a in RULES[logical])  # noqa: E731
+  sizes = dict(mesh.shape)
   with (
     ax.use_resolver(constrainer(mesh)),
     ax.use_expert_parallel(expert_parallel(mesh)),
-    ax.use_shard_count(counts),
+    ax.use_shard_count(lambda logical: shard_count(logical, sizes)),
   ):
     yield mesh

@@ -47,12 +47,16 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
 
 
 @contextlib.contextmanager
-def use_resolver(fn: Callable[[jax.Array, Axes], jax.Array]) -> Iterator[None]:
-  token = _resolver.set(fn)
+def _setting(var: contextvars.ContextVar, value) -> Iterator[None]:
+  token = var.set(value)
   try:
     yield
   finally:
-    _resolver.reset(token)
+    var.reset(token)
+
+
+def use_resolver(fn: Callable[[jax.Array, Axes], jax.Array]) -> contextlib.AbstractContextManager[None]:
+  return _setting(_resolver, fn)
 
 
 # The MoE's routed experts run through this hook: without a mesh it calls the single-device function;
@@ -70,13 +74,8 @@ def run_experts(local_fn: Callable, x_TD: jax.Array, *args: jax.Array) -> jax.Ar
   return local_fn(x_TD, *args, None) if fn is None else fn(local_fn, x_TD, *args)
 
 
-@contextlib.contextmanager
-def use_expert_parallel(fn: Callable) -> Iterator[None]:
-  token = _expert_parallel.set(fn)
-  try:
-    yield
-  finally:
-    _expert_parallel.reset(token)
+def use_expert_parallel(fn: Callable) -> contextlib.AbstractContextManager[None]:
+  return _setting(_expert_parallel, fn)
 
 
 # How many parts the current mesh splits a logical axis into (1 without a mesh): for kernels whose best
@@ -91,10 +90,5 @@ def shards(logical: str) -> int:
   return 1 if fn is None else fn(logical)
 
 
-@contextlib.contextmanager
-def use_shard_count(fn: Callable[[str], int]) -> Iterator[None]:
-  token = _shard_count.set(fn)
-  try:
-    yield
-  finally:
-    _shard_count.reset(token)
+def use_shard_count(fn: Callable[[str], int]) -> contextlib.AbstractContextManager[None]:
+  return _setting(_shard_count, fn)

@@ -143,13 +143,18 @@ def _conv_flops(shape: str, rest: str, shapes: dict[str, str]) -> float:
   pad_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * n
   taps = 1
   for i in range(n):
-    extent = (lhs[lhs_l.index(str(i))] - 1) * lhs_dil[i] + 1
-    taps *= sum(
-      1
-      for o in range(out[out_l.index(str(i))])
-      for k in range(size[i])
-      if 0 <= (p := o * stride[i] + k * rhs_dil[i] - pad_lo[i]) < extent and p % lhs_dil[i] == 0
-    )
+    s, r, d, lo = stride[i], rhs_dil[i], lhs_dil[i], pad_lo[i]
+    extent = (lhs[lhs_l.index(str(i))] - 1) * d + 1
+    taps_i = 0
+    for o in range(out[out_l.index(str(i))]):
+      # The taps k whose input position p = o·s + k·r - lo lies in [0, extent) form a range; with the
+      # input dilated by d only every d-th position holds data.
+      first, last = max(0, -((o * s - lo) // r)), min(size[i] - 1, (extent - 1 + lo - o * s) // r)
+      if d == 1:
+        taps_i += max(0, last - first + 1)
+      else:
+        taps_i += sum((o * s + k * r - lo) % d == 0 for k in range(first, last + 1))
+    taps *= taps_i
   other = math.prod(d for d, ch in zip(out, out_l, strict=True) if not ch.isdigit())  # batch, features
   return 2.0 * other * taps * kernel[ker_l.index("i")]
 
@@ -279,7 +284,7 @@ def matmuls(hlo: str) -> list[Matmul]:
 def walk(hlo: str):
   """(instruction, times it runs per execution of the module, {name: shape} of its computation) for
   every instruction of an optimized HLO module, inside fusions, calls and loops (a while body counted
-  by its known trip count; every branch of a conditional, as if it ran: an upper bound; the callee of
+  by its trip count, `_trip_count`; every branch of a conditional, as if it ran: an upper bound; the callee of
   an async pair once, at its start)."""
   comps, entry = _split_computations(hlo)
 

@@ -109,14 +109,13 @@ def with_mesh(cfg: Config, sizes: dict[str, int]) -> Config:
   return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **sizes))
 
 
-def _guess(cfg: Config, sizes: dict[str, int], topo: aot.Topology) -> tuple[float, float]:
+def _guess(cfg: Config, sizes: dict[str, int], topo: aot.Topology, counts: dict[str, int]) -> tuple[float, float]:
   """A pre-compile step-time guess (seconds): (max(analytic FLOPs per chip / peak, modelled collective
   bytes per chip / ICI ring bandwidth), the second of them, which breaks ties among compute-bound meshes).
-  Orders the meshes to compile; never printed as a result."""
+  Orders the meshes to compile; never printed as a result. `counts`: `count_params(cfg.model)`."""
   mc, tc = cfg.model, cfg.train
   d, f, e, c, t = (sizes[a] for a in MESH_AXES)
   n = d * f * e * c * t
-  counts = count_params(mc)
   wb, ab = BYTES[mc.param_dtype], BYTES[mc.dtype]
   experts, dense = counts["routed_experts"] * wb, (counts["total"] - counts["routed_experts"]) * wb
   g_dense, g_experts = f * c * e, f * c  # the axes that split D (rules: EMBED) in each kind of weight
@@ -141,11 +140,12 @@ def _ring_bandwidth(topo: aot.Topology) -> float:
   return topo.chip.ici_bytes_per_s / (1 if topo.gpu else topo.chip.dims)
 
 
-def _unit_of(mesh, topo: aot.Topology):
-  """Device id in the program (its position in mesh.devices.flat) -> its TPU slice or GPU node."""
+def _unit_of(mesh, topo: aot.Topology, devices: list):
+  """Device id in the program (its position in mesh.devices.flat) -> its TPU slice or GPU node
+  (`devices`: the topology's, numbered node by node)."""
   flat = list(mesh.devices.flat)
   if topo.gpu:
-    node = {d.id: i // topo.shape[1] for i, d in enumerate(topo.devices)}
+    node = {d.id: i // topo.shape[1] for i, d in enumerate(devices)}
     units = [node[d.id] for d in flat]
   else:
     units = [getattr(d, "slice_index", 0) for d in flat]
@@ -155,7 +155,8 @@ def _unit_of(mesh, topo: aot.Topology):
 def compile_row(row: Row, cfg: Config, teacher_cfg, topo: aot.Topology) -> None:
   """Compiles `row`'s mesh and fills its compiled columns (module doc, steps 3 and 4)."""
   cfg = with_mesh(cfg, row.sizes)
-  mesh = make_mesh(cfg.parallel, topo.devices)
+  devices = topo.devices  # built from libtpu / the CUDA plugin at each access
+  mesh = make_mesh(cfg.parallel, devices)
   lowered, _, _ = aot.lower_train_step(cfg, mesh, teacher_cfg)
   mem, reason, compiled = aot.compile_report(lowered, topo)
   if mem is None:
@@ -169,7 +170,7 @@ def compile_row(row: Row, cfg: Config, teacher_cfg, topo: aot.Topology) -> None:
   except ValueError as e:  # a loop of unknown trip count: fall back to the analytic count, say so
     row.flops = analytic_train_flops(cfg.model, cfg.train.batch_size, cfg.train.seq_len) / mesh.size
     row.reason = f"matmul FLOPs analytic ({e})"
-  row.links = bytes_by_link(hlo, _unit_of(mesh, topo), topo.num_slices)
+  row.links = bytes_by_link(hlo, _unit_of(mesh, topo, devices), topo.num_slices)
   ici = sum(v for (link, _), v in row.links.items() if link == "ICI")
   dcn = sum(v for (link, _), v in row.links.items() if link == "DCN")
   s = {
@@ -233,6 +234,7 @@ def plan(
       f"seq_len {cfg.train.seq_len}, batch {cfg.train.batch_size})"
     )
   hbm = topo.chip.hbm_bytes * (aot.GPU_MEM_FRACTION if topo.gpu else 1)
+  counts = count_params(cfg.model)
   rows, over = [], 0
   for sizes in tqdm(shapes, desc="calculator", unit="mesh", disable=None if progress else True, leave=False):
     try:
@@ -242,7 +244,7 @@ def plan(
     if est > hbm * (1 + PRUNE_MARGIN):
       over += 1
       continue
-    rows.append(Row(sizes, est / GiB, _guess(cfg, sizes, topo)))
+    rows.append(Row(sizes, est / GiB, _guess(cfg, sizes, topo, counts)))
   summary = (
     f"{len(shapes)} meshes divide the model on {devices} {topo.unit}s; {over} pruned by the calculator "
     f"(estimate > {1 + PRUNE_MARGIN:.2f} x {hbm / GiB:.2f} GiB)"
@@ -254,7 +256,7 @@ def plan(
       raise ConfigError(f"--also: mesh {sizes} has {math.prod(sizes.values())} devices, the slice {devices}")
     if all(r.sizes != sizes for r in rows):
       est = train_estimate(with_mesh(cfg, sizes), devices).total
-      rows.append(Row(sizes, est / GiB, _guess(cfg, sizes, topo)))
+      rows.append(Row(sizes, est / GiB, _guess(cfg, sizes, topo, counts)))
   for i, row in enumerate(rows):
     t0 = time.perf_counter()
     if progress:
