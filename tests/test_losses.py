@@ -44,6 +44,39 @@ def test_chunked_cross_entropy_matches_full_softmax(chunk):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("parallel", [dict(fsdp=2, tensor=4), dict(data=2, fsdp=2, tensor=2)])
+def test_cross_entropy_on_vocabulary_shards_matches_one_device_and_splits_the_work(parallel):
+  """With the vocabulary split over `tensor`, each device computes only its shard's chunks (per-device
+  matmul FLOPs = one device's / every split: tokens over fsdp/data, columns over tensor) and the value
+  and gradients equal one device's, including chunks that overrun a shard (100 / 4 = 25 columns per
+  shard in 4 chunks of 7: 3 padding columns whose global ids belong to the next shard)."""
+  from behemoth_jax.config import ParallelConfig
+  from behemoth_jax.scale.flops import matmuls
+  from sharding.api import use_mesh
+  from sharding.mesh import make_mesh
+
+  r = np.random.default_rng(0)
+  b, t, d, v = 4, 6, 16, 100
+  h = jnp.asarray(r.standard_normal((b, t, d)), jnp.float32)
+  w = jnp.asarray(r.standard_normal((d, v)), jnp.float32)
+  tg = jnp.asarray(r.integers(0, v, (b, t)), jnp.int32)
+  m = jnp.asarray(r.random((b, t)) > 0.2)
+
+  def run(c):  # (value and gradients, matmul FLOPs per device); traced afresh: the mesh is read at trace time
+    step = jax.jit(jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, tg, m, c)[0], (0, 1)))
+    return step(h, w), sum(mm.flops for mm in matmuls(step.lower(h, w).compile().as_text()))
+
+  mesh = make_mesh(ParallelConfig(**parallel))
+  for c in (5, 8, 500):
+    want, one = run(c)
+    with use_mesh(mesh):
+      got, per_device = run(c)
+    for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+    if c == 5:  # no padding columns: the split is exact
+      assert per_device == pytest.approx(one / 8), (per_device, one)
+
+
 def test_one_chunk_cross_entropy_gradient_in_bfloat16_matches_autodiff():
   """The single-chunk path's hand-written lm_head backward (losses._logits) keeps autodiff's dtypes and
   values with bf16 hidden states and weights (float32 logits)."""
@@ -237,10 +270,19 @@ def _distill_loss(terms, w_BT, mask_BT):
 
 @pytest.mark.parametrize("chunk", [7, 16, 64])
 @pytest.mark.parametrize("offline", [False, True])
-def test_chunked_distillation_equals_the_full_vocabulary_terms(chunk, offline):
+@pytest.mark.parametrize("mesh", [None, dict(fsdp=4, tensor=2)])
+def test_chunked_distillation_equals_the_full_vocabulary_terms(chunk, offline, mesh):
   """Values (CE, KL, margin) and the student's gradients (hidden states and LM head) of the chunked
   terms equal `distillation_terms` on full logits, for a vocabulary (50) not divisible by the chunk,
-  online (teacher hidden states and head) and offline (teacher top-k, with a label outside the top-k)."""
+  online (teacher hidden states and head) and offline (teacher top-k, with a label outside the top-k);
+  also with the vocabulary split over `tensor` 2 (25 columns per shard: chunks of 7 and 13 overrun a
+  shard into the next one's ids)."""
+  import contextlib
+
+  from behemoth_jax.config import ParallelConfig
+  from sharding.api import use_mesh
+  from sharding.mesh import make_mesh
+
   rng = np.random.default_rng(chunk)
   b, t, d, dt, v, k, tau = 2, 5, 8, 6, 50, 4, 2.0
   h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
@@ -269,9 +311,11 @@ def test_chunked_distillation_equals_the_full_vocabulary_terms(chunk, offline):
     def ours(h, w):
       return chunked_distillation_terms(h, w, targets, tau, chunk, teacher_h_BTD=th, teacher_w_DV=tw)
 
-  for a, b_ in zip(ours(h, w), ref(h, w), strict=True):
+  with use_mesh(make_mesh(ParallelConfig(**mesh))) if mesh else contextlib.nullcontext():
+    got = jax.jit(ours)(h, w)
+    g_ours = jax.jit(jax.grad(lambda h, w: _distill_loss(ours(h, w), weight, mask), argnums=(0, 1)))(h, w)
+  for a, b_ in zip(got, ref(h, w), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
-  g_ours = jax.grad(lambda h, w: _distill_loss(ours(h, w), weight, mask), argnums=(0, 1))(h, w)
   g_ref = jax.grad(lambda h, w: _distill_loss(ref(h, w), weight, mask), argnums=(0, 1))(h, w)
   for a, b_ in zip(g_ours, g_ref, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ MESHES = {
   "data2_expert2_tensor2": dict(data=2, expert=2, tensor=2, fsdp=1),
   "fsdp2_context4": dict(fsdp=2, context=4),
   "expert8": dict(expert=8, fsdp=1),
+  "fsdp4_tensor2": dict(fsdp=4, tensor=2),  # vocabulary split by tensor: the embedding looked up by shards
 }
 
 

@@ -162,7 +162,21 @@ class Embed(nnx.Module):
     self.table_VD = param(rngs, (vocab, dim), (ax.VOCAB, ax.EMBED), param_dtype, std, EMBEDDING)
 
   def __call__(self, ids_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return jnp.take(self.table_VD[...], ids_BT, axis=0).astype(dtype)
+    table_VD = self.table_VD[...]
+    v, d = table_VD.shape
+    s = ax.shards(ax.VOCAB)
+    if s == 1 or v % s:
+      return jnp.take(table_VD, ids_BT, axis=0).astype(dtype)
+    # Vocabulary split over s devices (Megatron's parallel embedding): each looks its ids up in its own
+    # rows, zero where an id is another shard's, and the s partial rows are summed. A plain `take` from
+    # the sharded table made XLA gather the whole [V, D] table on every device.
+    table_SVD = ax.constrain(table_VD.reshape(s, v // s, d), (ax.VOCAB, None, None))
+    shard_BT, local_BT = jnp.divmod(ids_BT, v // s)
+    x_SBTD = jax.vmap(lambda t_VD, k: jnp.where((shard_BT == k)[..., None], jnp.take(t_VD, local_BT, axis=0), 0))(
+      table_SVD, jnp.arange(s)
+    )
+    x_SBTD = ax.constrain(x_SBTD.astype(dtype), (ax.VOCAB, ax.BATCH, ax.LENGTH, None))
+    return x_SBTD.sum(axis=0)
 
 
 class SwiGLU(nnx.Module):

@@ -12,7 +12,8 @@ with `remat_policy: full` the layer scan keeps each layer's input [B, T, D] (per
 local sequence), and one layer at a time is recomputed and differentiated; its working set is the
 larger of the attention (key blocks of `model.attention_block`) and the dropless MoE exchange (buffers
 of `expert` x the local routed rows, see sharding/expert.py). The embedding and LM head are gathered
-whole, and one layer's weights are gathered (ZeRO-3) for its compute. The working-set constants were
+over everything but their vocabulary split (the loss computes on vocabulary shards), and one layer's
+weights are gathered (ZeRO-3) for its compute. The working-set constants were
 fitted to XLA's live-buffer peak for TPU v5p (docs/SCALE.md lists the points and the errors).
 Online distillation (`distill.teacher_config`) adds the teacher's weights (exact, from the rules on the
 same mesh, in `distill.teacher_dtype`) and its final hidden states; its forward's working set only
@@ -37,6 +38,7 @@ from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.model.transformer import abstract_model
 from behemoth_jax.scale import aot
 from behemoth_jax.scale.params import count_params
+from behemoth_jax.train.losses import even_chunk
 from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state, teacher_model_config
 from behemoth_jax.train.step import make_optimizer
 from sharding import axes as ax
@@ -81,7 +83,7 @@ ATTN_ACT_COPIES = 10.0  # q, k, v, out and their gradients, plus the layer input
 # rows; the live bytes per buffer row came out nearly the same for Scout, Maverick and Behemoth
 # (229-254 KiB, whatever D and F), so it is one empirical constant, not a per-tensor count.
 MOE_BYTES_PER_ROW = 240 * 1024
-VOCAB_COPIES = 1.0  # embedding / LM head gathered whole (vocab is split only by `tensor`)
+VOCAB_COPIES = 1.0  # embedding / LM head gathered over all but their vocabulary split (`tensor`)
 CODE_BYTES = 0.4 * GiB  # compiled program of a large model (tiny ones: ~0.05 GiB)
 
 
@@ -134,7 +136,9 @@ def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
     moe = MOE_BYTES_PER_ROW * rows / width_split
   if not all(k.moe for k in kinds):  # a dense SwiGLU: gate, up, product and their gradients
     moe = max(moe, 6 * b_l * t_l * mc.intermediate_size_mlp / width_split * a)
-  logits = 3 * b_l * t_l * min(tc.ce_chunk, mc.vocab_size) * 4
+  # One vocabulary chunk of float32 logits per chip, of its vocabulary shard (train/losses.py).
+  v_split = split(ax.VOCAB) if mc.vocab_size % split(ax.VOCAB) == 0 else 1
+  logits = 3 * b_l * t_l * even_chunk(mc.vocab_size // v_split, tc.ce_chunk) * 4
   vocab = VOCAB_COPIES * mc.vocab_size * d * BYTES[mc.param_dtype] / split(ax.VOCAB)
   code = CODE_BYTES if params > GiB else CODE_BYTES / 8
   attn_w = d * (mc.num_heads + 2 * mc.num_kv_heads) * h + mc.num_heads * h * d

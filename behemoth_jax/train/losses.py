@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from behemoth_jax.config import DISTILL_WEIGHTS
 from behemoth_jax.model.moe import MoEStats
+from sharding import axes as ax
 
 
 def chunked_cross_entropy(
@@ -24,39 +25,56 @@ def chunked_cross_entropy(
   """Σ mask · (logsumexp(h·W) − (h·W)[target]) and Σ mask · logsumexp², logits in float32.
 
   Returns (nll_sum, z_sum): sums, so callers normalise over the whole (accumulated) batch.
+  On a mesh that splits the vocabulary (`sharding.axes.shards(VOCAB)` > 1) each device computes only its
+  vocabulary shard's chunks (`_chunked_lse_and_target`).
   """
   h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
-  if chunk >= w_DV.shape[1]:  # all logits fit in one chunk: keep them for the backward pass (no recompute)
+  shards = vocab_shards(w_DV.shape[1])
+  if shards == 1 and chunk >= w_DV.shape[1]:  # all logits fit in one chunk: keep them (no recompute)
     lse_BT, tgt_BT = _lse_and_target(_logits(h_BTD, w_DV), targets_BT)
   else:
-    lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk)
+    lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk, shards)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT**2 * mask_BT)
 
 
-def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int):
+def vocab_shards(v: int) -> int:
+  """Into how many parts the current mesh splits a vocabulary of v (1 without a mesh, or if they do not
+  divide it: the head's parameter sharding would have refused it)."""
+  n = ax.shards(ax.VOCAB)
+  return n if v % n == 0 else 1
+
+
+def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int, shards: int = 1):
   """(logsumexp, target logit) by a scan over vocabulary chunks of c columns with an online logsumexp;
-  each chunk's logits are recomputed in the backward pass."""
-  v = w_DV.shape[1]
-  w_NDC = _chunks(w_DV, c)
-  n = w_NDC.shape[0]
+  each chunk's logits are recomputed in the backward pass.
+
+  The vocabulary is cut into `shards` contiguous parts (the mesh's vocab shards) and the scan runs over
+  chunks of each part at once, carrying [S, B, T] per-shard statistics, combined over S only at the end:
+  S is split over the devices that hold the head's columns, so each device's matmuls cover its V/S
+  columns (not all V: its tokens are replicated over those devices) and the head is never gathered
+  over the vocabulary. The hidden states are broadcast over S so that their gradient also accumulates
+  per shard and is summed over the shards once, after the scan."""
+  per = w_DV.shape[1] // shards
+  c = even_chunk(per, c)
+  w_NSDC = _chunks(w_DV, c, shards, constrain=True)
+  h_SBTD = _by_shard(h_BTD, shards)
 
   @jax.checkpoint
   def body(carry, inp):
-    m_BT, s_BT, tgt_BT = carry
-    w_DC, j = inp
-    logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC, preferred_element_type=jnp.float32)
-    col_C = j * c + jnp.arange(c)
-    logits = jnp.where(col_C[None, None, :] < v, logits, -jnp.inf)
-    m_new = jnp.maximum(m_BT, logits.max(axis=-1))
-    s_BT = s_BT * jnp.exp(m_BT - m_new) + jnp.exp(logits - m_new[..., None]).sum(axis=-1)
-    tgt_BT = tgt_BT + jnp.sum(jnp.where(col_C[None, None, :] == targets_BT[..., None], logits, 0.0), axis=-1)
-    return (m_new, s_BT, tgt_BT), None
+    m_SBT, s_SBT, tgt_SBT = carry
+    w_SDC, j = inp
+    _, col, valid = _columns(j, c, per, shards)
+    logits = _on_shards(_chunk_logits(h_SBTD, w_SDC, valid))
+    m_SBT, s_SBT, _, _ = _online_lse(m_SBT, s_SBT, logits)
+    hit = (col == targets_BT[None, ..., None]) & valid  # a padding column is no target
+    return (m_SBT, s_SBT, tgt_SBT + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)), None
 
-  shape = targets_BT.shape
+  shape = (shards, *targets_BT.shape)
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-  (m_BT, s_BT, tgt_BT), _ = jax.lax.scan(body, init, (w_NDC, jnp.arange(n)))
-  return m_BT + jnp.log(s_BT), tgt_BT
+  init = tuple(_on_shards(a) for a in init)
+  (m_SBT, s_SBT, tgt_SBT), _ = jax.lax.scan(body, init, (w_NSDC, jnp.arange(w_NSDC.shape[0])))
+  return _lse_over_shards(m_SBT, s_SBT), tgt_SBT.sum(axis=0)
 
 
 @jax.custom_vjp
@@ -221,32 +239,83 @@ def chunked_distillation_terms(
     teacher = (jax.lax.stop_gradient(teacher_logp_BTK.astype(jnp.float32)), teacher_ids_BTK)
   # A chunk wider than the vocabulary would only add padding columns (and libtpu 0.0.42.1 fails with an
   # INTERNAL RET_CHECK on the slice of the all-reduced head gradient padded 16x: tiny config, v5p-8).
-  chunk = min(int(chunk), w_DV.shape[1])
-  return _distill(float(temperature), chunk, online, h_BTD, w_DV, targets_BT, teacher)
+  shards = vocab_shards(w_DV.shape[1])
+  chunk = even_chunk(w_DV.shape[1] // shards, int(chunk))
+  return _distill(float(temperature), chunk, online, shards, h_BTD, w_DV, targets_BT, teacher)
 
 
-def _chunks(w_DV: jax.Array, c: int) -> jax.Array:
-  """[D, V] → [N, D, c] column chunks, the last padded with zero columns (masked by the callers)."""
+def even_chunk(per: int, c: int) -> int:
+  """As few chunks of at most c columns as cover `per`, evened out (202048 / 4 in 8192s: 13% padding)."""
+  return -(-per // -(-per // c))
+
+
+def _chunks(w_DV: jax.Array, c: int, shards: int | None = None, constrain: bool = False) -> jax.Array:
+  """[D, V] → [N, D, c] column chunks, the last padded with zero columns (masked by the callers); with
+  `shards`: [N, S, D, c], chunk j of each of S contiguous vocabulary parts (each padded alone), S placed
+  on the vocabulary's mesh axes when `constrain` (and S > 1: on one shard a constraint only kept XLA
+  from fusing the layout change, +1 copy of the head: 8 GiB for a [8192, 262144] float32 one)."""
   d, v = w_DV.shape
-  n = -(-v // c)
-  return jnp.pad(w_DV, ((0, 0), (0, n * c - v))).reshape(d, n, c).transpose(1, 0, 2)
+  s = shards or 1
+  n = -(-(v // s) // c)
+  w_DSN = jnp.pad(w_DV.reshape(d, s, v // s), ((0, 0), (0, 0), (0, n * c - v // s)))
+  w_NSDC = w_DSN.reshape(d, s, n, c).transpose(2, 1, 0, 3)
+  if constrain and s > 1:
+    w_NSDC = ax.constrain(w_NSDC, (None, ax.VOCAB, None, None))
+  return w_NSDC if shards else w_NSDC[:, 0]
 
 
-def _scan_inputs(w_DV, teacher, c: int, online: bool):
-  """(student head chunks [N, D, C], teacher head chunks or None, chunk index): the scans' xs."""
-  w_NDC = _chunks(w_DV, c)
-  return w_NDC, (_chunks(teacher[1], c) if online else None), jnp.arange(w_NDC.shape[0])
+_LEAD = (ax.VOCAB, ax.BATCH, ax.LENGTH)  # [S, B, T, ...]: vocabulary shards, then the tokens
+
+
+def _by_shard(x_BT_: jax.Array, shards: int) -> jax.Array:
+  """[B, T, ...] → [S, B, T, ...] broadcast over the vocabulary shards (each device holds its own copy,
+  so a gradient accumulates per shard and is summed over them once)."""
+  return _on_shards(jnp.broadcast_to(x_BT_, (shards, *x_BT_.shape)))
+
+
+def _on_shards(x_SBT_: jax.Array) -> jax.Array:
+  """[S, B, T, ...] placed with S on the vocabulary's mesh axes and the tokens on theirs (on one shard
+  left to XLA: a constraint there only kept it from fusing, +1 copy of the head)."""
+  return ax.constrain(x_SBT_, _LEAD + (None,) * (x_SBT_.ndim - 3)) if x_SBT_.shape[0] > 1 else x_SBT_
+
+
+def _scan_inputs(h_BTD, w_DV, teacher, c: int, online: bool, shards: int):
+  """(student hidden states [S, B, T, D], teacher's or None, the scans' xs: head chunks [N, S, D, C],
+  the teacher's or None, the chunk index)."""
+
+  w_NSDC = _chunks(w_DV, c, shards, constrain=True)
+  xs = (w_NSDC, _chunks(teacher[1], c, shards, constrain=True) if online else None, jnp.arange(w_NSDC.shape[0]))
+  return _by_shard(h_BTD, shards), (_by_shard(teacher[0], shards) if online else None), xs
+
+
+def _columns(j, c: int, per: int, shards: int):
+  """Chunk j of every shard: (column within its shard [1, 1, 1, C], global column id [S, 1, 1, C],
+  valid [1, 1, 1, C]: a shard's last chunk may overrun it, into ids that are the next shard's)."""
+  local = (j * c + jnp.arange(c))[None, None, None, :]
+  return local, (jnp.arange(shards) * per)[:, None, None, None] + local, local < per
 
 
 def _student_chunk(h_BTD, w_DC, j, c: int, v: int):
   """(column ids [1, 1, C], the student's logits of chunk j, padding columns −inf)."""
   col_C = (j * c + jnp.arange(c))[None, None, :]
-  return col_C, _chunk_logits(h_BTD, w_DC, col_C, v)
+  return col_C, _chunk_logits(h_BTD, w_DC, col_C < v)
 
 
-def _chunk_logits(h_BTD, w_DC, col_C, v):
+def _chunk_logits(h_BTD, w_DC, valid):
+  """float32 logits of one chunk ([B, T, C], or [S, B, T, C] per shard), invalid columns −inf."""
+  if h_BTD.ndim == 4:
+    return jnp.where(valid, _per_shard("SBTD,SDC->SBTC", h_BTD, w_DC), -jnp.inf)
   logits = jnp.einsum("BTD,DC->BTC", h_BTD, w_DC, preferred_element_type=jnp.float32)
-  return jnp.where(col_C < v, logits, -jnp.inf)
+  return jnp.where(valid, logits, -jnp.inf)
+
+
+def _per_shard(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """float32 einsum batched over the vocabulary shards S (both operands' first axis). One shard is
+  squeezed out: a dot with a batch axis of size 1 made XLA keep an extra copy of the whole head (+8 GiB
+  for a [8192, 262144] float32 head, tests/test_aot.py)."""
+  if a.shape[0] == 1:
+    return jnp.einsum(eq.replace("S", ""), a[0], b[0], preferred_element_type=jnp.float32)[None]
+  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
 
 
 def _online_lse(m_BT, s_BT, x_BTC):
@@ -258,42 +327,53 @@ def _online_lse(m_BT, s_BT, x_BTC):
   return m_new, s_BT * scale + e_BTC.sum(axis=-1), scale, e_BTC
 
 
-def _local_ids(ids_BTK, start, c):
+def _local_ids(ids_BTK, start, c, per=None, offset=0):
+  """(ids relative to a chunk starting at `start`, 0 outside it; inside) — with `per`, a chunk at
+  column `offset` of its shard holds only the ids before the shard's end."""
   local = ids_BTK - start
   inside = (local >= 0) & (local < c)
+  if per is not None:
+    inside = inside & (offset + local < per)
   return jnp.where(inside, local, 0), inside
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _distill(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
-  return _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher)[0]
+def _lse_over_shards(m_SBT, s_SBT):
+  return jax.nn.logsumexp(m_SBT + jnp.log(s_SBT), axis=0)
 
 
-def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
-  v = w_DV.shape[1]
-  shape, f32 = targets_BT.shape, jnp.float32
-  neg, zero = jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32)
-  xs = _scan_inputs(w_DV, teacher, c, online)
-  t_h, t_logp, ids = (teacher[0], None, None) if online else (None, *teacher)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _distill(tau, c, online, shards, h_BTD, w_DV, targets_BT, teacher):
+  return _distill_fwd(tau, c, online, shards, h_BTD, w_DV, targets_BT, teacher)[0]
+
+
+def _distill_fwd(tau, c, online, shards, h_BTD, w_DV, targets_BT, teacher):
+  """Per vocabulary shard (S, the mesh's: `_chunked_lse_and_target`), the scan's statistics [S, B, T],
+  combined over the shards after it."""
+  per = w_DV.shape[1] // shards
+  shape, f32 = (shards, *targets_BT.shape), jnp.float32
+  neg, zero = _on_shards(jnp.full(shape, -jnp.inf, f32)), _on_shards(jnp.zeros(shape, f32))
+  h_SBTD, t_h, xs = _scan_inputs(h_BTD, w_DV, teacher, c, online, shards)
+  t_logp, ids = (None, None) if online else teacher
+  tgt = targets_BT[None, ..., None]
 
   def body(carry, x):
     st = dict(carry)
-    w_DC, tw_DC, j = x
-    col_C, s = _student_chunk(h_BTD, w_DC, j, c, v)
+    w_SDC, tw_SDC, j = x
+    _, col, valid = _columns(j, c, per, shards)
+    s = _chunk_logits(h_SBTD, w_SDC, valid)
     st["m_s"], st["S_s"], _, _ = _online_lse(st["m_s"], st["S_s"], s)
     st["m_sT"], st["S_sT"], _, _ = _online_lse(st["m_sT"], st["S_sT"], s / tau)
-    hit = col_C == targets_BT[..., None]
+    hit = (col == tgt) & valid
     st["s_lab"] = st["s_lab"] + jnp.sum(jnp.where(hit, s, 0.0), axis=-1)
     if online:
-      t = _chunk_logits(t_h, tw_DC, col_C, v)
+      t = _chunk_logits(t_h, tw_SDC, valid)
       st["m_t"], st["S_t"], _, _ = _online_lse(st["m_t"], st["S_t"], t)
       st["m_tT"], st["S_tT"], scale, e = _online_lse(st["m_tT"], st["S_tT"], t / tau)
-      diff = jnp.where(col_C < v, t - s, 0.0)
-      st["A"] = st["A"] * scale + jnp.sum(e * diff, axis=-1)
+      st["A"] = st["A"] * scale + jnp.sum(e * jnp.where(valid, t - s, 0.0), axis=-1)
       st["t_lab"] = st["t_lab"] + jnp.sum(jnp.where(hit, t, 0.0), axis=-1)
       st["t_max"] = jnp.maximum(st["t_max"], t.max(axis=-1))
     else:
-      local, inside = _local_ids(ids, j * c, c)
+      local, inside = _local_ids(ids[None], col[..., :1], c, per, j * c)
       st["s_ids"] = st["s_ids"] + jnp.where(inside, jnp.take_along_axis(s, local, axis=-1), 0.0)
     return st, None
 
@@ -301,21 +381,24 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
   if online:
     init |= {"m_t": neg, "S_t": zero, "m_tT": neg, "S_tT": zero, "A": zero, "t_lab": zero, "t_max": neg}
   else:
-    init["s_ids"] = jnp.zeros((*shape, ids.shape[-1]), f32)
+    init["s_ids"] = _on_shards(jnp.zeros((*shape, ids.shape[-1]), f32))
   st, _ = jax.lax.scan(body, init, xs)
-  lse_s = st["m_s"] + jnp.log(st["S_s"])
-  lse_sT = st["m_sT"] + jnp.log(st["S_sT"])
-  ce = lse_s - st["s_lab"]
+  lse_s = _lse_over_shards(st["m_s"], st["S_s"])
+  lse_sT = _lse_over_shards(st["m_sT"], st["S_sT"])
+  ce = lse_s - st["s_lab"].sum(axis=0)
   if online:
-    lse_t = st["m_t"] + jnp.log(st["S_t"])
-    lse_tT = st["m_tT"] + jnp.log(st["S_tT"])
-    kl = tau**2 * (st["A"] / st["S_tT"] / tau - lse_tT + lse_sT)
-    label_p = jnp.exp(st["t_lab"] - lse_t)
-    margin = jnp.exp(st["t_max"] - lse_t) - label_p
+    lse_t = _lse_over_shards(st["m_t"], st["S_t"])
+    lse_tT = _lse_over_shards(st["m_tT"], st["S_tT"])
+    # E_pTτ[t − s]: each shard's A and S_Tτ are scaled by its own running max; bring them to one.
+    rescale = jnp.exp(st["m_tT"] - st["m_tT"].max(axis=0, keepdims=True))
+    mean_diff = jnp.sum(st["A"] * rescale, axis=0) / jnp.sum(st["S_tT"] * rescale, axis=0)
+    kl = tau**2 * (mean_diff / tau - lse_tT + lse_sT)
+    label_p = jnp.exp(st["t_lab"].sum(axis=0) - lse_t)
+    margin = jnp.exp(st["t_max"].max(axis=0) - lse_t) - label_p
     teacher_res = lse_tT  # the backward pass rebuilds p_Tτ chunk by chunk from lse(t/τ)
   else:
     tau_t = jax.nn.log_softmax(t_logp / tau, axis=-1)
-    tau_s = st["s_ids"] / tau - lse_sT[..., None]
+    tau_s = st["s_ids"].sum(axis=0) / tau - lse_sT[..., None]
     kl = tau**2 * jnp.sum(jnp.exp(tau_t) * (tau_t - tau_s), axis=-1)
     label_p = jnp.sum(jnp.where(ids == targets_BT[..., None], jnp.exp(t_logp), 0.0), axis=-1)
     margin = jnp.exp(jnp.max(t_logp, axis=-1)) - label_p
@@ -323,40 +406,44 @@ def _distill_fwd(tau, c, online, h_BTD, w_DV, targets_BT, teacher):
   return (ce, kl, margin, label_p), (h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res)
 
 
-def _distill_bwd(tau, c, online, res, g):
+def _distill_bwd(tau, c, online, shards, res, g):
   h_BTD, w_DV, targets_BT, teacher, lse_s, lse_sT, teacher_res = res
   g_ce, g_kl, _, _ = g  # the margin and p_T(label) depend on the teacher alone
   d, v = w_DV.shape
-  xs = _scan_inputs(w_DV, teacher, c, online)
+  per = v // shards
+  h_SBTD, t_h, xs = _scan_inputs(h_BTD, w_DV, teacher, c, online, shards)
   n = xs[0].shape[0]
   nbt = targets_BT.size
+  tgt, f32 = targets_BT[None, ..., None], jnp.float32
 
-  def body(dh, x):
-    w_DC, tw_DC, j = x
-    col_C, s = _student_chunk(h_BTD, w_DC, j, c, v)
-    p_s = jnp.exp(s - lse_s[..., None])
-    p_sT = jnp.exp(s / tau - lse_sT[..., None])
+  def expand(x_BT):  # [B, T] → [1, B, T, 1]
+    return x_BT[None, ..., None]
+
+  def body(dh_SBTD, x):
+    w_SDC, tw_SDC, j = x
+    _, col, valid = _columns(j, c, per, shards)
+    s = _chunk_logits(h_SBTD, w_SDC, valid)
+    p_s = jnp.exp(s - expand(lse_s))
+    p_sT = jnp.exp(s / tau - expand(lse_sT))
     if online:
-      p_t = jnp.exp(_chunk_logits(teacher[0], tw_DC, col_C, v) / tau - teacher_res[..., None])
+      p_t = jnp.exp(_chunk_logits(t_h, tw_SDC, valid) / tau - expand(teacher_res))
     else:
-      local, inside = _local_ids(teacher[1], j * c, c)
+      local, inside = _local_ids(teacher[1][None], col[..., :1], c, per, j * c)
       rows = jnp.arange(nbt)[:, None]
-      p_t = (
-        jnp.zeros((nbt, c), jnp.float32)
-        .at[rows, local.reshape(nbt, -1)]
-        .add(jnp.where(inside, teacher_res, 0.0).reshape(nbt, -1))
-        .reshape(*targets_BT.shape, c)
-      )
-    hit = col_C == targets_BT[..., None]
-    dlogits = g_ce[..., None] * (p_s - hit) + (g_kl * tau)[..., None] * (p_sT - p_t)
-    dlogits = jnp.where(col_C < v, dlogits, 0.0)
-    dh = dh + jnp.einsum("BTC,DC->BTD", dlogits, w_DC.astype(jnp.float32))
-    dw_DC = jnp.einsum("BTD,BTC->DC", h_BTD.astype(jnp.float32), dlogits)
-    return dh, dw_DC
+      p_res = jnp.where(inside, teacher_res[None], 0.0)
+      p_t = jax.vmap(  # per shard: each scatters the top-k ids that fall in its chunk
+        lambda loc, p: jnp.zeros((nbt, c), f32).at[rows, loc.reshape(nbt, -1)].add(p.reshape(nbt, -1))
+      )(local, p_res).reshape(*s.shape)
+    hit = (col == tgt) & valid
+    dlogits = expand(g_ce) * (p_s - hit) + expand(g_kl * tau) * (p_sT - p_t)
+    dlogits = jnp.where(valid, dlogits, 0.0)
+    dh_SBTD = dh_SBTD + _per_shard("SBTC,SDC->SBTD", dlogits, w_SDC.astype(f32))
+    return dh_SBTD, _per_shard("SBTD,SBTC->SDC", h_SBTD.astype(f32), dlogits)
 
-  dh, dw_NDC = jax.lax.scan(body, jnp.zeros(h_BTD.shape, jnp.float32), xs)
-  dw_DV = dw_NDC.transpose(1, 0, 2).reshape(d, n * c)[:, :v]
-  return dh.astype(h_BTD.dtype), dw_DV.astype(w_DV.dtype), None, None
+  dh0 = _on_shards(jnp.zeros(h_SBTD.shape, f32))
+  dh_SBTD, dw_NSDC = jax.lax.scan(body, dh0, xs)
+  dw_DV = dw_NSDC.transpose(2, 1, 0, 3).reshape(d, shards, n * c)[:, :, :per].reshape(d, v)
+  return dh_SBTD.sum(axis=0).astype(h_BTD.dtype), dw_DV.astype(w_DV.dtype), None, None
 
 
 _distill.defvjp(_distill_fwd, _distill_bwd)
