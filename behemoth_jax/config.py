@@ -381,6 +381,9 @@ class TrainConfig:
   weight_decay: float = 0.1  # on weight matrices and embedding tables; not on scales, biases, 1-D params
   adam_b1: float = 0.9
   adam_b2: float = 0.95
+  # Adam's moments as stored: "auto" in the parameters' dtype (optax.adamw), "fp8" e4m3 with a float32
+  # scale per row (1 byte each per parameter: train/optim.py), for the smallest training state.
+  adam_moments: str = "auto"
   grad_clip: float = 1.0  # global norm; 0 disables
   moe_aux_loss: float = 0.0  # load-balancing loss weight (off: matches HF numerics)
   router_z_loss: float = 0.0
@@ -416,11 +419,8 @@ class TrainConfig:
       f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})",
     )
     check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-    check(
-      self.on_nonfinite in ("skip", "halt"),
-      "train.on_nonfinite",
-      f"must be 'skip' or 'halt', got {self.on_nonfinite!r}",
-    )
+    check(self.on_nonfinite in ("skip", "halt"), "train.on_nonfinite", f"must be skip or halt: {self.on_nonfinite!r}")
+    check(self.adam_moments in ("auto", "fp8"), "train.adam_moments", f"must be auto or fp8: {self.adam_moments!r}")
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic", "relative")

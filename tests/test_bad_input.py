@@ -167,9 +167,14 @@ def config_override_without_value(env, capsys):
   return _train(env, capsys, "train.steps")
 
 
-@case(r"train\.on_nonfinite: must be 'skip' or 'halt', got 'maybe'")
+@case(r"train\.on_nonfinite: must be skip or halt: 'maybe'")
 def config_bad_choice(env, capsys):
   return _train(env, capsys, "train.on_nonfinite=maybe")
+
+
+@case(r"train\.adam_moments: must be auto or fp8: 'int4'")
+def config_bad_moments(env, capsys):
+  return _train(env, capsys, "train.adam_moments=int4")
 
 
 @case(r"model\.vocab_size: 200 is smaller than the tokenizer's 259")

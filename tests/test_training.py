@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 import yaml
 from flax import nnx
 
@@ -46,12 +47,16 @@ def _train_cmd(out: Path, steps: int, *extra: str) -> list[str]:
   ]
 
 
-def test_resume_on_a_different_mesh(tmp_path):
+@pytest.mark.parametrize("moments", ["auto", "fp8"])
+def test_resume_on_a_different_mesh(tmp_path, moments):
+  """Stopped at step 4 and resumed on another mesh: the losses and final parameters of an uninterrupted
+  run, also with 8-bit Adam moments (float8 values and row scales restored onto the new mesh)."""
   ref, moved = tmp_path / "ref", tmp_path / "moved"
-  assert train.main(["--config", "configs/tiny.yaml", *SMALL, "train.steps=8", f"train.out_dir={ref}"]) == 0
+  small = [*SMALL, f"train.adam_moments={moments}"]
+  assert train.main(["--config", "configs/tiny.yaml", *small, "train.steps=8", f"train.out_dir={ref}"]) == 0
   assert (
     train.main(
-      ["--config", "configs/tiny.yaml", *SMALL, "train.steps=8", f"train.out_dir={moved}", "--stop-after", "4"]
+      ["--config", "configs/tiny.yaml", *small, "train.steps=8", f"train.out_dir={moved}", "--stop-after", "4"]
     )
     == 0
   )
@@ -60,7 +65,7 @@ def test_resume_on_a_different_mesh(tmp_path):
       [
         "--config",
         "configs/tiny.yaml",
-        *SMALL,
+        *small,
         "train.steps=8",
         f"train.out_dir={moved}",
         "parallel.fsdp=2",
@@ -74,8 +79,15 @@ def test_resume_on_a_different_mesh(tmp_path):
   want, got = _metrics(ref), _metrics(moved)
   for step in range(1, 9):
     np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=1e-6, atol=1e-6, err_msg=str(step))
+  # On another mesh reductions round differently (~1e-7); an 8-bit moment sitting on an e4m3 rounding
+  # boundary then rounds the other way: 1-2 of 16384 elements of a tensor move by up to ~1.4e-4 after 4
+  # steps at lr 3e-3 (a lost or zeroed moment would move nearly all of them by ~1e-3).
   for a, b in zip(_final_params(ref, 8), _final_params(moved, 8), strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    if moments == "auto":
+      np.testing.assert_allclose(a, b, atol=1e-6)
+    else:
+      diff = np.abs(np.asarray(a) - np.asarray(b))
+      assert np.mean(diff > 1e-6) <= 1e-3 and diff.max() < 1e-3, (np.mean(diff > 1e-6), diff.max())
 
 
 def test_fp8_matches_bf16_and_uses_f8_dots(tmp_path):

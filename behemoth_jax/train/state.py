@@ -17,6 +17,7 @@ from behemoth_jax.config import Config, ConfigError, ModelConfig, load_config
 from behemoth_jax.model.layers import quantize_weight
 from behemoth_jax.model.transformer import Llama4, create_model
 from behemoth_jax.train.checkpoint import restore_params
+from behemoth_jax.train.optim import moment_shardings
 from sharding.api import param_shardings
 
 # {"params": nnx.State, "opt_state": optax state, "step": int32 scalar, "skipped": int32 scalar (updates
@@ -63,13 +64,11 @@ def abstract_train_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformati
 
 
 def optimizer_shardings(tx, abstract_opt_state, shardings_p, mesh: Mesh):
-  """Every optimizer leaf that mirrors a parameter (Adam's moments) takes that parameter's sharding;
-  the rest (step counts) is replicated. Explicit, not left to XLA: compiled for TPU, propagation
-  through `tx.init` replicated the moments (Scout's init needed 41 GiB per chip instead of 1)."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return optax.tree_map_params(
-    tx, lambda _, s: s, abstract_opt_state, shardings_p, transform_non_params=lambda _: replicated
-  )
+  """Every optimizer leaf that mirrors a parameter (Adam's moments, 8-bit ones with their row scales)
+  takes that parameter's sharding; the rest (step counts) is replicated. Explicit, not left to XLA:
+  compiled for TPU, propagation through `tx.init` replicated the moments (Scout's init needed 41 GiB per
+  chip instead of 1)."""
+  return moment_shardings(tx, abstract_opt_state, shardings_p, NamedSharding(mesh, PartitionSpec()))
 
 
 def make_init(cfg: Config, tx, shardings_p, mesh: Mesh):

@@ -24,6 +24,7 @@ from behemoth_jax.train.losses import (
   router_z_loss,
   soft_weight,
 )
+from behemoth_jax.train.optim import scale_by_adam_fp8
 from behemoth_jax.train.state import State
 from sharding import axes as ax
 
@@ -60,9 +61,16 @@ def decay_mask(params: nnx.State):
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
   """AdamW with warmup + cosine, global-norm clipping, weight decay where `decays` says."""
   parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-  parts.append(
-    optax.adamw(make_schedule(tc), b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask)
-  )
+  if tc.adam_moments == "fp8":  # optax.adamw's chain with 8-bit moments (train/optim.py)
+    parts += [
+      scale_by_adam_fp8(tc.adam_b1, tc.adam_b2),
+      optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(make_schedule(tc)),
+    ]
+  else:
+    parts.append(
+      optax.adamw(make_schedule(tc), b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask)
+    )
   return optax.chain(*parts)
 
 
