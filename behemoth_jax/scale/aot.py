@@ -280,9 +280,12 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   if compiled is not None and topo.gpu:
     print(f"  matmul FLOPs by operand type (compiled GEMMs, loops by trip count): {matmul_shares(compiled.as_text())}")
   if compiled is not None:
-    print(
-      f"  collectives per {topo.unit} per step (compiled, loops by trip count): {collective_bytes(compiled.as_text())}"
-    )
+    hlo = compiled.as_text()
+    print(f"  collectives per {topo.unit} per step (compiled, loops by trip count): {collective_bytes(hlo)}")
+    try:
+      print(f"  matmul FLOPs per {topo.unit} per step (compiled, loops by trip count): {hlo_matmul_flops(hlo):.4g}")
+    except ValueError as e:  # a loop of unknown trip count
+      print(f"  matmul FLOPs per {topo.unit}: not counted ({e})")
   flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
   if teacher_cfg is not None:  # + the teacher's forward (a third of its train FLOPs)
     flops += analytic_train_flops(teacher_cfg, tc.batch_size, tc.seq_len) / 3
@@ -305,6 +308,10 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     f"outputs {gib(mem.outputs) if mem else ''} "
     f"({gib(mem.aliased) if mem else ''} of them written over donated arguments)",
   )
+
+
+def hlo_matmul_flops(hlo: str) -> float:
+  return sum(m.flops for m in matmuls(hlo))
 
 
 def matmul_shares(hlo: str) -> str:

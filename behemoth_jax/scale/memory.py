@@ -159,7 +159,10 @@ def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
   if cfg.distill.teacher or cfg.distill.teacher_config:
     teacher, teacher_work = _teacher_terms(cfg, sizes, b_l, t_l)
     work = max(work, teacher_work)
-  return TrainEstimate(n, params, optimizer, params, saved, vocab, gathered, work, code, *teacher)
+  # With accumulation the running sum and a micro-batch's gradient are both whole (Scout, 8 layers,
+  # v5p-16, f2 e2 t2: grad_accum 4 saved 4 GiB of activations and spent them on the second copy).
+  grads = params * (2 if tc.grad_accum > 1 else 1)
+  return TrainEstimate(n, params, optimizer, grads, saved, vocab, gathered, work, code, *teacher)
 
 
 # The teacher's forward runs before the student's; its layer working set is dead by the time the

@@ -46,7 +46,6 @@ from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import Config, ConfigError, load_config
 from behemoth_jax.scale import aot
 from behemoth_jax.scale.collectives import KINDS, bytes_by_link
-from behemoth_jax.scale.flops import matmuls
 from behemoth_jax.scale.memory import BYTES, GiB, train_estimate
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.step import analytic_train_flops
@@ -166,7 +165,7 @@ def compile_row(row: Row, cfg: Config, teacher_cfg, topo: aot.Topology) -> None:
   row.peak_gib, row.fits = mem.total / GiB, mem.total <= limit
   hlo = compiled.as_text()
   try:
-    row.flops = sum(m.flops for m in matmuls(hlo))
+    row.flops = aot.hlo_matmul_flops(hlo)
   except ValueError as e:  # a loop of unknown trip count: fall back to the analytic count, say so
     row.flops = analytic_train_flops(cfg.model, cfg.train.batch_size, cfg.train.seq_len) / mesh.size
     row.reason = f"matmul FLOPs analytic ({e})"
