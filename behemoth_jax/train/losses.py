@@ -252,8 +252,7 @@ def even_chunk(per: int, c: int) -> int:
 def _chunks(w_DV: jax.Array, c: int, shards: int | None = None, constrain: bool = False) -> jax.Array:
   """[D, V] → [N, D, c] column chunks, the last padded with zero columns (masked by the callers); with
   `shards`: [N, S, D, c], chunk j of each of S contiguous vocabulary parts (each padded alone), S placed
-  on the vocabulary's mesh axes when `constrain` (and S > 1: on one shard a constraint only kept XLA
-  from fusing the layout change, +1 copy of the head: 8 GiB for a [8192, 262144] float32 one)."""
+  on the vocabulary's mesh axes when `constrain` (and S > 1: one shard has nothing to place)."""
   d, v = w_DV.shape
   s = shards or 1
   n = -(-(v // s) // c)
@@ -274,15 +273,14 @@ def _by_shard(x_BT_: jax.Array, shards: int) -> jax.Array:
 
 
 def _on_shards(x_SBT_: jax.Array) -> jax.Array:
-  """[S, B, T, ...] placed with S on the vocabulary's mesh axes and the tokens on theirs (on one shard
-  left to XLA: a constraint there only kept it from fusing, +1 copy of the head)."""
+  """[S, B, T, ...] placed with S on the vocabulary's mesh axes and the tokens on theirs (one shard: left
+  as it is)."""
   return ax.constrain(x_SBT_, _LEAD + (None,) * (x_SBT_.ndim - 3)) if x_SBT_.shape[0] > 1 else x_SBT_
 
 
 def _scan_inputs(h_BTD, w_DV, teacher, c: int, online: bool, shards: int):
   """(student hidden states [S, B, T, D], teacher's or None, the scans' xs: head chunks [N, S, D, C],
   the teacher's or None, the chunk index)."""
-
   w_NSDC = _chunks(w_DV, c, shards, constrain=True)
   xs = (w_NSDC, _chunks(teacher[1], c, shards, constrain=True) if online else None, jnp.arange(w_NSDC.shape[0]))
   return _by_shard(h_BTD, shards), (_by_shard(teacher[0], shards) if online else None), xs
