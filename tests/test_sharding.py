@@ -148,3 +148,43 @@ def test_multimodal_scout_shards_on_256_devices():
   assert report["per_device_bytes"] <= 1.1 * report["ideal_per_device_bytes"]
   shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
   assert shardings[("vision", "layers", "fc1_DF")].get_value().spec == PartitionSpec(None, "fsdp", "expert")
+
+
+@pytest.mark.parametrize("routing", ["all_to_expert_0", "expert_shard_3_empty", "top2_on_one_shard"])
+def test_expert_parallel_with_extreme_routing(routing):
+  """The routed experts on fsdp 2 x expert 4 (experts 0-1 on expert shard 0, ..., 6-7 on shard 3) equal
+  one device's, values and gradients, when every token goes to one shard (expert 0; or experts 0 and 1
+  with top-2) and when a shard receives nothing (no token to experts 6-7): the dropless exchange's
+  buffers and offsets at their extremes."""
+  from functools import partial
+
+  from behemoth_jax.model.moe import routed_experts
+  from sharding import axes as ax
+
+  r = np.random.default_rng(0)
+  t, d, f, e = 48, CFG.hidden_size, CFG.intermediate_size, CFG.num_experts
+  k = 2 if routing == "top2_on_one_shard" else 1
+  cfg = ModelConfig(**{**CFG.__dict__, "num_experts_per_tok": k})
+  x = jnp.asarray(r.standard_normal((t, d)), jnp.float32)
+  experts = {
+    "all_to_expert_0": np.zeros((t, 1)),
+    "expert_shard_3_empty": r.integers(0, 6, (t, 1)),
+    "top2_on_one_shard": np.tile([[0, 1]], (t, 1)),
+  }[routing]
+  experts = jnp.asarray(experts, jnp.int32)
+  scores = jnp.asarray(r.uniform(0.1, 1.0, (t, k)), jnp.float32)
+  w = [jnp.asarray(0.3 * r.standard_normal(s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+
+  def loss(x, scores, wg, wu, wd):
+    y = ax.run_experts(partial(routed_experts, cfg), x, experts, scores, wg, wu, wd)
+    return jnp.sum(y * jnp.arange(d, dtype=jnp.float32)[None, :]), y
+
+  def run():
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, scores, *w)
+
+  want = run()
+  with use_mesh(make_mesh(ParallelConfig(fsdp=2, expert=4))):
+    got = run()
+  assert float(jnp.abs(want[0][1]).max()) > 0  # the experts did compute something
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
