@@ -4,9 +4,10 @@ Each moment is float8 e4m3 with one float32 scale per row (per slice along the l
 scales shard like their parameter with that dimension whole, and the quantized moment has exactly its
 parameter's shape and sharding): 1 byte per parameter instead of the parameter dtype's 2 or 4.
 The second moment is stored as its square root (the RMS of the gradient): e4m3 spans 2^-9 .. 448 of a
-row's scale, so the RMS keeps 2^18 of range within a row, where storing v would leave it 2^9. An RMS below the row's smallest subnormal reads as half of it, never 0: a first moment
-that survived quantization over a vanished RMS would otherwise divide by eps (the bound this gives:
-|update| <~ 1, because |m| <~ RMS for Adam's betas).
+row's scale, so the RMS keeps 2^18 of range within a row, where storing v would leave it 2^9. An RMS
+below the row's smallest subnormal reads as half of it, never 0: a first moment that survived
+quantization over a vanished RMS would otherwise divide by eps (the bound this gives: |update| <~ 1,
+because |m| <~ RMS for Adam's betas).
 
 The arithmetic is Adam's in float32 (bias-corrected, eps outside the square root, as optax's
 `scale_by_adam`); only the stored state is rounded. torchao's AdamWFp8 stores both moments in e4m3
