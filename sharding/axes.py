@@ -85,9 +85,12 @@ _shard_count: contextvars.ContextVar[Callable[[str], int] | None] = contextvars.
 )
 
 
-def shards(logical: str) -> int:
+def shards(logical: str, size: int | None = None) -> int:
+  """Parts of `logical` on the current mesh; with `size`, 1 unless they divide it (a parameter's
+  sharding would have refused such a dimension; an activation's keeps it whole)."""
   fn = _shard_count.get()
-  return 1 if fn is None else fn(logical)
+  n = 1 if fn is None else fn(logical)
+  return n if size is None or size % n == 0 else 1
 
 
 def use_shard_count(fn: Callable[[str], int]) -> contextlib.AbstractContextManager[None]:

@@ -164,8 +164,8 @@ class Embed(nnx.Module):
   def __call__(self, ids_BT: jax.Array, dtype: jnp.dtype) -> jax.Array:
     table_VD = self.table_VD[...]
     v, d = table_VD.shape
-    s = ax.shards(ax.VOCAB)
-    if s == 1 or v % s:
+    s = ax.shards(ax.VOCAB, v)
+    if s == 1:
       return jnp.take(table_VD, ids_BT, axis=0).astype(dtype)
     # Vocabulary split over s devices (Megatron's parallel embedding): each looks its ids up in its own
     # rows, zero where an id is another shard's, and the s partial rows are summed (one all-reduce of

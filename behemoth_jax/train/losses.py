@@ -25,24 +25,17 @@ def chunked_cross_entropy(
   """Σ mask · (logsumexp(h·W) − (h·W)[target]) and Σ mask · logsumexp², logits in float32.
 
   Returns (nll_sum, z_sum): sums, so callers normalise over the whole (accumulated) batch.
-  On a mesh that splits the vocabulary (`sharding.axes.shards(VOCAB)` > 1) each device computes only its
+  On a mesh that splits the vocabulary (`sharding.axes.shards(VOCAB, V)` > 1) each device computes only its
   vocabulary shard's chunks (`_chunked_lse_and_target`).
   """
   h_BTD = h_BTD.astype(w_DV.dtype) if h_BTD.dtype != w_DV.dtype else h_BTD
-  shards = vocab_shards(w_DV.shape[1])
+  shards = ax.shards(ax.VOCAB, w_DV.shape[1])
   if shards == 1 and chunk >= w_DV.shape[1]:  # all logits fit in one chunk: keep them (no recompute)
     lse_BT, tgt_BT = _lse_and_target(_logits(h_BTD, w_DV), targets_BT)
   else:
     lse_BT, tgt_BT = _chunked_lse_and_target(h_BTD, w_DV, targets_BT, chunk, shards)
   mask_BT = mask_BT.astype(jnp.float32)
   return jnp.sum((lse_BT - tgt_BT) * mask_BT), jnp.sum(lse_BT**2 * mask_BT)
-
-
-def vocab_shards(v: int) -> int:
-  """Into how many parts the current mesh splits a vocabulary of v (1 without a mesh, or if they do not
-  divide it: the head's parameter sharding would have refused it)."""
-  n = ax.shards(ax.VOCAB)
-  return n if v % n == 0 else 1
 
 
 def _chunked_lse_and_target(h_BTD, w_DV, targets_BT, c: int, shards: int = 1):
@@ -239,7 +232,7 @@ def chunked_distillation_terms(
     teacher = (jax.lax.stop_gradient(teacher_logp_BTK.astype(jnp.float32)), teacher_ids_BTK)
   # A chunk wider than the vocabulary would only add padding columns (and libtpu 0.0.42.1 fails with an
   # INTERNAL RET_CHECK on the slice of the all-reduced head gradient padded 16x: tiny config, v5p-8).
-  shards = vocab_shards(w_DV.shape[1])
+  shards = ax.shards(ax.VOCAB, w_DV.shape[1])
   chunk = even_chunk(w_DV.shape[1] // shards, int(chunk))
   return _distill(float(temperature), chunk, online, shards, h_BTD, w_DV, targets_BT, teacher)
 
