@@ -234,14 +234,17 @@ def test_load_hf_onto_a_mesh(tmp_path):
   assert np.abs(got - _logits(hf, ids)).max() <= 1e-4
 
 
-def test_scanned_checkpoint_exports_layer_by_layer_bitwise_like_the_unscanned(tmp_path):
+def test_scanned_checkpoint_exports_layer_by_layer_bitwise_like_the_unscanned(tmp_path, monkeypatch):
   """to-hf of a checkpoint in train.py's layout (layers stacked for the scan) equals to-hf of the same
   parameters saved one leaf per layer, file for file; the stacked leaves are stored one layer per chunk,
-  and the reader fills a strided (transposed, half) view of an HF tensor exactly as numpy would."""
+  and the reader fills a strided (transposed, half) view of an HF tensor exactly as numpy would. The
+  scanned export reads transposed leaves in pieces of a few rows (`PIECE_BYTES`, 64 MiB by default:
+  one piece at this size), the unscanned in one."""
   import yaml
   from flax import nnx
 
   from behemoth_jax.config import Config, load_config, to_dict
+  from behemoth_jax.convert import export
   from behemoth_jax.model.transformer import create_model, unstack_layers
   from behemoth_jax.train.checkpoint import CONFIG_NAME, ParamReader, save_params
 
@@ -249,6 +252,7 @@ def test_scanned_checkpoint_exports_layer_by_layer_bitwise_like_the_unscanned(tm
   assert cfg.num_cycles == 2
   scanned = create_model(cfg, seed=3)
   for name, model in (("scanned", scanned), ("unscanned", unstack_layers(scanned))):
+    monkeypatch.setattr(export, "PIECE_BYTES", 3000 if name == "scanned" else 64 << 20)  # rows of 1-2 KiB
     save_params(tmp_path / name, nnx.state(model, nnx.Param))
     (tmp_path / name / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(Config(model=model.cfg)), sort_keys=False))
     assert convert(["to-hf", str(tmp_path / name), str(tmp_path / f"{name}-hf"), "--max-shard-size", "1MB"]) == 0

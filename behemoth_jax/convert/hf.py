@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import dataclasses
+import glob
 import json
 import shutil
 from collections import defaultdict
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from behemoth_jax.config import ConfigError, ModelConfig
 from behemoth_jax.convert.hf_config import from_hf_config
+from behemoth_jax.convert.hostcopy import copy_tiled, drop_cached, host_buffer
 from behemoth_jax.convert.keymap import entries
 from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 from behemoth_jax.model.transformer import Llama4, abstract_model
@@ -79,11 +81,12 @@ class SafetensorsDir:
   def keys(self) -> set[str]:
     return set(self.file_of)
 
-  def get(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
-    """The tensor (a new array, or read into the front of the uint8 `buffer`)."""
+  def get(self, name: str, buffer: np.ndarray | None = None, drop: bool = False) -> np.ndarray:
+    """The tensor (a new array, or read into the front of the uint8 `buffer`; `drop`: its bytes then
+    dropped from the page cache)."""
     if name not in self.file_of:
       raise ConversionError(f"{name}: missing from checkpoint {self.path}")
-    return self._files[self.file_of[name]].get(name, buffer)
+    return self._files[self.file_of[name]].get(name, buffer, drop)
 
   def nbytes(self, name: str) -> int:
     return self._files[self.file_of[name]].nbytes(name)
@@ -229,7 +232,7 @@ class _ReadsInto:
 
   def __init__(self, source, order: list[str], ahead_bytes: int):
     self.source = source
-    self._buffer = np.empty(max((source.nbytes(n) for n in order), default=0), np.uint8)
+    self._buffer = host_buffer(max((source.nbytes(n) for n in order), default=0))
     self._last: tuple[str, np.ndarray] | None = None
     # Readahead: the tensors to be read next, up to `ahead_bytes`, are being read by the kernel while
     # this one is converted and saved (from-hf reads at the disk's pace instead of waiting on each read).
@@ -245,7 +248,7 @@ class _ReadsInto:
         self.source.prefetch(ahead)
         self._queued[ahead] = self.source.nbytes(ahead)
         self._next += 1
-      self._last = (name, self.source.get(name, self._buffer))
+      self._last = (name, self.source.get(name, self._buffer, drop=True))
     return self._last[1]
 
 
@@ -324,7 +327,7 @@ class _Slabs:
 
   def __init__(self, batch_bytes: int, largest: int):
     self.size = max(batch_bytes, largest)
-    self._slabs = [np.empty(self.size, np.uint8), np.empty(self.size, np.uint8)]
+    self._slabs = [host_buffer(self.size), host_buffer(self.size)]
     self._which, self._used = 0, 0
 
   def fits(self, shape, dtype) -> bool:
@@ -340,9 +343,9 @@ class _Slabs:
     if value.dtype == dtype and dtype.itemsize == 2:
       # As 16-bit integers: numpy copies a strided bfloat16 array element by element through ml_dtypes'
       # generic copy (perf: 6% of from-hf's CPU time), an integer one with its fast strided loops.
-      np.copyto(out.view(np.uint16), value.view(np.uint16))
+      copy_tiled(out.view(np.uint16), value.view(np.uint16))
     else:
-      np.copyto(out, value, casting="unsafe")
+      copy_tiled(out, value)
     return out
 
   def swap(self) -> None:
@@ -387,6 +390,10 @@ def convert_hf_to_checkpoint(
     def save(batch):
       ocp1.partial.save(out, {"params": nnx.from_flat_state(batch)})
       _release_freed_memory()  # orbax's and tensorstore's own buffers
+      # The files just written (orbax writes a partial save beside `out`, in `<out>.partial_save`, until
+      # finalize), synced and dropped from the page cache: their pages are reused by the next save.
+      for written in out.parent.glob(f"{glob.escape(out.name)}.partial_save*"):
+        drop_cached(written)
 
     def flush():
       nonlocal saving

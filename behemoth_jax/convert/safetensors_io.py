@@ -5,13 +5,16 @@ Llama 4 checkpoint: `safe_open(framework="np").get_tensor` raises on BF16), and 
 of a file's tensors in memory at once. The format is small and fixed (https://github.com/huggingface/
 safetensors#format): 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes. Reading
-is one positioned read per tensor into a fresh buffer (a memory map would keep every touched page
-resident, so host memory would grow to the file size); writing plans the header from shapes and
-dtypes, then streams tensors one at a time. Files written here load with `safetensors` and transformers.
+is one positioned read per tensor into a fresh buffer or a caller's (a memory map would keep every
+touched page resident, so host memory would grow to the file size); writing plans the header from
+shapes and dtypes, then streams tensors one at a time. Files written here load with `safetensors` and
+transformers. Streaming conversions drop what they read from the page cache (`get(drop=True)`) and
+write around it (O_DIRECT, `_DirectSink`); see convert/hostcopy.py for why, measured.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from behemoth_jax.convert.hostcopy import host_buffer
 
 DTYPES = {
   "F64": np.dtype(np.float64),
@@ -96,8 +101,9 @@ class SafetensorsFile:
     begin, end = self.header[name]["data_offsets"]
     os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
 
-  def get(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
-    """The tensor, read into a new array, or into the front of `buffer` (uint8, at least `nbytes`)."""
+  def get(self, name: str, buffer: np.ndarray | None = None, drop: bool = False) -> np.ndarray:
+    """The tensor, read into a new array, or into the front of `buffer` (uint8, at least `nbytes`).
+    `drop`: then drop its bytes from the page cache (read once: see `drop_cached`)."""
     info = self.header[name]
     begin, end = info["data_offsets"]
     out = np.empty(end - begin, np.uint8) if buffer is None else buffer[: end - begin]
@@ -107,6 +113,8 @@ class SafetensorsFile:
       if n <= 0:
         raise SafetensorsError(f"{name}: unexpected end of {self.path}")
       done += n
+    if drop:
+      os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
     return out.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
   def close(self) -> None:
@@ -121,6 +129,65 @@ class SafetensorsFile:
       pass
 
 
+DIRECT_BLOCK = 16 << 20  # bytes staged per O_DIRECT write
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: multiples of the logical block size (4096 covers all)
+
+
+class _DirectSink:
+  """A file written front to back with O_DIRECT: bytes are staged in a page-aligned buffer and written
+  in whole blocks, bypassing the page cache (the tail is padded to a block, then the file truncated to
+  its length). Why: a conversion writes each byte once; measured here, 2 GiB written through a fresh
+  page cache + fsync ran at 0.27-0.43 GB/s with 4-7 s of CPU, with O_DIRECT at 1.8 GB/s with 0.05 s.
+  Where the file system refuses O_DIRECT at open (tmpfs), plain buffered writes."""
+
+  def __init__(self, path: Path):
+    self.direct = hasattr(os, "O_DIRECT")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+      self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+    except OSError as e:
+      if e.errno != errno.EINVAL:
+        raise
+      self.direct, self.fd = False, os.open(path, flags, 0o644)
+    self._stage = host_buffer(DIRECT_BLOCK) if self.direct else None
+    self._fill, self._pos = 0, 0  # bytes staged; file offset of the stage's first byte
+
+  def write(self, data: np.ndarray) -> None:
+    """Appends `data` (uint8, contiguous)."""
+    if not self.direct:
+      view, done = memoryview(data), 0
+      while done < len(view):
+        done += os.write(self.fd, view[done:])
+      return
+    done = 0
+    while done < data.nbytes:
+      n = min(data.nbytes - done, DIRECT_BLOCK - self._fill)
+      self._stage[self._fill : self._fill + n] = data[done : done + n]
+      self._fill += n
+      done += n
+      if self._fill == DIRECT_BLOCK:
+        self._flush(DIRECT_BLOCK)
+
+  def _flush(self, nbytes: int) -> None:
+    view, done = memoryview(self._stage)[:nbytes], 0
+    while done < nbytes:
+      done += os.pwrite(self.fd, view[done:], self._pos + done)
+    self._pos += nbytes
+    self._fill = 0
+
+  def close(self) -> None:
+    """Writes what is staged and closes (the caller fsyncs, as for any file)."""
+    try:
+      if self.direct and self._fill:
+        length = self._pos + self._fill
+        padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._stage[self._fill : padded] = 0
+        self._flush(padded)
+        os.ftruncate(self.fd, length)
+    finally:
+      os.close(self.fd)
+
+
 def write_safetensors(
   path: str | Path,
   tensors: Iterable[tuple[str, np.ndarray]],
@@ -129,7 +196,8 @@ def write_safetensors(
   on_bytes=None,
 ) -> None:
   """Writes `plan`'s tensors (name, shape, dtype, in that order) as they come from `tensors`, each
-  written and dropped before the next is produced. A tensor that does not match its plan raises."""
+  written and dropped before the next is produced, with O_DIRECT where the file system allows
+  (`_DirectSink`). A tensor that does not match its plan raises."""
   header: dict = {"__metadata__": metadata} if metadata else {}
   offset = 0
   for name, shape, dtype in plan:
@@ -138,9 +206,9 @@ def write_safetensors(
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * ((-len(blob)) % 8)  # the reference writer aligns the data to 8 bytes
-  with Path(path).open("wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
+  sink = _DirectSink(Path(path))
+  try:
+    sink.write(np.frombuffer(struct.pack("<Q", len(blob)) + blob, np.uint8))
     expected = iter(plan)
     for name, array in tensors:
       want = next(expected)
@@ -152,6 +220,8 @@ def write_safetensors(
         )
       if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-      f.write(memoryview(array.reshape(-1).view(np.uint8)))
+      sink.write(array.reshape(-1).view(np.uint8))
       if on_bytes is not None:
         on_bytes(array.nbytes)
+  finally:
+    sink.close()

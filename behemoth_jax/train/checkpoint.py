@@ -371,15 +371,18 @@ class ParamReader:
   def dtype(self, leaf: tuple) -> np.dtype:
     return np.dtype(self._store(leaf).dtype.numpy_dtype)
 
-  def read_into(self, leaf: tuple, index: int | None, out: np.ndarray) -> None:
-    """out[...] = leaf[index] (or the whole leaf), converting to out's dtype."""
-    self.start_read(leaf, index, out).result()
+  def read_into(self, leaf: tuple, index: int | None, out: np.ndarray, rows: slice | None = None) -> None:
+    """out[...] = leaf[index] (or the whole leaf; `rows`: then only these of its first axis), converting
+    to out's dtype."""
+    self.start_read(leaf, index, out, rows).result()
 
-  def start_read(self, leaf: tuple, index: int | None, out: np.ndarray) -> ts.Future:
+  def start_read(self, leaf: tuple, index: int | None, out: np.ndarray, rows: slice | None = None) -> ts.Future:
     """`read_into` started: its future, done when `out` is filled (several reads then share the disk)."""
     src = self._store(leaf)
     if index is not None:
       src = src[index]
+    if rows is not None:
+      src = src[rows]
     return ts.array(out, copy=False, write=True).write(src)
 
 
