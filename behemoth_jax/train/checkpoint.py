@@ -371,12 +371,12 @@ class ParamReader:
   def dtype(self, leaf: tuple) -> np.dtype:
     return np.dtype(self._store(leaf).dtype.numpy_dtype)
 
-  def read_into(self, leaf: tuple, index: int | None, out: np.ndarray, rows: slice | None = None) -> None:
-    """out[...] = leaf[index] (or the whole leaf; `rows`: then only these of its first axis), converting
-    to out's dtype."""
+  def read_into(self, leaf: tuple, index: int | None, out: np.ndarray, rows=None) -> None:
+    """out[...] = leaf[index] (or the whole leaf; `rows`: then only that region of it, a slice of its
+    first axis or a tuple of slices), converting to out's dtype."""
     self.start_read(leaf, index, out, rows).result()
 
-  def start_read(self, leaf: tuple, index: int | None, out: np.ndarray, rows: slice | None = None) -> ts.Future:
+  def start_read(self, leaf: tuple, index: int | None, out: np.ndarray, rows=None) -> ts.Future:
     """`read_into` started: its future, done when `out` is filled (several reads then share the disk)."""
     src = self._store(leaf)
     if index is not None:
@@ -410,8 +410,10 @@ def _saved_key(key: tuple, flat: dict) -> tuple:
 
 
 def _restore_restacked(path: Path, flat: dict, keys=None):
-  """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j,
-  each layer read straight into its slice of the stacked host buffer (`keys`: only these leaves)."""
+  """Scanned target ← per-layer checkpoint: stacked leaf (cycles, blocks, j, …)[c] = tail leaf c·P + j.
+  Each leaf is built shard by shard (`jax.make_array_from_callback`): a device's shard reads only its
+  region of each layer's leaf, so no host ever holds a whole stacked leaf (hundreds of GB for Behemoth's
+  experts), only its own devices' shards (`keys`: only these leaves)."""
   blocks = sorted({k[3] for k in flat if k[:3] == ("decoder", "cycles", "blocks")})
   n_cycles = next(v.get_value().shape[0] for k, v in flat.items() if k[:2] == ("decoder", "cycles"))
   first_tail = n_cycles * len(blocks)
@@ -421,17 +423,36 @@ def _restore_restacked(path: Path, flat: dict, keys=None):
     if keys is not None and key not in keys:
       continue
     sds = var.get_value()
-    value = np.empty(sds.shape, sds.dtype)
     if key[:3] == ("decoder", "cycles", "blocks"):
-      j, rest = key[3], key[4:]
-      for c in range(n_cycles):
-        reader.read_into(("decoder", "tail", c * len(blocks) + j, *rest), None, value[c])
+      layers = [("decoder", "tail", c * len(blocks) + key[3], *key[4:]) for c in range(n_cycles)]
     elif key[:2] == ("decoder", "tail"):
-      reader.read_into(("decoder", "tail", first_tail + key[2], *key[3:]), None, value)
+      layers = ("decoder", "tail", first_tail + key[2], *key[3:])
     else:
-      reader.read_into(key, None, value)
-    out[key] = var.replace(jax.device_put(value, sds.sharding))
+      layers = key
+    out[key] = var.replace(jax.make_array_from_callback(sds.shape, sds.sharding, _shard_reader(reader, layers, sds)))
   return nnx.from_flat_state(out)
+
+
+def _shard_reader(reader: ParamReader, layers, sds):
+  """The callback filling one device's shard (its index: a tuple of slices) of leaf `layers` (a saved
+  leaf, or the list of saved per-layer leaves stacked on the first axis). Devices holding the same
+  region (replicas) share one read."""
+  done: dict = {}
+
+  def read(index):
+    bounds = tuple(s.indices(n)[:2] for s, n in zip(index, sds.shape, strict=True))  # slices hash from 3.12
+    if bounds not in done:
+      region = tuple(slice(a, b) for a, b in bounds)
+      value = np.empty([b - a for a, b in bounds], sds.dtype)
+      if isinstance(layers, list):
+        for i, c in enumerate(range(*bounds[0])):
+          reader.read_into(layers[c], None, value[i], region[1:])
+      else:
+        reader.read_into(layers, None, value, region)
+      done[bounds] = value
+    return done[bounds]
+
+  return read
 
 
 CONFIG_NAME = "config.yaml"

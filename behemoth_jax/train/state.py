@@ -118,8 +118,8 @@ def restore_model_params(path, cfg: ModelConfig, mesh: Mesh, what: str):
   """(graphdef, parameters) of `cfg` restored from a float checkpoint onto their shards. With
   `cfg.weight_quant` each quantized weight is restored alone (in `cfg.param_dtype`, on its shards) and
   quantized there by a jitted `quantize_weight` into its own shardings, so at most one float weight
-  is alive beside the quantized model (restored as `restore_params` does: onto its shards, except that
-  re-stacking a per-layer checkpoint for a scanned model assembles each stacked leaf on the host)."""
+  is alive beside the quantized model (restored as `restore_params` does: onto its shards, each host
+  reading only its devices' shards, re-stacked ones too)."""
   graphdef, abstract, _ = abstract_sharded_model(cfg, mesh)
   if cfg.weight_quant == "none":
     return graphdef, restore_params(path, abstract, what=what)
