@@ -57,7 +57,7 @@ def test_copy_tiled_equals_numpy_both_ways(rule, dtypes):
     assert np.array_equal(back, want)
   # A transpose is recognised as one (and only then is the copy tiled): every rule but the identity and
   # the halves of gate_up transposes.
-  assert transposes(view) == (rule.to_ours is not keymap._same and rule.part is None)
+  assert transposes(view) == (rule.to_ours is not keymap.same and rule.part is None)
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -86,3 +86,59 @@ def test_direct_sink_writes_exact_bytes_at_any_length(tmp_path, monkeypatch, dir
   assert (tmp_path / "a.safetensors").stat().st_size == header + sum(t.nbytes for _, t in tensors)
   drop_cached(tmp_path)  # synced and dropped: still readable, unchanged
   assert np.array_equal(SafetensorsFile(tmp_path / "a.safetensors").get("t3"), tensors[3][1])
+
+
+def test_read_scatter_fills_pieces_in_file_order_through_short_reads(tmp_path, monkeypatch):
+  """A tensor's bytes land in the pieces in order (each row's halves into two arrays), also when the
+  kernel returns fewer bytes than asked and with more pieces than one preadv call takes."""
+  from behemoth_jax.convert.hf import _scatter_pieces
+
+  rng = np.random.default_rng(2)
+  t = rng.integers(-3000, 3000, (3, 700, 10), dtype=np.int16)  # 2100 rows: 4200 pieces > IOV_MAX
+  write_safetensors(tmp_path / "t.safetensors", iter([("w", t)]), [("w", t.shape, t.dtype)])
+  real = os.preadv
+  calls = []
+
+  def short(fd, buffers, offset):  # every third call reads only half of what it was asked
+    calls.append(len(buffers))
+    if len(calls) % 3 == 0:
+      return real(fd, [memoryview(buffers[0])[: max(1, len(buffers[0]) // 2)]], offset)
+    return real(fd, buffers, offset)
+
+  monkeypatch.setattr(os, "preadv", short)
+  gate, up = np.zeros((3, 700, 5), np.int16), np.zeros((3, 700, 5), np.int16)
+  SafetensorsFile(tmp_path / "t.safetensors").read_scatter("w", _scatter_pieces([gate, up]), drop=True)
+  assert np.array_equal(gate, t[..., :5]) and np.array_equal(up, t[..., 5:])
+  assert max(calls) == safetensors_io.IOV_MAX and len(calls) > 5
+  with pytest.raises(ValueError, match="w: pieces hold"):
+    SafetensorsFile(tmp_path / "t.safetensors").read_scatter("w", [memoryview(np.zeros(10, np.uint8))])
+
+
+def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_path, monkeypatch):
+  """from-hf reads a tensor that maps to its leaves by byte ranges (norms, embeddings, down_proj, the
+  halves of gate_up_proj) straight into them, and the checkpoint restores exactly load_hf's values."""
+  from hf_utils import make_hf_model
+  from hf_utils import save_hf as hf_save_pretrained
+
+  from behemoth_jax.convert import load_hf
+  from behemoth_jax.convert.hf import convert_hf_to_checkpoint
+  from behemoth_jax.train.checkpoint import ParamReader, params_dir
+
+  hf_save_pretrained(make_hf_model(seed=41), tmp_path / "hf")
+  scattered = []
+  real = SafetensorsFile.read_scatter
+  monkeypatch.setattr(
+    SafetensorsFile, "read_scatter", lambda self, name, *a: scattered.append(name) or real(self, name, *a)
+  )
+  cfg = convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "ours")
+  assert any(n.endswith("experts.gate_up_proj") for n in scattered) and any(n.endswith("down_proj") for n in scattered)
+  assert not any(n.endswith("q_proj.weight") for n in scattered)  # a transpose: the general path
+  want = load_hf(tmp_path / "hf")
+  reader = ParamReader(params_dir(tmp_path / "ours"))
+  from flax import nnx
+
+  for key, var in nnx.to_flat_state(nnx.state(want, nnx.Param)):
+    got = np.empty(var.get_value().shape, var.get_value().dtype)
+    reader.read_into(key, None, got)
+    assert np.array_equal(got, np.asarray(var.get_value())), key
+  assert cfg.scan_layers is False

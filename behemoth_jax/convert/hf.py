@@ -29,7 +29,7 @@ from tqdm import tqdm
 from behemoth_jax.config import ConfigError, ModelConfig
 from behemoth_jax.convert.hf_config import from_hf_config
 from behemoth_jax.convert.hostcopy import copy_tiled, drop_cached, host_buffer
-from behemoth_jax.convert.keymap import entries
+from behemoth_jax.convert.keymap import entries, same
 from behemoth_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 from behemoth_jax.model.transformer import Llama4, abstract_model
 from behemoth_jax.train.checkpoint import CHUNK_BYTES, HF_CONFIG, HF_GENERATION_CONFIG
@@ -90,6 +90,12 @@ class SafetensorsDir:
 
   def nbytes(self, name: str) -> int:
     return self._files[self.file_of[name]].nbytes(name)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._files[self.file_of[name]].shape(name)
+
+  def read_scatter(self, name: str, pieces, drop: bool = False) -> None:
+    self._files[self.file_of[name]].read_scatter(name, pieces, drop)
 
   def prefetch(self, name: str) -> None:
     self._files[self.file_of[name]].prefetch(name)
@@ -230,9 +236,10 @@ class _ReadsInto:
   leaves that come one after the other) is read once. Why one buffer: a fresh buffer's pages are zeroed
   by the kernel as the read first touches them (perf: ~10% of from-hf's CPU time in clear_page)."""
 
-  def __init__(self, source, order: list[str], ahead_bytes: int):
+  def __init__(self, source, order: list[str], ahead_bytes: int, buffered: set[str] | None = None):
     self.source = source
-    self._buffer = host_buffer(max((source.nbytes(n) for n in order), default=0))
+    # Sized for the tensors read through it (`buffered`; those read straight into their leaves need none).
+    self._buffer = host_buffer(max((source.nbytes(n) for n in order if buffered is None or n in buffered), default=0))
     self._last: tuple[str, np.ndarray] | None = None
     # Readahead: the tensors to be read next, up to `ahead_bytes`, are being read by the kernel while
     # this one is converted and saved (from-hf reads at the disk's pace instead of waiting on each read).
@@ -242,14 +249,22 @@ class _ReadsInto:
   def get(self, name: str) -> np.ndarray:
     if self._last is None or self._last[0] != name:
       self._last = None  # the buffer is overwritten: drop the old view first
-      self._queued.pop(name, None)
-      while self._next < len(self._order) and sum(self._queued.values()) < self._ahead:
-        ahead = self._order[self._next]
-        self.source.prefetch(ahead)
-        self._queued[ahead] = self.source.nbytes(ahead)
-        self._next += 1
+      self._read_ahead(name)
       self._last = (name, self.source.get(name, self._buffer, drop=True))
     return self._last[1]
+
+  def read_scatter(self, name: str, pieces) -> None:
+    """The tensor's bytes straight into `pieces` (see `SafetensorsFile.read_scatter`), read ahead alike."""
+    self._read_ahead(name)
+    self.source.read_scatter(name, pieces, drop=True)
+
+  def _read_ahead(self, name: str) -> None:
+    self._queued.pop(name, None)
+    while self._next < len(self._order) and sum(self._queued.values()) < self._ahead:
+      ahead = self._order[self._next]
+      self.source.prefetch(ahead)
+      self._queued[ahead] = self.source.nbytes(ahead)
+      self._next += 1
 
 
 def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, dtype: np.dtype, bar=None) -> np.ndarray:
@@ -277,6 +292,44 @@ def _leaf_value(cfg: ModelConfig, source, leaf_entries, target, dtype: np.dtype,
       return value if value.dtype == dtype else value.astype(dtype)
     host[entry.stack] = value
   return host
+
+
+def _scatter_unit(cfg: ModelConfig, source, leaves: list, i: int, flat: dict, leaf_dtypes: dict) -> list | None:
+  """The leaves from leaves[i] on that one HF tensor fills by plain byte ranges: the whole tensor as it
+  is (a norm, an embedding, the experts' down_proj) or its halves along the last axis (gate_up_proj ->
+  gate, up: each row's halves), each leaf unstacked and in the tensor's dtype and shape. from-hf reads
+  such a tensor straight into its leaves' places in the slab (`read_scatter`), with no copy of ours.
+  None where that does not apply (a transpose, a stacked or converted leaf): the general path."""
+  leaf, ents = leaves[i]
+  rule = ents[0].rule
+  if len(ents) != 1 or ents[0].stack is not None or not (rule.to_ours is same or rule.part is not None):
+    return None
+  name, count = ents[0].hf_name, rule.part[1] if rule.part else 1
+  unit = leaves[i : i + count]
+  for k, (lf, es) in enumerate(unit):
+    e = es[0]
+    if len(es) != 1 or e.hf_name != name or e.stack is not None or (e.rule.part or (0, 1)) != (k, count):
+      return None
+    if leaf_dtypes[lf] != source.dtype(name):
+      return None
+  shape = source.shape(name)
+  want = (*shape[:-1], shape[-1] // count) if shape else shape
+  if len(unit) != count or (count > 1 and shape[-1] % count):
+    return None
+  if any(tuple(flat[lf].get_value().shape) != want for lf, _ in unit):
+    return None  # the general path names the mismatch
+  return unit
+
+
+def _scatter_pieces(views: list[np.ndarray]):
+  """Memoryviews, in the file's byte order, of `views` holding equal parts of each row of one tensor."""
+  if len(views) == 1:
+    yield memoryview(views[0].reshape(-1).view(np.uint8))
+    return
+  rows = [v.reshape(-1, v.shape[-1]).view(np.uint8) for v in views]
+  for r in range(rows[0].shape[0]):
+    for part in rows:
+      yield memoryview(part[r])
 
 
 def _check_all_consumed(source, by_leaf) -> None:
@@ -331,15 +384,29 @@ class _Slabs:
     self._which, self._used = 0, 0
 
   def fits(self, shape, dtype) -> bool:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return self._used + nbytes <= self.size
+    return self.fits_all([shape], [dtype])
+
+  def fits_all(self, shapes, dtypes) -> bool:
+    used = self._used
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+      used += self._aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return used <= self.size
+
+  def _aligned(self, nbytes: int) -> int:
+    return -(-nbytes // self.ALIGN) * self.ALIGN
+
+  def take(self, shape, dtype) -> np.ndarray:
+    """An uninitialised contiguous array in the current slab (`fits` was checked)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    out = self._slabs[self._which][self._used : self._used + nbytes].view(dtype).reshape(shape)
+    self._used += self._aligned(nbytes)
+    return out
 
   def put(self, value: np.ndarray, shape, dtype) -> np.ndarray:
     """A contiguous copy of `value` in `dtype`, in the current slab (`fits` was checked)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    out = self._slabs[self._which][self._used : self._used + nbytes].view(dtype).reshape(shape)
-    self._used += -(-nbytes // self.ALIGN) * self.ALIGN
+    out = self.take(shape, dtype)
     if value.dtype == dtype and dtype.itemsize == 2:
       # As 16-bit integers: numpy copies a strided bfloat16 array element by element through ml_dtypes'
       # generic copy (perf: 6% of from-hf's CPU time), an integer one with its fast strided loops.
@@ -379,8 +446,17 @@ def convert_hf_to_checkpoint(
     _, flat = _abstract_leaves(cfg, by_leaf)
     bar = _progress(progress, path)
     order = list(dict.fromkeys(e.hf_name for ents in by_leaf.values() for e in ents))
-    reads = _ReadsInto(source, order, ahead_bytes=2 * buffer_bytes)
-    slabs = _Slabs(buffer_bytes, max(_nbytes(flat[leaf].get_value(), leaf_dtypes[leaf]) for leaf in by_leaf))
+    # Steps: units of leaves read straight into the slab (`_scatter_unit`), or one leaf at a time.
+    leaves, steps, scattered, i = list(by_leaf.items()), [], set(), 0
+    while i < len(leaves):
+      unit = _scatter_unit(cfg, source, leaves, i, flat, leaf_dtypes)
+      steps.append(unit or [leaves[i]])
+      scattered.update(lf for lf, _ in unit or [])
+      i += len(steps[-1])
+    buffered = {e.hf_name for lf, ents in leaves if lf not in scattered for e in ents}
+    reads = _ReadsInto(source, order, ahead_bytes=2 * buffer_bytes, buffered=buffered)
+    step_bytes = [sum(_nbytes(flat[lf].get_value(), leaf_dtypes[lf]) + _Slabs.ALIGN for lf, _ in u) for u in steps]
+    slabs = _Slabs(buffer_bytes, max(step_bytes))
     # Reading and saving overlap: one batch is saved on a second thread while the next is read into the
     # other slab (each orbax partial save is synchronous). Memory: the two slabs and the read buffer.
     saver = ThreadPoolExecutor(1, thread_name_prefix="from-hf-save")
@@ -418,7 +494,20 @@ def convert_hf_to_checkpoint(
     options.array_options.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
     with options:  # orbax reads its options from the context
       try:
-        for leaf, leaf_entries in by_leaf.items():
+        for unit in steps:
+          if len(unit) > 1 or unit[0][0] in scattered:
+            shapes = [flat[lf].get_value().shape for lf, _ in unit]
+            if not slabs.fits_all(shapes, [leaf_dtypes[lf] for lf, _ in unit]):
+              flush()
+            views = [slabs.take(shape, leaf_dtypes[lf]) for shape, (lf, _) in zip(shapes, unit, strict=True)]
+            name = unit[0][1][0].hf_name
+            reads.read_scatter(name, _scatter_pieces(views))
+            if bar is not None:
+              bar.update(source.nbytes(name))
+            for view, (lf, _) in zip(views, unit, strict=True):
+              pending[lf] = flat[lf].replace(view)
+            continue
+          ((leaf, leaf_entries),) = unit
           var = flat[leaf]
           target = var.get_value()
           value = _leaf_value(cfg, reads, leaf_entries, target, leaf_dtypes[leaf], bar)

@@ -47,7 +47,7 @@ def _o_in_inv(w, c):
   return w.reshape(-1, w.shape[-1]).T
 
 
-def _same(w, c):
+def same(w, c):
   return w
 
 
@@ -56,14 +56,14 @@ def _half(index: int):
 
 
 TOP_RULES = (
-  Rule(("embed", "table_VD"), "model.embed_tokens.weight", _same, _same),
-  Rule(("final_norm", "weight_D"), "model.norm.weight", _same, _same),
+  Rule(("embed", "table_VD"), "model.embed_tokens.weight", same, same),
+  Rule(("final_norm", "weight_D"), "model.norm.weight", same, same),
 )
 LM_HEAD = Rule(("lm_head_DV",), "lm_head.weight", _t, _t)
 
 ATTN_RULES = (
-  Rule(("input_norm", "weight_D"), "input_layernorm.weight", _same, _same),
-  Rule(("post_attn_norm", "weight_D"), "post_attention_layernorm.weight", _same, _same),
+  Rule(("input_norm", "weight_D"), "input_layernorm.weight", same, same),
+  Rule(("post_attn_norm", "weight_D"), "post_attention_layernorm.weight", same, same),
   Rule(("attn", "wq_DNH"), "self_attn.q_proj.weight", _heads_in("num_heads"), _heads_in_inv),
   Rule(("attn", "wk_DKH"), "self_attn.k_proj.weight", _heads_in("num_kv_heads"), _heads_in_inv),
   Rule(("attn", "wv_DKH"), "self_attn.v_proj.weight", _heads_in("num_kv_heads"), _heads_in_inv),
@@ -71,9 +71,9 @@ ATTN_RULES = (
 )
 MOE_RULES = (
   Rule(("ffn", "w_router_DE"), "feed_forward.router.weight", _t, _t),
-  Rule(("ffn", "w_gate_EDF"), "feed_forward.experts.gate_up_proj", _half(0), _same, part=(0, 2)),
-  Rule(("ffn", "w_up_EDF"), "feed_forward.experts.gate_up_proj", _half(1), _same, part=(1, 2)),
-  Rule(("ffn", "w_down_EFD"), "feed_forward.experts.down_proj", _same, _same),
+  Rule(("ffn", "w_gate_EDF"), "feed_forward.experts.gate_up_proj", _half(0), same, part=(0, 2)),
+  Rule(("ffn", "w_up_EDF"), "feed_forward.experts.gate_up_proj", _half(1), same, part=(1, 2)),
+  Rule(("ffn", "w_down_EFD"), "feed_forward.experts.down_proj", same, same),
   Rule(("ffn", "shared", "w_gate_DF"), "feed_forward.shared_expert.gate_proj.weight", _t, _t),
   Rule(("ffn", "shared", "w_up_DF"), "feed_forward.shared_expert.up_proj.weight", _t, _t),
   Rule(("ffn", "shared", "w_down_FD"), "feed_forward.shared_expert.down_proj.weight", _t, _t),
@@ -106,20 +106,20 @@ def _vo_in(w, c):  # HF [Dv, N·H] → ours [N, H, Dv]
 
 VISION_TOP_RULES = (
   Rule(("patch_embed_PD",), "patch_embedding.linear.weight", _t, _t),
-  Rule(("class_embedding_D",), "class_embedding", _same, _same),
-  Rule(("pos_embedding_SD",), "positional_embedding_vlm", _same, _same),
-  Rule(("ln_pre", "weight_D"), "layernorm_pre.weight", _same, _same),
-  Rule(("ln_pre", "bias_D"), "layernorm_pre.bias", _same, _same),
-  Rule(("ln_post", "weight_D"), "layernorm_post.weight", _same, _same),
-  Rule(("ln_post", "bias_D"), "layernorm_post.bias", _same, _same),
+  Rule(("class_embedding_D",), "class_embedding", same, same),
+  Rule(("pos_embedding_SD",), "positional_embedding_vlm", same, same),
+  Rule(("ln_pre", "weight_D"), "layernorm_pre.weight", same, same),
+  Rule(("ln_pre", "bias_D"), "layernorm_pre.bias", same, same),
+  Rule(("ln_post", "weight_D"), "layernorm_post.weight", same, same),
+  Rule(("ln_post", "bias_D"), "layernorm_post.bias", same, same),
   Rule(("adapter_fc1_FP",), "vision_adapter.mlp.fc1.weight", _t, _t),
   Rule(("adapter_fc2_PP",), "vision_adapter.mlp.fc2.weight", _t, _t),
 )
 VISION_LAYER_RULES = (
-  Rule(("ln1", "weight_D"), "input_layernorm.weight", _same, _same),
-  Rule(("ln1", "bias_D"), "input_layernorm.bias", _same, _same),
-  Rule(("ln2", "weight_D"), "post_attention_layernorm.weight", _same, _same),
-  Rule(("ln2", "bias_D"), "post_attention_layernorm.bias", _same, _same),
+  Rule(("ln1", "weight_D"), "input_layernorm.weight", same, same),
+  Rule(("ln1", "bias_D"), "input_layernorm.bias", same, same),
+  Rule(("ln2", "weight_D"), "post_attention_layernorm.weight", same, same),
+  Rule(("ln2", "bias_D"), "post_attention_layernorm.bias", same, same),
   Rule(("wq_DNH",), "self_attn.q_proj.weight", _vheads_in, _heads_in_inv),
   Rule(("wk_DNH",), "self_attn.k_proj.weight", _vheads_in, _heads_in_inv),
   Rule(("wv_DNH",), "self_attn.v_proj.weight", _vheads_in, _heads_in_inv),
@@ -127,11 +127,11 @@ VISION_LAYER_RULES = (
   Rule(("bk_NH",), "self_attn.k_proj.bias", _vbias_in, _vbias_out),
   Rule(("bv_NH",), "self_attn.v_proj.bias", _vbias_in, _vbias_out),
   Rule(("wo_NHD",), "self_attn.o_proj.weight", _vo_in, _o_in_inv),
-  Rule(("bo_D",), "self_attn.o_proj.bias", _same, _same),
+  Rule(("bo_D",), "self_attn.o_proj.bias", same, same),
   Rule(("fc1_DF",), "mlp.fc1.weight", _t, _t),
-  Rule(("fc1_b_F",), "mlp.fc1.bias", _same, _same),
+  Rule(("fc1_b_F",), "mlp.fc1.bias", same, same),
   Rule(("fc2_FD",), "mlp.fc2.weight", _t, _t),
-  Rule(("fc2_b_D",), "mlp.fc2.bias", _same, _same),
+  Rule(("fc2_b_D",), "mlp.fc2.bias", same, same),
 )
 PROJECTOR = Rule(("projector_PD",), "multi_modal_projector.linear_1.weight", _t, _t)
 

@@ -42,6 +42,7 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)  # pieces per preadv
 
 
 class SafetensorsError(ValueError):
@@ -116,6 +117,42 @@ class SafetensorsFile:
     if drop:
       os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
     return out.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+  def read_scatter(self, name: str, pieces, drop: bool = False) -> None:
+    """Reads the tensor's bytes, in file order, straight into `pieces` (uint8 memoryviews whose lengths
+    add up to its size; e.g. each row's halves into two arrays): the kernel scatters them, no copy of
+    ours (os.preadv, up to IOV_MAX pieces a call). `drop`: as in `get`."""
+    begin, end = self.header[name]["data_offsets"]
+    offset, batch, size = self._data_start + begin, [], 0
+    for piece in pieces:
+      batch.append(piece)
+      size += len(piece)
+      if len(batch) == IOV_MAX:
+        offset = self._read_batch(name, batch, offset, size)
+        batch, size = [], 0
+    if batch:
+      offset = self._read_batch(name, batch, offset, size)
+    if offset != self._data_start + end:
+      raise ValueError(f"{name}: pieces hold {offset - self._data_start - begin} bytes, the tensor {end - begin}")
+    if drop:
+      os.posix_fadvise(self._fd, self._data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
+
+  def _read_batch(self, name: str, batch: list, offset: int, size: int) -> int:
+    n = os.preadv(self._fd, batch, offset)
+    if n < size:  # a short read (rare): the rest piece by piece
+      done = n
+      for piece in batch:
+        if done >= len(piece):
+          done -= len(piece)
+          continue
+        view = piece[done:]
+        while len(view):
+          got = os.preadv(self._fd, [view], offset + n)
+          if got <= 0:
+            raise SafetensorsError(f"{name}: unexpected end of {self.path}")
+          view, n = view[got:], n + got
+        done = 0
+    return offset + size
 
   def close(self) -> None:
     fd, self._fd = getattr(self, "_fd", None), None
