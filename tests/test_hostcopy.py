@@ -114,13 +114,16 @@ def test_read_scatter_fills_pieces_in_file_order_through_short_reads(tmp_path, m
     SafetensorsFile(tmp_path / "t.safetensors").read_scatter("w", [memoryview(np.zeros(10, np.uint8))])
 
 
-def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_path, monkeypatch, fused):
   """from-hf reads a tensor that maps to its leaves by byte ranges (norms, embeddings, down_proj, the
-  halves of gate_up_proj) straight into them, and the checkpoint restores exactly load_hf's values."""
+  halves of gate_up_proj) straight into them, and the checkpoint restores exactly load_hf's values.
+  Where scattering a fused tensor's halves would break the memory bound (here: a runtime allowance
+  set too large for any), gate_up_proj is read whole and split instead, with the same result."""
   from hf_utils import make_hf_model
   from hf_utils import save_hf as hf_save_pretrained
 
-  from behemoth_jax.convert import load_hf
+  from behemoth_jax.convert import hf, load_hf
   from behemoth_jax.convert.hf import convert_hf_to_checkpoint
   from behemoth_jax.train.checkpoint import ParamReader, params_dir
 
@@ -130,8 +133,11 @@ def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_p
   monkeypatch.setattr(
     SafetensorsFile, "read_scatter", lambda self, name, *a: scattered.append(name) or real(self, name, *a)
   )
+  if not fused:
+    monkeypatch.setattr(hf, "RUNTIME_BYTES", 1 << 40)
   cfg = convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "ours")
-  assert any(n.endswith("experts.gate_up_proj") for n in scattered) and any(n.endswith("down_proj") for n in scattered)
+  assert any(n.endswith("experts.gate_up_proj") for n in scattered) == fused
+  assert any(n.endswith("down_proj") for n in scattered)
   assert not any(n.endswith("q_proj.weight") for n in scattered)  # a transpose: the general path
   want = load_hf(tmp_path / "hf")
   reader = ParamReader(params_dir(tmp_path / "ours"))

@@ -321,6 +321,35 @@ def _scatter_unit(cfg: ModelConfig, source, leaves: list, i: int, flat: dict, le
   return unit
 
 
+RUNTIME_BYTES = 512 << 20  # from-hf's memory besides its buffers (Python, jax, orbax, tensorstore): ~0.5 GiB
+
+
+def _plan_steps(cfg, source, by_leaf: dict, flat: dict, leaf_dtypes: dict, order: list, buffer_bytes: int):
+  """([(scatter?, [(leaf, entries)])], names of tensors read whole into the read buffer, slab bytes).
+  A fused tensor's halves are scattered into their two leaves together, which needs slabs of the whole
+  tensor; where that with the read buffer (the largest tensor still read whole) would exceed the
+  memory bound, 2 × the largest tensor + 1 GiB, fused tensors are read whole and split (the read
+  buffer then holds them; each half's slab half as large)."""
+  leaves, largest = list(by_leaf.items()), max(source.nbytes(n) for n in order)
+  for fused in (True, False):
+    steps, i = [], 0
+    while i < len(leaves):
+      unit = _scatter_unit(cfg, source, leaves, i, flat, leaf_dtypes)
+      if unit is not None and len(unit) > 1 and not fused:
+        unit = None
+      steps.append((unit is not None, unit or [leaves[i]]))
+      i += len(steps[-1][1])
+    buffered = {e.hf_name for scatter, unit in steps if not scatter for _, ents in unit for e in ents}
+    slab = max(
+      buffer_bytes,
+      *(sum(_nbytes(flat[lf].get_value(), leaf_dtypes[lf]) + _Slabs.ALIGN for lf, _ in u) for _, u in steps),
+    )
+    buffer = max((source.nbytes(n) for n in buffered), default=0)
+    if 2 * slab + buffer + RUNTIME_BYTES <= 2 * largest + (1 << 30):
+      break
+  return steps, buffered, slab
+
+
 def _scatter_pieces(views: list[np.ndarray]):
   """Memoryviews, in the file's byte order, of `views` holding equal parts of each row of one tensor."""
   if len(views) == 1:
@@ -447,16 +476,9 @@ def convert_hf_to_checkpoint(
     bar = _progress(progress, path)
     order = list(dict.fromkeys(e.hf_name for ents in by_leaf.values() for e in ents))
     # Steps: units of leaves read straight into the slab (`_scatter_unit`), or one leaf at a time.
-    leaves, steps, scattered, i = list(by_leaf.items()), [], set(), 0
-    while i < len(leaves):
-      unit = _scatter_unit(cfg, source, leaves, i, flat, leaf_dtypes)
-      steps.append(unit or [leaves[i]])
-      scattered.update(lf for lf, _ in unit or [])
-      i += len(steps[-1])
-    buffered = {e.hf_name for lf, ents in leaves if lf not in scattered for e in ents}
+    steps, buffered, slab_bytes = _plan_steps(cfg, source, by_leaf, flat, leaf_dtypes, order, buffer_bytes)
     reads = _ReadsInto(source, order, ahead_bytes=2 * buffer_bytes, buffered=buffered)
-    step_bytes = [sum(_nbytes(flat[lf].get_value(), leaf_dtypes[lf]) + _Slabs.ALIGN for lf, _ in u) for u in steps]
-    slabs = _Slabs(buffer_bytes, max(step_bytes))
+    slabs = _Slabs(buffer_bytes, slab_bytes)
     # Reading and saving overlap: one batch is saved on a second thread while the next is read into the
     # other slab (each orbax partial save is synchronous). Memory: the two slabs and the read buffer.
     saver = ThreadPoolExecutor(1, thread_name_prefix="from-hf-save")
@@ -494,8 +516,8 @@ def convert_hf_to_checkpoint(
     options.array_options.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
     with options:  # orbax reads its options from the context
       try:
-        for unit in steps:
-          if len(unit) > 1 or unit[0][0] in scattered:
+        for scatter, unit in steps:
+          if scatter:
             shapes = [flat[lf].get_value().shape for lf, _ in unit]
             if not slabs.fits_all(shapes, [leaf_dtypes[lf] for lf, _ in unit]):
               flush()
