@@ -178,6 +178,26 @@ def test_scoring_pass_compiles_without_vocabulary_sized_logits(capsys):
 
 
 @needs_libtpu
+def test_prefill_reports_its_caches_in_their_own_dtype(capsys):
+  """The prefill program's KV caches are reported as they are built (compute dtype float32 here: 4 bytes
+  a value, where a 2-byte assumption would report half)."""
+  import jax
+
+  from behemoth_jax.config import load_config
+  from behemoth_jax.model.transformer import abstract_model
+  from behemoth_jax.scale import memory
+
+  overrides = ["model.dtype=float32", "model.head_dim=256", "parallel.fsdp=4", "parallel.expert=1"]
+  rc = memory.main(["--config", "configs/tiny.yaml", "--prefill", "65536", "--compile-topology", "v5p-8", *overrides])
+  out = capsys.readouterr().out
+  cfg = load_config("configs/tiny.yaml", overrides[:2])
+  caches = jax.eval_shape(lambda: abstract_model(cfg.model).init_cache(1, 65536))
+  kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches) if x.ndim >= 4)
+  assert rc == 0 and kv > 2**28, out  # ~0.25 GiB: half of it would show
+  assert _gib(out, "; KV caches") == pytest.approx(kv / 2**30, abs=0.01), out  # the weights line, not outputs
+
+
+@needs_libtpu
 def test_decode_step_compiles_with_fp8_weights_and_sharded_caches(capsys):
   """Generation's decode step (a batch of slots, one token each, against KV caches of --context tokens)
   compiled for TPU with fp8 weights: the caches' bytes equal those of the model's own init_cache

@@ -39,7 +39,6 @@ from jax.sharding import NamedSharding
 from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
-from behemoth_jax.model.cost import kv_cache_bytes
 from behemoth_jax.platforms import user_platforms
 from behemoth_jax.scale.collectives import bytes_by_kind
 from behemoth_jax.scale.flops import matmuls
@@ -391,7 +390,8 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     lowered = step.lower(abstract, ids, mask)
   mem, reason, _ = compile_report(lowered, topo)
   print(
-    f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV cache {gib(kv_cache_bytes(cfg, tokens))} in all"
+    f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV caches "
+    f"{gib(sum(c.size * c.dtype.itemsize for c in jax.tree.leaves(caches)))} in all"
   )
   return _fits(mem, reason, topo, t0, f"outputs (KV caches, logits) {gib(mem.outputs) if mem else ''}")
 
