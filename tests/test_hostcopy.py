@@ -91,7 +91,7 @@ def test_direct_sink_writes_exact_bytes_at_any_length(tmp_path, monkeypatch, dir
 def test_read_scatter_fills_pieces_in_file_order_through_short_reads(tmp_path, monkeypatch):
   """A tensor's bytes land in the pieces in order (each row's halves into two arrays), also when the
   kernel returns fewer bytes than asked and with more pieces than one preadv call takes."""
-  from behemoth_jax.convert.hf import _scatter_pieces
+  from behemoth_jax.convert.to_checkpoint import _scatter_pieces
 
   rng = np.random.default_rng(2)
   t = rng.integers(-3000, 3000, (3, 700, 10), dtype=np.int16)  # 2100 rows: 4200 pieces > IOV_MAX
@@ -123,8 +123,8 @@ def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_p
   from hf_utils import make_hf_model
   from hf_utils import save_hf as hf_save_pretrained
 
-  from behemoth_jax.convert import hf, load_hf
-  from behemoth_jax.convert.hf import convert_hf_to_checkpoint
+  from behemoth_jax.convert import load_hf, to_checkpoint
+  from behemoth_jax.convert.to_checkpoint import convert_hf_to_checkpoint
   from behemoth_jax.train.checkpoint import ParamReader, params_dir
 
   hf_save_pretrained(make_hf_model(seed=41), tmp_path / "hf")
@@ -134,7 +134,7 @@ def test_from_hf_reads_plain_and_halved_tensors_straight_into_their_leaves(tmp_p
     SafetensorsFile, "read_scatter", lambda self, name, *a: scattered.append(name) or real(self, name, *a)
   )
   if not fused:
-    monkeypatch.setattr(hf, "RUNTIME_BYTES", 1 << 40)
+    monkeypatch.setattr(to_checkpoint, "RUNTIME_BYTES", 1 << 40)
   cfg = convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "ours")
   assert any(n.endswith("experts.gate_up_proj") for n in scattered) == fused
   assert any(n.endswith("down_proj") for n in scattered)

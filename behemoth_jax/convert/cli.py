@@ -32,7 +32,8 @@ from flax import nnx
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import Config, ConfigError, load_config, to_dict
 from behemoth_jax.convert.export import fsync, source_configs, write_hf
-from behemoth_jax.convert.hf import ConversionError, convert_hf_to_checkpoint
+from behemoth_jax.convert.hf import ConversionError
+from behemoth_jax.convert.to_checkpoint import convert_hf_to_checkpoint
 from behemoth_jax.model.transformer import create_model
 from behemoth_jax.train.checkpoint import (
   CONFIG_NAME,
