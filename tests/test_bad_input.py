@@ -237,6 +237,34 @@ def data_prompts_invalid_json(env, capsys):
   return status, err, [out, out.with_name(out.name + ".tmp")]
 
 
+def _bad_prompts(env, capsys, name: str, content: bytes):
+  path = env.root / name
+  path.write_bytes(content)
+  out = env.root / f"gen-{name}"
+  status, err = _cli(generate.main, ["--ckpt", env.ckpt(), "--prompts", path, "--out", out], capsys)
+  return status, err, [out, out.with_name(out.name + ".tmp")]
+
+
+@case(r"…/latin1\.jsonl: line 2: not UTF-8 \(byte 15\)")
+def data_prompts_not_utf8(env, capsys):
+  return _bad_prompts(env, capsys, "latin1.jsonl", b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+
+
+@case(r"…/nofield\.jsonl: line 1: needs a string field 'prompt'")
+def data_prompts_without_the_field(env, capsys):
+  return _bad_prompts(env, capsys, "nofield.jsonl", b'{"text": "a prompt under another name"}\n')
+
+
+@case(r"…/empty\.jsonl: no prompts")
+def data_prompts_empty_file(env, capsys):
+  return _bad_prompts(env, capsys, "empty.jsonl", b"\n\n")
+
+
+@case(r"…/maxnew\.jsonl: line 1: max_new_tokens must be a positive integer, got '8'")
+def data_prompts_bad_max_new_tokens(env, capsys):
+  return _bad_prompts(env, capsys, "maxnew.jsonl", b'{"prompt": "hi", "max_new_tokens": "8"}\n')
+
+
 # --- token ids -------------------------------------------------------------------------------------
 def _tiny_model():
   from behemoth_jax.config import load_config

@@ -9,6 +9,7 @@ import torch
 from hf_utils import MM_IDS, make_hf_mm_model, make_hf_model, save_hf
 
 from behemoth_jax.convert import load_hf
+from behemoth_jax.infer.engine import ContinuousBatcher
 from behemoth_jax.infer.generate import Generator, Sampling, decode_logits, main, prefill_logits, sample
 
 CONFIGS = {
@@ -56,6 +57,47 @@ def test_greedy_padded_batch_equals_hf_generate_per_prompt(models, name):
   for prompt, row in zip(prompts, got, strict=True):
     want = _hf_greedy(hf, prompt, 12)
     assert list(row) == list(want[: len(row)]), (len(prompt), row, want)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_continuous_batching_equals_hf_generate_per_prompt(models, name):
+  """3 slots refilled from 8 prompts of 1-29 tokens: each slot is reused (its cache rows held a longer
+  prompt before), prompts are prefilled packed several to a row, each record has its own limit.
+  Every completion equals HF generating its prompt alone; one decode and one prefill program."""
+  hf, ours = models[name]
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(3, 97, n) for n in (13, 1, 29, 4, 9, 20, 2, 17)]
+  limits = [12, 3, 12, 1, 7, 12, 12, 5]
+  engine = ContinuousBatcher(ours, slots=3, max_len=48, stop_ids=(2,), pad_id=0, prefill_tokens=64, refill=1)
+  got = engine(prompts, limits)
+  for prompt, k, row in zip(prompts, limits, got, strict=True):
+    want = _hf_greedy(hf, prompt, k)
+    assert list(row) == list(want[: len(row)]) and (len(row) == k or row[-1] == 2), (len(prompt), row, want)
+  assert engine._decode._cache_size() == 1 and engine._prefill._cache_size() == 1
+  assert [list(r) for r in engine(prompts[::-1], limits[::-1])] == [list(r) for r in got[::-1]]  # no recompile
+  assert engine._decode._cache_size() == 1 and engine._prefill._cache_size() == 1
+
+
+def test_continuous_samples_do_not_depend_on_slots_or_neighbours():
+  """Sampled completions of continuous batching equal the static path's for each record alone, with
+  2 slots or 5, rows of 64 or 128 tokens (a 70-token prompt), several prompts to a row."""
+  from behemoth_jax.config import load_config
+  from behemoth_jax.model.transformer import create_model
+
+  model = create_model(load_config("configs/tiny.yaml", ["model.num_layers=4"]).model, seed=2)
+  sampling = Sampling(temperature=1.0, top_p=0.9, seed=4)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 256, n) for n in (9, 70, 3, 12, 30, 5, 21)]
+  limits = [10, 4, 10, 7, 10, 2, 9]
+  static = Generator(model, stop_ids=(257,), pad_id=258, sampling=sampling, bucket=16)
+  want = [static([p], k, records=[i])[0] for i, (p, k) in enumerate(zip(prompts, limits, strict=True))]
+  for slots in (2, 5):
+    engine = ContinuousBatcher(
+      model, slots=slots, max_len=96, stop_ids=(257,), pad_id=258, sampling=sampling, prefill_tokens=64
+    )
+    got = engine(prompts, limits)
+    assert [list(r) for r in got] == [list(r) for r in want], slots
+  assert len({len(r) for r in want}) > 2  # limits and lengths vary
 
 
 @pytest.mark.parametrize("name", ["scout_like", "maverick_like"])
@@ -160,6 +202,39 @@ def test_cli_generate_and_score(tmp_path):
   np.testing.assert_allclose(np.asarray(rec["topk_logprobs"]), -np.sort(-logp, axis=-1)[:, :3], atol=1e-4)
 
 
+def test_cli_continuous_limits_errors_and_static(tmp_path):
+  """`generate` with continuous batching (default) and static batches writes the same records: a
+  record's own max_new_tokens honoured, a prompt that does not fit --context gets an `error` field."""
+  hf = make_hf_model(seed=4, vocab_size=272, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+  save_hf(hf, tmp_path / "hf")
+  (tmp_path / "cfg.yaml").write_text("model: {dtype: float32, param_dtype: float32}\n")
+  texts = ["hello", "x" * 40, "a longer prompt", "hi"]
+  lines = [{"prompt": texts[0], "max_new_tokens": 2}, {"prompt": texts[1]}, {"prompt": texts[2]}, {"prompt": texts[3]}]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  common = [
+    "--config",
+    str(tmp_path / "cfg.yaml"),
+    "--hf",
+    str(tmp_path / "hf"),
+    "--prompts",
+    str(tmp_path / "p.jsonl"),
+  ]
+  runs = {}
+  for how in ("continuous", "static"):
+    out = tmp_path / f"{how}.jsonl"
+    opts = ["--max-new-tokens", "6", "--context", "30", "--batch-size", "2", "--batching", how]
+    assert main([*common, "--out", str(out), *opts]) == 0
+    runs[how] = [json.loads(x) for x in out.read_text().splitlines()]
+  assert runs["continuous"] == runs["static"]
+  rows = runs["continuous"]
+  assert [r["prompt"] for r in rows] == texts
+  assert rows[1]["error"] == "prompt of 41 tokens does not fit the context of 30 tokens" and "completion" not in rows[1]
+  for i, n in ((0, 2), (2, 6), (3, 6)):
+    want = _hf_greedy_bytes(hf, texts[i], n)
+    got = rows[i]["completion_ids"]
+    assert got == want[: len(got)] and (len(got) == n or got[-1] == 257), (i, got, want)
+
+
 def _hf_greedy_bytes(hf, text, n):
   prompt = [256, *text.encode()]
   with torch.no_grad():
@@ -183,3 +258,23 @@ def test_generation_on_a_mesh_equals_one_device():
   got = Generator(model, stop_ids=(257,), pad_id=258, sampling=sampling, bucket=8, mesh=mesh)(prompts, 10)
   for a, b in zip(got, want, strict=True):
     assert list(a) == list(b)
+
+
+def test_continuous_batching_on_a_mesh_equals_one_device():
+  """Slots over the batch axes of fsdp 4 × expert 2 (caches sharded by slot), sampled: the same
+  completions as on one device."""
+  from behemoth_jax.config import ParallelConfig, load_config
+  from behemoth_jax.model.transformer import create_model
+  from sharding.mesh import make_mesh
+
+  cfg = load_config("configs/tiny.yaml", ["model.num_layers=4", "model.attention_chunk_size=8"]).model
+  model = create_model(cfg, seed=5)
+  rng = np.random.default_rng(6)
+  prompts = [rng.integers(0, 256, n) for n in (11, 3, 20, 7, 15)]
+  sampling = Sampling(temperature=0.7, top_k=20, seed=3)
+  kw = dict(slots=3, max_len=40, stop_ids=(257,), pad_id=258, sampling=sampling, prefill_tokens=64)
+  want = ContinuousBatcher(model, **kw)(prompts, [10] * 5)
+  engine = ContinuousBatcher(model, mesh=make_mesh(ParallelConfig(fsdp=4, expert=2)), **kw)
+  assert engine.slots == 8  # a multiple of the batch axes
+  got = engine(prompts, [10] * 5)
+  assert [list(r) for r in got] == [list(r) for r in want]

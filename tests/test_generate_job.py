@@ -131,3 +131,30 @@ def test_two_processes_share_a_job_and_each_resumes_its_own_shards(job, tmp_path
     r.stdout + r.stderr[-2000:]
   )
   assert read_shards(out) == reference
+
+
+def test_one_job_over_two_processes_on_one_mesh(job, tmp_path):
+  """--coordinator: 2 processes x 4 CPU devices join one mesh (the checkpoint config's fsdp 4 x expert 2,
+  as the reference run's one process of 8 devices); process 0 commits the shards: the same records."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  reference, out = _reference(job, []), tmp_path / "global"
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  multi = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--peer-timeout", "30"]
+  procs = [
+    subprocess.Popen(
+      _cmd(job, out, *multi, "--process-id", str(i)),
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
+  logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  assert "the job is complete: 8 shards" in logs[0]
+  assert read_shards(out) == reference

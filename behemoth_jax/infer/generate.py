@@ -1,4 +1,4 @@
-"""Generation with KV caches: jitted prefill + a jitted decode loop; sampling; a CLI for synthetic data.
+"""Generation with KV caches (continuous batching or static batches), sampling, scoring; a CLI for synthetic data.
 
 `python -m behemoth_jax.generate --ckpt RUN_OR_CKPT --prompts prompts.jsonl --out OUT_DIR [--config CFG.yaml]`
 
@@ -8,9 +8,13 @@ completions as an uninterrupted run — each record's samples are keyed by the s
 the prompt file and the token position, and a shard's batches are the same in every run. `--out
 FILE.jsonl` writes one file (renamed into place when complete).
 
-Caches (attention.KVCache): chunked (RoPE) layers keep one chunk of keys in a ring — O(chunk) memory
-however long the generation — and global layers keep every token. Batches are left-padded; every row
-uses its true positions (0 at its first real token), so a padded row decodes exactly as it would alone.
+Continuous batching (default; infer/engine.py): `--batch-size` decode slots, each refilled from the prompt
+stream as soon as its row ends, new prompts prefilled packed and copied into the running caches, with
+no recompilation per batch. `--batching static` (infer/decoding.py) runs left-padded batches to their
+longest row. A record may set its own `max_new_tokens`; a prompt that does not fit `--context` gets an
+`error` field instead of a completion. Caches (attention.KVCache): chunked (RoPE) layers keep one chunk
+of keys in a ring — O(chunk) memory however long the generation — and global layers keep every token.
+Every row uses its true positions (0 at its first real token), so a row decodes exactly as it would alone.
 Sampling: greedy (temperature 0), temperature, top-k, top-p, seeded; rows stop at any stop token.
 `--score` writes, instead of completions, the model's top-k log-probabilities at every position of
 each record's text (offline distillation targets): JSONL lines, or with `--out F.array_record` compact
@@ -23,195 +27,29 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from behemoth_jax.cli import ArgumentParser
 from behemoth_jax.config import ConfigError, ParallelConfig, load_config, to_dict
 from behemoth_jax.convert import load_hf
 from behemoth_jax.data import DataError, load_tokenizer, scores
+from behemoth_jax.infer.decoding import Generator, Sampling, decode_step, left_pad, prefill, sample  # noqa: F401
+from behemoth_jax.infer.engine import ContinuousBatcher
 from behemoth_jax.infer.shards import ShardedOutput, file_sha256
-from behemoth_jax.model.transformer import check_token_ids, create_model, unstack_layers
+from behemoth_jax.model.transformer import create_model
+from behemoth_jax.train import peers
 from behemoth_jax.train.checkpoint import CheckpointError, find_config, restore_params
 from behemoth_jax.train.losses import chunked_topk_logprobs
 from behemoth_jax.train.state import restore_model_params
-from sharding.api import place, use_mesh
 from sharding.mesh import ShardingError, make_mesh
-from sharding.rules import BATCH_AXES
-
-
-@dataclass(frozen=True)
-class Sampling:
-  temperature: float = 0.0  # 0: greedy
-  top_k: int = 0  # 0: off
-  top_p: float = 1.0  # 1: off
-  seed: int = 0
-
-
-def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling, rows_B: jax.Array | None = None) -> jax.Array:
-  """Next tokens [B] from float32 logits [B, V]. Row b draws with `fold_in(key, rows_B[b])` (default:
-  its index b): give each row its record's identity and its draw depends on no other row."""
-  if s.temperature <= 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits = logits_BV / s.temperature
-  if s.top_k > 0:
-    kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if s.top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    drop_sorted = jnp.cumsum(probs, axis=-1) - probs > s.top_p  # keep the smallest set reaching top_p
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-    logits = jnp.where(drop, -jnp.inf, logits)
-  # One key per row: a row's draw does not depend on which other rows share the batch (or its padding).
-  rows_B = jnp.arange(logits.shape[0]) if rows_B is None else rows_B
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows_B)
-  return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, logits).astype(jnp.int32)
-
-
-def left_pad(prompts: list[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """(ids [B, T], mask [B, T]) with each prompt right-aligned; T rounded up to `multiple`."""
-  t = max(len(p) for p in prompts)
-  t = -(-t // multiple) * multiple
-  ids = np.full((len(prompts), t), pad_id, np.int32)
-  mask = np.zeros((len(prompts), t), np.int32)
-  for b, p in enumerate(prompts):
-    ids[b, t - len(p) :], mask[b, t - len(p) :] = p, 1
-  return ids, mask
-
-
-def prefill(graphdef, params, ids_BT, mask_BT, pixel_values, max_len):
-  model = nnx.merge(graphdef, params)
-  positions = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
-  caches = model.init_cache(ids_BT.shape[0], max_len)
-  x = model.embed_inputs(ids_BT, pixel_values)
-  h, _, caches = model.forward(x, positions, mask_BT.astype(jnp.int32), caches)
-  return model.logits(h[:, -1:])[:, 0], caches, positions[:, -1]
-
-
-def decode_step(graphdef, params, caches, tokens_B, positions_B):
-  """(next-token logits [B, V], updated caches) of one token per sequence at `positions_B`."""
-  model = nnx.merge(graphdef, params)
-  x = model.embed_tokens(tokens_B[:, None])
-  ones = jnp.ones_like(tokens_B)[:, None]
-  h, _, caches = model.forward(x, positions_B[:, None], ones, caches)
-  return model.logits(h)[:, 0], caches
-
-
-def _generate(
-  graphdef,
-  params,
-  ids_BT,
-  mask_BT,
-  pixel_values,
-  records_B,
-  *,
-  max_new: int,
-  stop_ids: tuple[int, ...],
-  pad_id: int,
-  sampling: Sampling,
-):
-  logits, caches, pos = prefill(graphdef, params, ids_BT, mask_BT, pixel_values, ids_BT.shape[1] + max_new)
-  b = ids_BT.shape[0]
-  key = jax.random.key(sampling.seed)
-  stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-
-  def cond(state):
-    i, _, done, *_ = state
-    return (i < max_new) & ~jnp.all(done)
-
-  def body(state):
-    i, out, done, logits, caches, pos = state
-    # The draw of new token i of record r: fold_in(fold_in(key(seed), i), r), whatever the batch.
-    tok = sample(logits, jax.random.fold_in(key, i), sampling, records_B)
-    tok = jnp.where(done, pad_id, tok)
-    out = out.at[:, i].set(tok)
-    done = done | jnp.isin(tok, stop)
-    pos = pos + 1
-    logits, caches = decode_step(graphdef, params, caches, tok, pos)
-    return i + 1, out, done, logits, caches, pos
-
-  out = jnp.full((b, max_new), pad_id, jnp.int32)
-  init = (jnp.zeros((), jnp.int32), out, jnp.zeros((b,), bool), logits, caches, pos)
-  n, out, *_ = jax.lax.while_loop(cond, body, init)
-  return out, n
-
-
-class Generator:
-  """Compiled prefill + decode loop for one model (recompiles per prompt length bucket and batch).
-
-  With `mesh`, the model's parameters are placed by the sharding rules and generation runs on the
-  mesh (the batch is padded with empty rows to a multiple of the token-sharding axes). Layers are
-  decoded from an unscanned copy of a scanned model (`transformer.unstack_layers`; one more copy of
-  the layer weights while the caller keeps the original): faster decoding (docs/PERFORMANCE.md)."""
-
-  def __init__(
-    self, model, *, stop_ids: tuple[int, ...], pad_id: int, sampling: Sampling = Sampling(), bucket: int = 64, mesh=None
-  ):
-
-    self.graphdef, self.params = nnx.split(unstack_layers(model))  # no per-token slicing of stacked weights
-    self.vocab_size = model.cfg.vocab_size
-    self.stop_ids, self.pad_id, self.sampling, self.bucket = tuple(stop_ids), pad_id, sampling, bucket
-    self.mesh, self.rows_multiple = mesh, 1
-    if mesh is not None:
-      self.params = place(self.params, mesh)
-      self.rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    self._jit = {}
-
-  def __call__(
-    self,
-    prompts: list[np.ndarray],
-    max_new_tokens: int,
-    pixel_values: np.ndarray | None = None,
-    records: list[int] | None = None,
-  ) -> list[np.ndarray]:
-    """Completions (without the prompt, cut after the first stop token) for left-padded `prompts`.
-    `records`: each prompt's identity (its index in the prompt file), which keys its samples
-    (default: its position in this call)."""
-
-    n = len(prompts)
-    rows = [np.asarray(p, np.int32) for p in prompts]
-    for i, row in enumerate(rows):
-      if row.ndim != 1 or row.size == 0:
-        raise ValueError(f"prompts[{i}]: expected a non-empty 1-D list of token ids, got shape {row.shape}")
-      check_token_ids(row, self.vocab_size, f"prompts[{i}]")
-    rows += [np.asarray([self.pad_id], np.int32)] * ((-n) % self.rows_multiple)  # filler rows, dropped below
-    ids, mask = left_pad(rows, self.pad_id, self.bucket)
-    mask[n:] = 0
-    records_B = np.arange(len(rows), dtype=np.int32)
-    if records is not None:
-      records_B[:n] = records
-    fn = self._jit.get(max_new_tokens)
-    if fn is None:
-      fn = self._jit[max_new_tokens] = jax.jit(
-        partial(
-          _generate,
-          self.graphdef,
-          max_new=max_new_tokens,
-          stop_ids=self.stop_ids,
-          pad_id=self.pad_id,
-          sampling=self.sampling,
-        )
-      )
-    if self.mesh is None:
-      out, _ = fn(self.params, ids, mask, pixel_values, records_B)
-    else:
-      with use_mesh(self.mesh):
-        out, _ = fn(self.params, ids, mask, pixel_values, records_B)
-    out = np.asarray(out)[:n]
-    results = []
-    for row in out:
-      hits = np.nonzero(np.isin(row, self.stop_ids))[0]
-      results.append(row[: hits[0] + 1] if hits.size else row)
-    return results
 
 
 def prefill_logits(model, ids_BT, mask_BT=None, pixel_values=None, max_len=None):
@@ -278,13 +116,16 @@ def load_model(config: str | None, ckpt: str | None, hf: str | None, overrides: 
     if config is None:
       raise ConfigError(f"--config: none given and no config.yaml beside {ckpt}")
   cfg = load_config(config, overrides)
-  if weights != "auto":
+  distributed = jax.process_count() > 1
+  if weights != "auto" or distributed:
     if hf:
       raise ConfigError(
         f"--weights {weights}: converted weights load from --ckpt (behemoth-convert from-hf the HF directory first)"
       )
-    quant = weights if weights in ("fp8", "int8") else "none"
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16", weight_quant=quant))
+    if weights != "auto":
+      quant = weights if weights in ("fp8", "int8") else "none"
+      model_cfg = dataclasses.replace(cfg.model, param_dtype="bfloat16", weight_quant=quant)
+      cfg = dataclasses.replace(cfg, model=model_cfg)
     if jax.device_count() > 1:  # placed on the config's mesh, as generation runs
       mesh = make_mesh(cfg.parallel)
     else:
@@ -301,13 +142,17 @@ def load_model(config: str | None, ckpt: str | None, hf: str | None, overrides: 
 
 
 def read_prompts(path: str, field: str) -> list[dict]:
-
+  """The records of a JSONL prompt file; one line naming the file and line for anything unusable."""
   records = []
   try:
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_bytes().splitlines()
   except FileNotFoundError:
     raise DataError(f"{path}: prompts file not found") from None
-  for i, line in enumerate(lines, 1):
+  for i, raw in enumerate(lines, 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}: line {i}: not UTF-8 (byte {e.start})") from None
     if not line.strip():
       continue
     try:
@@ -316,10 +161,63 @@ def read_prompts(path: str, field: str) -> list[dict]:
       raise DataError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
     if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
       raise DataError(f"{path}: line {i}: needs a string field {field!r}")
+    n = rec.get("max_new_tokens")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+      raise DataError(f"{path}: line {i}: max_new_tokens must be a positive integer, got {n!r}")
     records.append(rec)
   if not records:
     raise DataError(f"{path}: no prompts")
   return records
+
+
+class Completer:
+  """Completions of records by index: continuous batching (`ContinuousBatcher`, default) or static
+  batches (`Generator`). Each record may carry its own `max_new_tokens` (default `max_new`); a prompt of
+  `context` tokens or more gets an error string instead of token ids; a completion stops at the context.
+  Caches are sized once for the whole prompt file (`encoded`), so nothing recompiles between shards."""
+
+  def __init__(self, model, records, encoded, *, batching: str, batch_size: int, context: int, max_new: int, **kw):
+    self.records, self.encoded = records, encoded
+    self.batching, self.batch_size, self.context, self.max_new = batching, batch_size, context, max_new
+    fits = [i for i, ids in enumerate(encoded) if len(ids) < context]
+    need = max((len(encoded[i]) + self.limit(i) for i in fits), default=context)
+    if batching == "static":
+      self.gen = Generator(model, **{k: v for k, v in kw.items() if k != "prefill_tokens"})
+    else:
+      max_len = min(context, -(-need // 64) * 64)
+      self.engine = ContinuousBatcher(model, slots=batch_size, max_len=max_len, **kw)
+
+  def limit(self, i: int) -> int:
+    return min(self.records[i].get("max_new_tokens", self.max_new), self.context - len(self.encoded[i]))
+
+  def __call__(self, idx: list[int], on_done) -> dict:
+    """{record index: completion ids or an error string} of records `idx`; `on_done(n)` as n complete."""
+    out, todo = {}, []
+    for i in idx:
+      if len(self.encoded[i]) >= self.context:
+        out[i] = f"prompt of {len(self.encoded[i])} tokens does not fit the context of {self.context} tokens"
+        on_done(1)
+      else:
+        todo.append(i)
+    if not todo:
+      return out
+    if self.batching == "continuous":
+      prompts, limits = [self.encoded[i] for i in todo], [self.limit(i) for i in todo]
+      got = self.engine(prompts, limits, records=todo, on_done=lambda *_: on_done(1))
+      return {**out, **dict(zip(todo, got, strict=True))}
+    for s in range(0, len(todo), self.batch_size):
+      batch = todo[s : s + self.batch_size]
+      limits = [self.limit(i) for i in batch]
+      got = self.gen([self.encoded[i] for i in batch], max(limits), records=batch)
+      out.update({i: c[:k] for i, c, k in zip(batch, got, limits, strict=True)})
+      on_done(len(batch))
+    return out
+
+
+def _output(rec: dict, c, tok) -> str:
+  if isinstance(c, str):
+    return json.dumps({**rec, "error": c})
+  return json.dumps({**rec, "completion": tok.decode(c), "completion_ids": c.tolist()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument("--process-id", type=int, default=0, help="with --num-processes: this process's index I")
   p.add_argument(
+    "--coordinator",
+    help="with --num-processes/--process-id: one job over one mesh of every process's devices (jax.distributed; "
+    "coordinator address host:port, as train.py): a model larger than one host; process 0 writes the shards",
+  )
+  p.add_argument(
+    "--peer-timeout",
+    type=float,
+    default=30.0,
+    metavar="SECONDS",
+    help="with --coordinator: exit (one line naming it) when another process has sent no heartbeat for this "
+    "long (default: %(default)s)",
+  )
+  p.add_argument(
     "--shard-records",
     type=int,
     default=256,
@@ -359,7 +270,33 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=8,
+    help="decode slots (continuous batching) or rows per batch (static; and per scoring batch) (default: %(default)s)",
+  )
+  p.add_argument(
+    "--batching",
+    default="continuous",
+    choices=("continuous", "static"),
+    help="continuous: a row's slot is refilled from the prompt stream as soon as it ends; static: batches run "
+    "until their longest row ends (default: %(default)s)",
+  )
+  p.add_argument(
+    "--prefill-tokens",
+    type=int,
+    default=2048,
+    help="continuous batching: tokens of new prompts prefilled together, packed into rows as long as the "
+    "longest of them (default: %(default)s)",
+  )
+  p.add_argument(
+    "--context",
+    type=int,
+    default=None,
+    help="positions per record, prompt + completion (default: the model's max_position_embeddings); a longer "
+    "prompt gets an 'error' field instead of a completion, a completion stops at the context",
+  )
   p.add_argument(
     "--score",
     type=int,
@@ -394,8 +331,18 @@ def main(argv: list[str] | None = None) -> int:
       raise DataError(f"--num-processes: processes share a job directory: give --out DIR, not {out}")
     if out.exists() and not sharded:
       raise DataError(f"{out}: already exists (remove it or choose another --out)")
+    for name in ("max_new_tokens", "batch_size", "prefill_tokens"):
+      if getattr(args, name) < 1:
+        raise DataError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.context is not None and args.context < 2:
+      raise DataError(f"--context: must be >= 2, got {args.context}")
+    if args.coordinator and (args.score or not sharded or args.hf):
+      raise DataError("--coordinator: one job over many processes generates into --out DIR from --ckpt")
     field = args.field or ("text" if args.score else "prompt")
     records = read_prompts(args.prompts, field)
+    watch = None
+    if args.coordinator:
+      watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.peer_timeout)
     model, cfg = load_model(args.config, args.ckpt, args.hf, args.overrides, args.weights)
     tok_path = cfg.data.tokenizer
     if args.hf and args.config is None and (Path(args.hf) / "tokenizer.json").is_file():
@@ -412,16 +359,26 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
   stop = tuple(model.cfg.eos_token_ids) or ((tok.eos_id,) if tok.eos_id is not None else ())
-  gen = Generator(
-    model,
-    stop_ids=stop,
-    pad_id=tok.pad_id,
-    sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
-    mesh=mesh,
-  )
   encode = lambda r: np.concatenate(  # noqa: E731
     [[tok.bos_id] if tok.bos_id is not None else [], tok.encode(r[field])]
   ).astype(np.int32)
+  context = args.context or model.cfg.max_position_embeddings
+  sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+  if not args.score:
+    complete = Completer(
+      model,
+      records,
+      [encode(r) for r in records],
+      batching=args.batching,
+      batch_size=args.batch_size,
+      context=context,
+      max_new=args.max_new_tokens,
+      stop_ids=stop,
+      pad_id=tok.pad_id,
+      sampling=sampling,
+      prefill_tokens=args.prefill_tokens,
+      mesh=mesh,
+    )
   if sharded:
     job = {
       "checkpoint": str(Path(args.ckpt or args.hf).resolve()),
@@ -430,83 +387,106 @@ def main(argv: list[str] | None = None) -> int:
       "prompts_sha256": file_sha256(args.prompts),
       "field": field,
       "max_new_tokens": args.max_new_tokens,
+      "context": context,
       "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed},
-      "batch_size": args.batch_size,
+      # The schedule (which records share a decode step) is part of the computation: a resumed shard
+      # is generated as the uninterrupted run generated it.
+      "batching": {"kind": args.batching, "batch_size": args.batch_size, "prefill_tokens": args.prefill_tokens},
     }
     try:
       shards = ShardedOutput(out, job, len(records), args.shard_records)
     except DataError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-    mine = (args.process_id, args.num_processes)
-    return _generate_shards(gen, shards, records, encode, tok, args.max_new_tokens, args.batch_size, mine)
+    if watch is None:
+      return _generate_shards(complete, shards, records, tok, (args.process_id, args.num_processes))
+    status = _generate_shards(complete, shards, records, tok, writer=jax.process_index() == 0)
+    watch.stop("done")
+    return status
+  if not args.score:
+    return _generate_file(complete, out, records, tok)
   tmp = out.with_name(out.name + ".tmp")
   new_tokens, t0 = 0, time.perf_counter()
   bar = tqdm(total=len(records), unit="prompt", dynamic_ncols=True)
   # Scores into an ArrayRecord file are compact binary records (data/scores.py), else JSONL lines.
-  binary = bool(args.score) and out.suffix.lower() in scores.SUFFIXES
+  binary = out.suffix.lower() in scores.SUFFIXES
   with scores.Writer(tmp, args.score_dtype) if binary else tmp.open("w") as f:
     for start in range(0, len(records), args.batch_size):
       batch = records[start : start + args.batch_size]
       encoded = [encode(r) for r in batch]
-      if args.score:
-        ids, mask = left_pad(encoded, tok.pad_id)
-        top_ids, top_lp = topk_logprobs(model, ids, args.score, segment_ids_BT=mask)
-        for r, e, ti, tl in zip(batch, encoded, top_ids, top_lp, strict=True):
-          n = len(e)
-          if binary:
-            f.write(r, e, ti[-n:], tl[-n:])
-          else:
-            rec = {**r, "ids": e.tolist(), "topk_ids": ti[-n:].tolist(), "topk_logprobs": np.round(tl[-n:], 5).tolist()}
-            f.write(json.dumps(rec) + "\n")
-          new_tokens += n
-      else:
-        for r, c in zip(batch, gen(encoded, args.max_new_tokens), strict=True):
-          f.write(json.dumps({**r, "completion": tok.decode(c), "completion_ids": c.tolist()}) + "\n")
-          new_tokens += len(c)
+      ids, mask = left_pad(encoded, tok.pad_id)
+      top_ids, top_lp = topk_logprobs(model, ids, args.score, segment_ids_BT=mask)
+      for r, e, ti, tl in zip(batch, encoded, top_ids, top_lp, strict=True):
+        n = len(e)
+        if binary:
+          f.write(r, e, ti[-n:], tl[-n:])
+        else:
+          rec = {**r, "ids": e.tolist(), "topk_ids": ti[-n:].tolist(), "topk_logprobs": np.round(tl[-n:], 5).tolist()}
+          f.write(json.dumps(rec) + "\n")
+        new_tokens += n
       bar.update(len(batch))
       bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):,.0f}")
   bar.close()
   tmp.rename(out)
-  print(
-    f"wrote {len(records)} records to {out} ({new_tokens:,} tokens, "
-    f"{new_tokens / (time.perf_counter() - t0):,.0f} tokens/s)"
-  )
+  print(f"wrote {len(records)} records to {out} ({new_tokens:,} tokens, {_rate(new_tokens, t0)} tokens/s)")
+  return 0
+
+
+def _rate(tokens: int, t0: float) -> str:
+  return f"{tokens / (time.perf_counter() - t0):,.0f}"
+
+
+def _tokens(c) -> int:
+  return 0 if isinstance(c, str) else len(c)
+
+
+def _generate_file(complete: Completer, out: Path, records, tok) -> int:
+  """The small-job form: every record into one JSONL file (written to FILE.tmp, renamed when complete)."""
+  t0 = time.perf_counter()
+  with tqdm(total=len(records), unit="prompt", dynamic_ncols=True) as bar:
+    got = complete(list(range(len(records))), bar.update)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_text("".join(_output(records[i], got[i], tok) + "\n" for i in range(len(records))))
+  tmp.rename(out)
+  new_tokens = sum(_tokens(c) for c in got.values())
+  print(f"wrote {len(records)} records to {out} ({new_tokens:,} tokens, {_rate(new_tokens, t0)} tokens/s)")
   return 0
 
 
 def _generate_shards(
-  gen, shards: ShardedOutput, records, encode, tok, max_new: int, batch_size: int, process=(0, 1)
+  complete: Completer, shards: ShardedOutput, records, tok, process=(0, 1), writer: bool = True
 ) -> int:
-  """The resumable job: the shards not yet committed, in order, each generated in batches of its own
-  records (the same batches in every run: a resumed run computes what an uninterrupted one would).
-  `process` (I, N): this process takes the shards k with k mod N = I."""
+  """The resumable job: the shards not yet committed, in order, each generated from empty decode slots
+  with its own records (the same schedule in every run: a resumed run computes what an uninterrupted
+  one would). `process` (I, N): this process takes the shards k with k mod N = I. One job over the
+  processes of one mesh (`writer`: whether this one commits) does every shard process 0 finds pending."""
   me, count = process
   owned = [k for k in range(shards.num_shards) if k % count == me]
-  pending = [k for k in shards.pending() if k % count == me]
+  todo = np.isin(np.arange(shards.num_shards), shards.pending())
+  if jax.process_count() > 1:  # every process of the mesh runs the same shards, in lockstep
+    todo = multihost_utils.broadcast_one_to_all(todo)
+  pending = [k for k in range(shards.num_shards) if todo[k] and k % count == me]
   total = sum(len(shards.records(k)) for k in owned)
   before = total - sum(len(shards.records(k)) for k in pending)
   who = f" (process {me} of {count}: {len(owned)} of the job's {shards.num_shards} shards)" if count > 1 else ""
   if before:
     print(f"resuming {shards.dir}{who}: {before} of {total} records in {len(owned) - len(pending)} shards")
   new_tokens, t0 = 0, time.perf_counter()
-  bar = tqdm(total=total, initial=before, unit="prompt", dynamic_ncols=True)
+  bar = tqdm(total=total, initial=before, unit="prompt", dynamic_ncols=True, disable=not writer)
   for k in pending:
-    shards.clean(k)
-    lines, idx = [], list(shards.records(k))
-    for start in range(0, len(idx), batch_size):
-      batch = idx[start : start + batch_size]
-      for i, c in zip(batch, gen([encode(records[i]) for i in batch], max_new, records=batch), strict=True):
-        lines.append(json.dumps({**records[i], "completion": tok.decode(c), "completion_ids": c.tolist()}))
-        new_tokens += len(c)
-      bar.update(len(batch))
-      bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):,.0f}")
-    shards.commit(k, lines)
+    idx = list(shards.records(k))
+    got = complete(idx, bar.update)
+    new_tokens += sum(_tokens(c) for c in got.values())
+    bar.set_postfix(tok_s=_rate(new_tokens, t0))
+    if writer:
+      shards.clean(k)
+      shards.commit(k, [_output(records[i], got[i], tok) for i in idx])
   bar.close()
+  if not writer:
+    return 0
   left = len(shards.pending())
   print(
-    f"wrote {total - before} records to {shards.dir}{who} ({new_tokens:,} tokens, "
-    f"{new_tokens / (time.perf_counter() - t0):,.0f} tokens/s); "
+    f"wrote {total - before} records to {shards.dir}{who} ({new_tokens:,} tokens, {_rate(new_tokens, t0)} tokens/s); "
     + (f"{left} shards left to the other processes" if left else f"the job is complete: {shards.num_shards} shards")
   )
   return 0

@@ -95,64 +95,78 @@ class Attention(nnx.Module):
 
 
 class KVCache(struct.PyTreeNode):
-  """One layer's keys and values for decoding.
+  """One layer's keys and values for decoding, one row per sequence (or decode slot).
 
-  Chunked (RoPE) layers keep a ring of `window` = chunk slots, slot = position mod chunk: a query
+  Chunked (RoPE) layers keep a ring of `window` = chunk places, place = position mod chunk: a query
   sees only its own chunk, so memory is O(chunk) whatever the generated length. Global layers keep
-  every token by sequence index. `pos_BS` is each slot's true position, -1 when empty or padding.
+  every token at the place of its true position. `pos_BS` is each place's true position, -1 when empty
+  or padding. Places are per row, so rows of different lengths (left-padded prompts, or continuous
+  batching's slots, each at its own position) share one cache. `packed`: a prefill scratch that keeps
+  every token by sequence index (a packed row of several prompts, copied into slots by `insert`).
   """
 
   k_BSKH: jax.Array
   v_BSKH: jax.Array
   pos_BS: jax.Array
-  length: jax.Array  # int32 scalar: tokens written so far (sequence index of the next one)
   chunk: int | None = struct.field(pytree_node=False, default=None)  # None: global attention
-  window: int | None = struct.field(pytree_node=False, default=None)  # ring size; None: stored by index
+  window: int | None = struct.field(pytree_node=False, default=None)  # ring size; None: place = position
   filled: bool = struct.field(pytree_node=False, default=False)  # a prompt is in it: the next call decodes
+  packed: bool = struct.field(pytree_node=False, default=False)  # scratch: place = sequence index
 
   @classmethod
-  def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, chunk: int | None) -> KVCache:
-    window = chunk if chunk is not None and chunk < max_len else None
+  def create(
+    cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, chunk: int | None, packed: bool = False
+  ) -> KVCache:
+    window = chunk if chunk is not None and chunk < max_len and not packed else None
     s = max_len if window is None else window
     zeros = jnp.zeros((batch, s, kv_heads, head_dim), dtype)
-    return cls(zeros, zeros, jnp.full((batch, s), -1, jnp.int32), jnp.zeros((), jnp.int32), chunk, window)
+    return cls(zeros, zeros, jnp.full((batch, s), -1, jnp.int32), chunk, window, packed=packed)
 
   def _valid(self, pos: Positions) -> jax.Array:
     real = pos.segment_ids_BT > 0 if pos.segment_ids_BT is not None else jnp.ones(pos.positions_BT.shape, bool)
     return jnp.where(real, pos.positions_BT, -1)
 
+  def place(self, p_BT: jax.Array) -> jax.Array:
+    """Each position's place in a row (out of range, so dropped by a scatter, for padding: p < 0)."""
+    s = self.pos_BS.shape[1]
+    return jnp.where(p_BT >= 0, p_BT if self.window is None else p_BT % self.window, s)
+
+  def _write(self, rows, places, k, v, p) -> KVCache:
+    """Scatter k, v, positions to (rows, places); out-of-range places are dropped."""
+    k = self.k_BSKH.at[rows, places].set(k.astype(self.k_BSKH.dtype), mode="drop")
+    v = self.v_BSKH.at[rows, places].set(v.astype(self.v_BSKH.dtype), mode="drop")
+    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=self.pos_BS.at[rows, places].set(p, mode="drop"))
+
   def fill(self, k_BTKH: jax.Array, v_BTKH: jax.Array, pos: Positions) -> KVCache:
     t = k_BTKH.shape[1]
     p_BT = self._valid(pos)
-    if self.window is None:
+    if self.packed:
       k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), 0, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), 0, axis=1)
       p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_BT, 0, axis=1)
-      return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32), filled=True)
-    # The last `window` tokens hold the current chunk; consecutive positions never share a slot.
-    w = self.window
-    keep = min(t, w)
-    k_new, v_new, p_new = k_BTKH[:, t - keep :], v_BTKH[:, t - keep :], p_BT[:, t - keep :]
-    slot_BT = jnp.where(p_new >= 0, p_new % w, w)  # padding goes to a dropped out-of-range slot
-    rows = jnp.arange(k_new.shape[0])[:, None]
-    k = self.k_BSKH.at[rows, slot_BT].set(k_new.astype(self.k_BSKH.dtype), mode="drop")
-    v = self.v_BSKH.at[rows, slot_BT].set(v_new.astype(self.v_BSKH.dtype), mode="drop")
-    p = self.pos_BS.at[rows, slot_BT].set(p_new, mode="drop")
-    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=jnp.asarray(t, jnp.int32), filled=True)
+      return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, filled=True)
+    # A ring keeps the last `window` tokens (the current chunk); consecutive positions never share a place.
+    keep = t if self.window is None else min(t, self.window)
+    p_new = p_BT[:, t - keep :]
+    rows = jnp.arange(p_new.shape[0])[:, None]
+    out = self._write(rows, self.place(p_new), k_BTKH[:, t - keep :], v_BTKH[:, t - keep :], p_new)
+    return out.replace(filled=True)
 
   def append(self, k_B1KH: jax.Array, v_B1KH: jax.Array, pos: Positions) -> KVCache:
     p_B1 = self._valid(pos)
-    if self.window is None:
-      idx = self.length
-      k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_B1KH.astype(self.k_BSKH.dtype), idx, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_B1KH.astype(self.v_BSKH.dtype), idx, axis=1)
-      p = jax.lax.dynamic_update_slice_in_dim(self.pos_BS, p_B1, idx, axis=1)
-    else:
-      hit_BS = jnp.arange(self.pos_BS.shape[1])[None, :] == (p_B1 % self.window)  # p_B1 >= 0 when decoding
-      k = jnp.where(hit_BS[:, :, None, None], k_B1KH.astype(self.k_BSKH.dtype), self.k_BSKH)
-      v = jnp.where(hit_BS[:, :, None, None], v_B1KH.astype(self.v_BSKH.dtype), self.v_BSKH)
-      p = jnp.where(hit_BS, p_B1, self.pos_BS)
-    return self.replace(k_BSKH=k, v_BSKH=v, pos_BS=p, length=self.length + 1)
+    return self._write(jnp.arange(p_B1.shape[0])[:, None], self.place(p_B1), k_B1KH, v_B1KH, p_B1)
+
+  def insert(self, scratch: KVCache, slot_RT: jax.Array, last_RT: jax.Array, refill_B: jax.Array) -> KVCache:
+    """Copies packed prompts' keys and values (`scratch`: packed, [R, T]) into rows of this cache:
+    token (r, t) goes to row `slot_RT[r, t]` (out of range: dropped) at its position's place. Rows in
+    `refill_B` are emptied first. `last_RT`: the position of the last token of each token's prompt (a
+    ring keeps only the last `window` positions of a prompt; earlier ones would share their places)."""
+    pos = jnp.where(refill_B[:, None], -1, self.pos_BS)
+    p_RT = scratch.pos_BS
+    if self.window is not None:
+      p_RT = jnp.where(p_RT > last_RT - self.window, p_RT, -1)
+    slot_RT = jnp.where(p_RT >= 0, slot_RT, pos.shape[0])
+    return self.replace(pos_BS=pos, filled=True)._write(slot_RT, self.place(p_RT), scratch.k_BSKH, scratch.v_BSKH, p_RT)
 
   def attend(self, q_B1NH: jax.Array, pos: Positions) -> jax.Array:
     b, _, n, h = q_B1NH.shape

@@ -218,14 +218,15 @@ class Llama4(nnx.Module):
     h_BTD, stats, cache = self.decoder(x_BTD, pos, cache)
     return self.final_norm(h_BTD), stats, cache
 
-  def init_cache(self, batch: int, max_len: int) -> dict:
-    """Empty KV caches for `max_len` tokens (prompt + generated): chunked layers hold one chunk."""
+  def init_cache(self, batch: int, max_len: int, packed: bool = False) -> dict:
+    """Empty KV caches for `max_len` tokens (prompt + generated): chunked layers hold one chunk.
+    `packed`: a prefill scratch holding every token of packed rows by index (`KVCache.insert`)."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
 
     def layer(kind: LayerKind) -> KVCache:
       chunk = cfg.attention_chunk_size if kind.chunked else None
-      return KVCache.create(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dt, chunk)
+      return KVCache.create(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dt, chunk, packed)
 
     dec = self.decoder
     cycles = None
