@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
+MOE_EXCHANGES = ("auto", "padded", "ragged")
 WEIGHT_QUANTS = ("none", "fp8", "int8")
 
 
@@ -200,23 +201,17 @@ class ModelConfig:
   attention_block: int = 1024
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU (dense on XLA:GPU), blocked on CPU
   moe_block_size: int = 0  # rows per block of the blocked grouped matmul; 0 = automatic
+  # Expert-parallel exchange (sharding/expert.py): auto = ragged (ragged_all_to_all, buffers of
+  # capacity x the local routed rows, more rounds when a shard receives more) off CPU, padded on CPU.
+  moe_exchange: str = "auto"
+  moe_capacity: float = 2.0
   vision: VisionConfig | None = None  # early-fusion vision encoder (None: text only)
 
   def __post_init__(self):
     pos = (
-      "vocab_size",
-      "hidden_size",
-      "num_layers",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-      "intermediate_size",
-      "intermediate_size_mlp",
-      "num_experts",
-      "num_experts_per_tok",
-      "moe_layer_step",
-      "max_position_embeddings",
-    )
+      "vocab_size hidden_size num_layers num_heads num_kv_heads head_dim intermediate_size intermediate_size_mlp "
+      "num_experts num_experts_per_tok moe_layer_step max_position_embeddings"
+    ).split()
     for name in pos:
       check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
     if self.shared_intermediate_size is None:
@@ -240,9 +235,8 @@ class ModelConfig:
       f"must be > 0 or null, got {self.attention_chunk_size}",
     )
     check(self.nope_layer_interval >= 0, "model.nope_layer_interval", "must be >= 0")
-    check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
-    check(self.floor_scale > 0, "model.floor_scale", "must be > 0")
-    check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+    for name in ("rms_norm_eps", "floor_scale", "rope_theta", "moe_capacity"):
+      check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
     check(self.moe_block_size >= 0, "model.moe_block_size", "must be >= 0 (0 = automatic)")
     check(self.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {self.scan_unroll}")
     for name in ("moe_layers", "nope_layers", "global_attn_layers"):
@@ -258,6 +252,7 @@ class ModelConfig:
       ("dtype", DTYPES),
       ("remat_policy", REMAT_POLICIES),
       ("moe_impl", MOE_IMPLS),
+      ("moe_exchange", MOE_EXCHANGES),
       ("weight_quant", WEIGHT_QUANTS),
     ):
       check(getattr(self, name) in allowed, f"model.{name}", f"must be one of {allowed}, got {getattr(self, name)!r}")

@@ -46,7 +46,8 @@ def fp8_gemms() -> None:
 def _fp8_gemms(mesh: list[str]) -> None:
   """fwd + bwd of the tiny model's fp8 step for 2 H100s: every attention / dense / shared-expert
   projection and every expert grouped matmul reads f8 operands (e4m3 forward, e5m2 gradients);
-  attention scores, router, LM head and loss stay bf16/f32 by design."""
+  attention scores, router, LM head and loss stay bf16/f32 by design; experts exchanged by
+  ragged all-to-all."""
   cfg = aot.for_tpu(load_config("configs/tiny.yaml", TINY_FP8 + mesh))
   gpus = make_mesh(cfg.parallel, aot.parse_topology("h100-1x2").devices)
   tx = make_optimizer(cfg.train)
@@ -72,6 +73,8 @@ def _fp8_gemms(mesh: list[str]) -> None:
   # And the report's share line says the same.
   share = aot.matmul_shares(hlo)
   assert share.startswith("f8 "), share
+  # The expert exchange off CPU is the ragged one (sharding/expert.py): XLA:GPU implements the collective.
+  assert "ragged-all-to-all-start(" in hlo
 
 
 def cluster_layout_and_fit() -> None:

@@ -87,7 +87,12 @@ def test_scout_train_step_compiles_for_a_v5p_slice(capsys):
     "train.batch_size=16",
   )
   assert rc == 0, out
-  assert "16 chips (2x2x4 TPU v5)" in out and "'expert': 16" in out and "moe ragged" in out and "fits" in out
+  assert (
+    "16 chips (2x2x4 TPU v5)" in out
+    and "'expert': 16" in out
+    and "moe ragged, ragged exchange" in out
+    and "fits" in out
+  )
 
 
 @needs_libtpu
@@ -297,6 +302,7 @@ def test_calculator_counts_an_online_teacher():
   for student_cfg, chips, expert, context, dtype, compiled in DISTILL_COMPILED:
     mesh = ["parallel.fsdp=1", f"parallel.expert={expert}", f"parallel.context={context}"]
     batch = [f"train.batch_size={expert}", "train.seq_len=8192", "distill.teacher_config=configs/behemoth.yaml"]
+    mesh.append("model.moe_exchange=padded")  # compiled before the ragged exchange
     cfg = load_config(f"configs/{student_cfg}.yaml", [*mesh, *batch, f"distill.teacher_dtype={dtype}"])
     est = train_estimate(cfg, chips)
     if dtype == "bf16":
@@ -322,6 +328,8 @@ FP8_MOMENTS_COMPILED = [
   (dict(fsdp=1, expert=4, context=2), 16, 4, 108.08),
 ]
 # Maverick, batch 16 x 8192, fp8 moments, v5p-64 (32 chips): (mesh, XLA's peak GiB).
+# All compiled with the padded expert exchange, the only one then (the calculator follows the config's).
+PADDED = "model.moe_exchange=padded"
 FP8_MOMENTS_MAVERICK = [(dict(fsdp=2, expert=8, tensor=2), 84.2), (dict(fsdp=1, expert=16, tensor=2), 88.5)]
 
 
@@ -334,7 +342,7 @@ def test_calculator_follows_fp8_moments_and_accumulation():
   for mesh, batch, accum, compiled in FP8_MOMENTS_COMPILED:
     sizes = {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1, **mesh}
     over = [f"parallel.{k}={v}" for k, v in sizes.items()]
-    run = [f"train.batch_size={batch}", "train.seq_len=8192", f"train.grad_accum={accum}"]
+    run = [f"train.batch_size={batch}", "train.seq_len=8192", f"train.grad_accum={accum}", PADDED]
     cfg = aot.for_tpu(load_config("configs/scout.yaml", [*over, *run, "train.adam_moments=fp8"]))
     est = train_estimate(cfg, 8)
     bf16 = train_estimate(aot.for_tpu(load_config("configs/scout.yaml", [*over, *run])), 8)
@@ -343,7 +351,7 @@ def test_calculator_follows_fp8_moments_and_accumulation():
     assert abs(est.total / 2**30 / compiled - 1) < 0.10, (mesh, batch, accum, est.total / 2**30, compiled)
   for mesh, compiled in FP8_MOMENTS_MAVERICK:
     over = [f"parallel.{k}={v}" for k, v in {"data": 1, "context": 1, **mesh}.items()]
-    run = ["train.batch_size=16", "train.seq_len=8192", "train.adam_moments=fp8"]
+    run = ["train.batch_size=16", "train.seq_len=8192", "train.adam_moments=fp8", PADDED]
     est = train_estimate(aot.for_tpu(load_config("configs/maverick.yaml", [*over, *run])), 32)
     assert abs(est.total / 2**30 / compiled - 1) < 0.10, (mesh, est.total / 2**30, compiled)
 

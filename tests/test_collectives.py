@@ -86,6 +86,30 @@ ENTRY %main (p: bf16[16,128]) -> bf16[64,128] {
   assert (c.kind, c.group, c.operand_bytes, c.bytes) == ("all-gather", 4, 16 * 128 * 2, 3 * 16 * 128 * 2)
 
 
+def test_a_ragged_all_to_all_counts_its_smaller_buffer():
+  """The expert exchange's ragged all-to-all (TPU / GPU) over groups of 4: rows out of a [256, 64]
+  input into a [512, 64] round buffer, and back from the buffer into [256, 64]; each moves about its
+  routed rows, the smaller array (module doc), 3/4 of them off the chip."""
+  hlo = """HloModule m, num_partitions=8
+
+ENTRY %main (x: bf16[256,64], o: bf16[512,64], y: bf16[256,64], a: s32[8], b: s32[8], c: s32[8], d: s32[8]) -> bf16[256,64] {
+  %x = bf16[256,64]{1,0} parameter(0)
+  %o = bf16[512,64]{1,0} parameter(1)
+  %y = bf16[256,64]{1,0} parameter(2)
+  %a = s32[8]{0} parameter(3)
+  %b = s32[8]{0} parameter(4)
+  %c = s32[8]{0} parameter(5)
+  %d = s32[8]{0} parameter(6)
+  %out = bf16[512,64]{1,0} ragged-all-to-all(%x, %o, %a, %b, %c, %d), channel_id=1, replica_groups=[2,4]<=[8]
+  ROOT %back = bf16[256,64]{1,0} ragged-all-to-all(%out, %y, %a, %b, %c, %d), channel_id=2, replica_groups=[2,4]<=[8]
+}
+"""
+  got = collectives(hlo)
+  assert [(c.kind, c.group, c.operand_bytes, c.bytes) for c in got] == [
+    ("all-to-all", 4, 256 * 64 * 2, 0.75 * 256 * 64 * 2)
+  ] * 2
+
+
 def test_groups_spanning_slices_count_as_dcn():
   """8 devices in 2 slices of 4 (ids 0-3, 4-7). `[4,2]<=[2,4]T(1,0)` pairs device i with i + 4: every
   group spans both slices (DCN); `[2,4]<=[8]` keeps each group inside a slice (ICI); a permute from

@@ -38,6 +38,8 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
     ("model.num_experts_per_tok=9", "model.num_experts_per_tok: top-k (9) must be <= num_experts (8)"),
     ("model.moe_layers=[0,7]", "model.moe_layers: indices [7] out of range [0, 4)"),
     ("model.dtype=float8", "model.dtype: must be one of"),
+    ("model.moe_exchange=ring", "model.moe_exchange: must be one of ('auto', 'padded', 'ragged'), got 'ring'"),
+    ("model.moe_capacity=0", "model.moe_capacity: must be > 0, got 0"),
     ("model.rope_scaling.factor=-1", "rope_scaling.factor: must be > 0"),
     ("parallel.fsdp=0", "parallel.fsdp: must be >= 1 or -1"),
     ("train.steps=0", "train.steps: must be > 0"),

@@ -132,6 +132,18 @@ def test_unknown_trip_count_raises():
     compiled_flops(c)
 
 
+@pytest.mark.parametrize("scope,trips", [("moe_exchange_rounds", 1), ("moe_exchange_later_rounds", 0)])
+def test_expert_exchange_rounds_count_as_under_balanced_routing(scope, trips):
+  """The ragged exchange's loops (sharding/expert.py ROUND_LOOPS) run as often as routing needs:
+  counted by their named scope, not refused."""
+
+  def f(x, w, n):
+    with jax.named_scope(scope):
+      return lax.fori_loop(0, n, lambda i, c: c @ w, x)
+
+  assert compiled_flops(_compile(f, X, jnp.ones((K, N)), jnp.int32(3))) == trips * MATMUL
+
+
 def test_cublas_gemm_custom_call_in_while():
   # GPU dots become cuBLAS custom-calls (format from XLA's GPU tests); no GPU needed.
   hlo = """

@@ -104,23 +104,29 @@ def routed_experts(
 ) -> jax.Array:
   """Sparse experts on the tokens at hand (weights may hold only this device's experts).
 
-  `exchange(xs_MD, group_sizes_E, fn, permute)`, when given, moves the expert-sorted rows to the
-  devices that own their experts, applies `fn(rows, local_group_sizes)` there and brings the results back.
+  `exchange(xs_MD, group_sizes_E, fn, weights, permute, kind=, capacity=)`, when given, moves the
+  expert-sorted rows to the devices that own their experts, applies `fn(rows, local_group_sizes,
+  *weights)` there and brings the results back (sharding/expert.py).
   """
   dt = x_TD.dtype
 
-  def swiglu(xs_MD, group_sizes):
-    def gmm(x, w):
-      run = lambda a, b, gs: grouped_matmul(a, b, gs, impl=cfg.moe_impl, block=cfg.moe_block_size)
-      if cfg.fp8 and resolve_impl(cfg.moe_impl) == "ragged":  # TPU / GPU: f8 operands into the grouped GEMMs
-        return fp8_grouped_matmul(x, w.astype(dt), group_sizes, _f8_ragged_dot).astype(dt)
-      if cfg.fp8:  # f8 values carried exactly in bf16 so every grouped-matmul backend accepts them
-        return fp8_grouped_matmul(x, w.astype(dt), group_sizes, run, carrier_dtype=jnp.bfloat16).astype(dt)
-      return run(x, w.astype(dt), group_sizes)
+  def gmm(x, w, group_sizes):
+    run = lambda a, b, gs: grouped_matmul(a, b, gs, impl=cfg.moe_impl, block=cfg.moe_block_size)
+    if cfg.fp8 and resolve_impl(cfg.moe_impl) == "ragged":  # TPU / GPU: f8 operands into the grouped GEMMs
+      return fp8_grouped_matmul(x, w.astype(dt), group_sizes, _f8_ragged_dot).astype(dt)
+    if cfg.fp8:  # f8 values carried exactly in bf16 so every grouped-matmul backend accepts them
+      return fp8_grouped_matmul(x, w.astype(dt), group_sizes, run, carrier_dtype=jnp.bfloat16).astype(dt)
+    return run(x, w.astype(dt), group_sizes)
 
-    return gmm(jax.nn.silu(gmm(xs_MD, w_gate_EDF)) * gmm(xs_MD, w_up_EDF), w_down_EFD)
+  def swiglu(xs_MD, group_sizes, w_gate, w_up, w_down):
+    return gmm(jax.nn.silu(gmm(xs_MD, w_gate, group_sizes)) * gmm(xs_MD, w_up, group_sizes), w_down, group_sizes)
 
-  expert_fn = swiglu if exchange is None else (lambda xs, gs: exchange(xs, gs, swiglu, permute))
+  weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
+  if exchange is None:
+    expert_fn = lambda xs, gs: swiglu(xs, gs, *weights)  # noqa: E731
+  else:
+    kw = dict(kind=cfg.moe_exchange, capacity=cfg.moe_capacity)
+    expert_fn = lambda xs, gs: exchange(xs, gs, swiglu, weights, permute, **kw)  # noqa: E731
   return moe_dispatch(x_TD, experts_TA, scores_TA, cfg.num_experts, expert_fn)
 
 

@@ -261,11 +261,13 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   mc, tc = cfg.model, cfg.train
   t0 = time.perf_counter()
   mesh = make_mesh(cfg.parallel, topo.devices)
+  exchange = "ragged" if mc.moe_exchange == "auto" else mc.moe_exchange  # (off CPU: sharding/expert.py)
   print(f"compiling the train step of {name or 'the model'} for {topo.describe()}")
   print(
     f"  mesh {dict(mesh.shape)}; batch {tc.batch_size} x {tc.seq_len} tokens "
     f"(grad_accum {tc.grad_accum}); dtypes: params {mc.param_dtype}, compute {mc.dtype}"
     f"{', fp8 matmuls' if mc.fp8 else ''}; remat {mc.remat_policy}; moe {mc.moe_impl}"
+    f"{f', {exchange} exchange' if mesh.shape['expert'] > 1 else ''}"
   )
   lowered, abstract, t_abstract = lower_train_step(cfg, mesh, teacher_cfg)
   if teacher_cfg is not None:

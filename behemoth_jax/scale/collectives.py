@@ -12,6 +12,11 @@ are what one member of a group of N puts on its links with ring algorithms, the 
 | all-reduce | 2 (N − 1) / N × operand bytes (a reduce-scatter, then an all-gather) |
 | all-to-all | (N − 1) / N × operand bytes (all but its own slice leave each chip) |
 | collective-permute | operand bytes (sent once to its target) |
+| ragged-all-to-all (as all-to-all) | (N − 1) / N × the smaller of its input and output arrays |
+
+A ragged all-to-all moves as many rows as the routing sends (sharding/expert.py): the smaller of its
+input and output buffers is the rows under balanced routing (the routed rows on the way out, the
+rows' results on the way back), an estimate, not a bound.
 
 N is the size of the instruction's replica groups (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]`, or
 libtpu's `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`: devices along the named axes; an empty list is every
@@ -83,7 +88,7 @@ def array_bytes(shape: str) -> int:
 
 
 def _kind(opcode: str) -> str | None:
-  base = opcode.removesuffix("-start")
+  base = opcode.removesuffix("-start").removeprefix("ragged-")
   return base if base in KINDS and not opcode.endswith("-done") else None
 
 
@@ -116,9 +121,11 @@ def _groups(rest: str, devices: int) -> list[list[int]]:
   return [list(range(devices))]
 
 
-def _operand_bytes(rest: str, shapes: dict[str, str], first: bool = False) -> int:
+def _operand_bytes(rest: str, shapes: dict[str, str], nth: int | None = None) -> int:
+  """Bytes of the instruction's operands (only the nth, if given)."""
   total = 0
-  for operand in _operands(rest)[:1] if first else _operands(rest):
+  operands = _operands(rest)
+  for operand in operands if nth is None else operands[nth : nth + 1]:
     if _ARRAY_SHAPE.match(operand):
       total += array_bytes(operand.rsplit(" ", 1)[0])
     else:
@@ -148,7 +155,7 @@ def collectives(hlo: str, unit_of: Callable[[int], int] | None = None, slices: i
       kind = _MEGASCALE_KINDS.get(megascale.group(1))
       if kind is None:
         raise ValueError(f"unknown megascale transfer {megascale.group(1)!r} in {name!r}")
-      b = _operand_bytes(rest, shapes, first=True)
+      b = _operand_bytes(rest, shapes, nth=0)
       out.append(Collective(name, kind, slices, b, _per_chip(kind, max(slices, 2), b) * times, "DCN"))
       continue
     kind = _kind(opcode)
@@ -156,7 +163,10 @@ def collectives(hlo: str, unit_of: Callable[[int], int] | None = None, slices: i
       continue
     groups = _groups(rest, devices)
     n = 2 if kind == "collective-permute" else len(groups[0])
-    b = _operand_bytes(rest, shapes)
+    if opcode.startswith("ragged-"):
+      b = min(_operand_bytes(rest, shapes, nth=i) for i in (0, 1))  # input and output arrays (module doc)
+    else:
+      b = _operand_bytes(rest, shapes)
     crosses = unit_of is not None and any(len({unit_of(i) for i in g}) > 1 for g in groups)
     out.append(Collective(name, kind, n, b, _per_chip(kind, n, b) * times, "DCN" if crosses else "ICI"))
   return out

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import jax
 
+from sharding.expert import ROUND_LOOPS
+
 # `%name (params) -> shape {` or `ENTRY %name (params) -> shape {`
 _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 # `[ROOT] %name = <shape> opcode(` ; the shape is parsed separately (may be a tuple).
@@ -316,7 +318,8 @@ def _trip_count(name: str, comp: str, rest: str, comps: dict[str, list[Instr]]) 
   """A while loop's trip count: XLA's `known_trip_count` where it prints one (CPU, GPU), else read from
   its condition (TPU programs print none): a ROOT `compare(counter, constant(N))`, maybe wrapped in a
   fusion, direction LT (N trips) or LE (N + 1); the counter counting from 0 by 1, as the loops of
-  scans, fori_loops and XLA's windowed einsums do."""
+  scans, fori_loops and XLA's windowed einsums do. The expert exchange's rounds (sharding/expert.py,
+  ROUND_LOOPS) run as often as the routing needs: they are counted as under balanced routing."""
   trip = _TRIP_COUNT.search(rest)
   if trip is not None:
     return int(trip.group(1))
@@ -339,6 +342,11 @@ def _trip_count(name: str, comp: str, rest: str, comps: dict[str, list[Instr]]) 
         return constants[b] + (d == "LE")
       if a in constants and b not in constants and d in ("GT", "GE"):
         return constants[a] + (d == "GE")
+  op_name = re.search(r'op_name="([^"]*)"', rest)
+  scopes = op_name.group(1).split("/") if op_name else []
+  for scope, trips in ROUND_LOOPS.items():  # data-dependent: counted as under balanced routing
+    if scope in scopes:
+      return trips
   raise ValueError(f"while loop {name!r} in {comp!r}: no known_trip_count and no counter bound in its condition")
 
 

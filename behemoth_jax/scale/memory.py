@@ -10,8 +10,9 @@ Training: the train state (parameters and optimizer moments) and gradients are e
 sharding rules on an abstract mesh (no devices needed). Activations follow the program's structure:
 with `remat_policy: full` the layer scan keeps each layer's input [B, T, D] (per chip: local batch x
 local sequence), and one layer at a time is recomputed and differentiated; its working set is the
-larger of the attention (key blocks of `model.attention_block`) and the dropless MoE exchange (buffers
-of `expert` x the local routed rows, see sharding/expert.py). The embedding and LM head are gathered
+larger of the attention (key blocks of `model.attention_block`) and the dropless MoE exchange (receive
+buffers of `model.moe_capacity` x the local routed rows with the ragged exchange that TPU and GPU run,
+`expert` x with the padded one: sharding/expert.py). The embedding and LM head are gathered
 over everything but their vocabulary split (the loss computes on vocabulary shards), and one layer's
 weights are gathered (ZeRO-3) for its compute. The working-set constants were
 fitted to XLA's live-buffer peak for TPU v5p (docs/SCALE.md lists the points and the errors).
@@ -43,6 +44,7 @@ from behemoth_jax.train.state import abstract_sharded_model, abstract_train_stat
 from behemoth_jax.train.step import make_optimizer
 from sharding import axes as ax
 from sharding.api import per_device_bytes
+from sharding.expert import receive_rows
 from sharding.mesh import ShardingError, axis_sizes
 from sharding.rules import MESH_AXES, shard_count
 
@@ -77,11 +79,13 @@ class TrainEstimate:
 
 # Fitted to XLA's live-buffer peak of compiled TPU v5p train steps (docs/SCALE.md: Scout, Maverick,
 # Behemoth on two meshes, and a dense model; every point within 8%).
-ATTN_SCORE_COPIES = 4.0  # scores, probabilities, dP, dS of one key block (float32)
+# Scores, probabilities, dP and dS of one (query block, key block) pair, float32. 4 when the scores
+# spanned every local query; 8 since they are one query block's (2026-12-05, on the dense test point).
+ATTN_SCORE_COPIES = 8.0
 ATTN_ACT_COPIES = 10.0  # q, k, v, out and their gradients, plus the layer input/output [B, T, D]
-# The dropless expert exchange (sharding/expert.py) sizes its buffers for `expert` x the local routed
-# rows; the live bytes per buffer row came out nearly the same for Scout, Maverick and Behemoth
-# (229-254 KiB, whatever D and F), so it is one empirical constant, not a per-tensor count.
+# The dropless expert exchange (sharding/expert.py) sizes its receive buffers (`exchange_rows`); the live
+# bytes per buffer row came out nearly the same for Scout, Maverick and Behemoth with the padded
+# exchange (229-254 KiB, whatever D and F), so it is one empirical constant, not a per-tensor count.
 MOE_BYTES_PER_ROW = 240 * 1024
 VOCAB_COPIES = 1.0  # embedding / LM head gathered over all but their vocabulary split (`tensor`)
 CODE_BYTES = 0.4 * GiB  # compiled program of a large model (tiny ones: ~0.05 GiB)
@@ -124,16 +128,19 @@ def train_estimate(cfg: Config, chips: int | None = None) -> TrainEstimate:
   }[mc.remat_policy]
   span = min(tc.seq_len, mc.attention_chunk_size or tc.seq_len)
   block = mc.attention_block if mc.attention_block and span > mc.attention_block else span
+  # The blocked path visits (query block, key block) pairs: scores of one block of queries, or of all
+  # the local ones when the sequence is split over `context` (model/kernels.py, one query block).
+  q_rows = t_l if split(ax.LENGTH) > 1 else min(block, t_l)
   attn = (
-    ATTN_SCORE_COPIES * b_l * heads_l * t_l * block * 4
+    ATTN_SCORE_COPIES * b_l * heads_l * q_rows * block * 4
     + ATTN_ACT_COPIES * b_l * t_l * max(heads_l * h, d) * a
     + 4 * b_l * tc.seq_len * kv_l * h * a
   )  # global layers' keys and values, all-gathered over context
   moe = 0.0
   kinds = [mc.layer_kind(i) for i in range(layers)]
   if any(k.moe for k in kinds):
-    rows = b_l * t_l * mc.num_experts_per_tok * split(ax.EXPERTS)  # the dropless receive buffer
-    moe = MOE_BYTES_PER_ROW * rows / width_split
+    moe = MOE_BYTES_PER_ROW * exchange_rows(mc, b_l * t_l, split(ax.EXPERTS)) / width_split
+    moe += exchange_grad_copy(mc, b_l * t_l, split(ax.EXPERTS)) / width_split
   if not all(k.moe for k in kinds):  # a dense SwiGLU: gate, up, product and their gradients
     moe = max(moe, 6 * b_l * t_l * mc.intermediate_size_mlp / width_split * a)
   # One vocabulary chunk of float32 logits per chip, of its vocabulary shard (train/losses.py).
@@ -181,8 +188,24 @@ def _teacher_terms(cfg: Config, sizes: dict[str, int], b_l: float, t_l: float) -
   weights = per_device_bytes(t_abstract)
   a = BYTES[tcfg.dtype]
   hidden = b_l * t_l * tcfg.hidden_size * a
-  rows = b_l * t_l * tcfg.num_experts_per_tok * split(ax.EXPERTS)
+  rows = exchange_rows(tcfg, b_l * t_l, split(ax.EXPERTS))
   return (weights, hidden), TEACHER_FWD_FRACTION * MOE_BYTES_PER_ROW * rows / split(ax.MLP)
+
+
+def exchange_grad_copy(mc, tokens: float, shards: int) -> float:
+  """The ragged exchange's backward loop over later rounds holds one more copy of the local experts'
+  weight gradients (sharding/expert.py; none when its buffer has room for every row: one round)."""
+  rows = math.ceil(tokens * mc.num_experts_per_tok)
+  if mc.moe_exchange == "padded" or shards == 1 or exchange_rows(mc, tokens, shards) >= shards * rows:
+    return 0.0
+  return 3 * mc.hidden_size * mc.intermediate_size * mc.num_experts / shards * BYTES[mc.param_dtype]
+
+
+def exchange_rows(mc, tokens: float, shards: int) -> float:
+  """Rows of the expert exchange's receive buffer per chip (sharding/expert.py) for `tokens` local
+  tokens, as the exchange runs on TPU / GPU (`auto`: ragged)."""
+  rows = math.ceil(tokens * mc.num_experts_per_tok)
+  return receive_rows(rows, shards, "padded" if mc.moe_exchange == "padded" else "ragged", mc.moe_capacity)
 
 
 # --- serving --------------------------------------------------------------------------------------

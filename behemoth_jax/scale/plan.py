@@ -123,8 +123,10 @@ def _guess(cfg: Config, sizes: dict[str, int], topo: aot.Topology, counts: dict[
   tokens = tc.batch_size * tc.seq_len / (d * f * e * c)
   layers = mc.num_layers
   moe_layers = sum(mc.layer_kind(i).moe for i in range(layers))
-  # Dispatch and combine in forward, recompute and backward; the exchange pads to expert x local rows.
-  exchange = moe_layers * 3 * 2 * tokens * mc.num_experts_per_tok * mc.hidden_size * ab * (e - 1)
+  # Dispatch and combine in forward, recompute and backward: the ragged exchange (TPU / GPU) moves the
+  # routed rows, the padded one expert x them (sharding/expert.py).
+  rows = tokens * mc.num_experts_per_tok * (e if mc.moe_exchange == "padded" else 1)
+  exchange = moe_layers * 3 * 2 * rows * mc.hidden_size * ab * (e - 1) / e
   kv = layers * 3 * 2 * tc.batch_size / (d * f * e) * tc.seq_len * mc.num_kv_heads / t * mc.head_dim * ab
   context = kv * (c - 1) / c
   tensor = layers * 4 * 2 * tokens * mc.hidden_size * ab * 2 * (t - 1) / t
