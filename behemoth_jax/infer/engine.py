@@ -19,6 +19,7 @@ function of the prompts and their completions, so a rerun of the same prompts co
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -186,7 +187,7 @@ class ContinuousBatcher:
         self._peek = jax.jit(lambda s: (s.live_B, s.n_B, s.out_BN), out_shardings=(rep, rep, rep))
 
   def _context(self):
-    return use_mesh(self.mesh) if self.mesh is not None else _Null()
+    return use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _empty(self, width: int) -> Slots:
     """Every slot free, created on the devices (sharded over the batch axes on a mesh)."""
@@ -314,11 +315,3 @@ def cache_sharding(mesh, leaf) -> NamedSharding:
   else:
     logical = (None,) * (leaf.ndim - 2) + (ax.BATCH, ax.LENGTH)
   return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))
-
-
-class _Null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
