@@ -150,3 +150,52 @@ ENTRY %main (p: f32[16]) -> f32[16] {
     ("DCN", "collective-permute"): 64,
   }
   assert {c.link for c in collectives(hlo)} == {"ICI"}  # without unit_of nothing is DCN
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_context_parallel_attention_bytes_by_layer_kind(chunk):
+  """3 chunked layers and a global one, 64 tokens on fsdp 2 x context 4 (16 tokens per shard): with
+  chunks of 16 every shard holds whole chunks and chunked layers move nothing along `context`; with
+  chunks of 32 they fetch their chunk's other half. The global layer gathers every shard's keys and
+  values ([1, 16, 2, 8] float32 each: 3 x 1,024 bytes per chip apiece) in both."""
+  from flax import nnx
+
+  from behemoth_jax.config import ModelConfig, ParallelConfig
+  from behemoth_jax.model.attention import ATTENTION_SCOPES
+  from behemoth_jax.model.transformer import create_model
+  from behemoth_jax.scale.collectives import bytes_along
+  from sharding.api import place, use_mesh
+  from sharding.mesh import make_mesh
+
+  cfg = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=16,
+    intermediate_size_mlp=24,
+    num_experts=4,
+    num_experts_per_tok=1,
+    moe_layers=(),
+    attention_chunk_size=chunk,
+    param_dtype="float32",
+    dtype="float32",
+  )
+  assert [k.chunked for k in cfg.layer_kinds] == [True, True, True, False]
+  mesh = make_mesh(ParallelConfig(fsdp=2, context=4))
+  graphdef, state = nnx.split(create_model(cfg, seed=0))
+
+  def loss(state, ids):
+    return jnp.mean(nnx.merge(graphdef, state)(ids))
+
+  with use_mesh(mesh):
+    hlo = _hlo(jax.grad(loss), place(state, mesh), jnp.zeros((2, 64), jnp.int32))
+  scopes = ATTENTION_SCOPES[True], ATTENTION_SCOPES[False]
+  chunked, global_ = bytes_along(hlo, mesh.devices.shape, mesh.axis_names.index("context"), scopes).values()
+  assert global_["all-gather"] == 2 * 3 * 1024 and global_.get("all-reduce", 0) > 0, global_
+  if chunk == 16:
+    assert chunked == {}, chunked
+  else:
+    assert sum(chunked.values()) > 0

@@ -20,6 +20,9 @@ from behemoth_jax.model.layers import matmul, rms_norm, weight
 from behemoth_jax.model.rope import apply_rope
 from sharding import axes as ax
 
+# Named scopes of the two attention kinds: behemoth_jax.scale.collectives counts their traffic apart.
+ATTENTION_SCOPES = {True: "chunked_attention", False: "global_attention"}
+
 
 class Positions(NamedTuple):
   """Per-token position information shared by every layer of one forward pass."""
@@ -84,14 +87,15 @@ class Attention(nnx.Module):
     """(output [B, T, D], cache). Without a cache: training's attention. With an empty cache: the
     prompt attended as in training, its keys and values written to the cache (prefill). With a
     filled cache: the new token(s) appended and attended over the cache (decode, T = 1)."""
-    q, k, v = self._qkv(x_BTD, pos)
-    if cache is None or not cache.filled:
-      out = self._attend(q, k, v, pos)
-      cache = None if cache is None else cache.fill(k, v, pos)
-    else:
-      cache = cache.append(k, v, pos)
-      out = cache.attend(q, pos)
-    return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], self.cfg.fp8), cache
+    with jax.named_scope(ATTENTION_SCOPES[self.kind.chunked]):  # program accounting by layer kind
+      q, k, v = self._qkv(x_BTD, pos)
+      if cache is None or not cache.filled:
+        out = self._attend(q, k, v, pos)
+        cache = None if cache is None else cache.fill(k, v, pos)
+      else:
+        cache = cache.append(k, v, pos)
+        out = cache.attend(q, pos)
+      return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], self.cfg.fp8), cache
 
 
 class KVCache(struct.PyTreeNode):

@@ -39,8 +39,9 @@ from jax.sharding import NamedSharding
 from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
+from behemoth_jax.model.attention import ATTENTION_SCOPES
 from behemoth_jax.platforms import user_platforms
-from behemoth_jax.scale.collectives import bytes_by_kind
+from behemoth_jax.scale.collectives import bytes_along, bytes_by_kind
 from behemoth_jax.scale.flops import matmuls
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import batch_specs
@@ -283,6 +284,8 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   if compiled is not None:
     hlo = compiled.as_text()
     print(f"  collectives per {topo.unit} per step (compiled, loops by trip count): {collective_bytes(hlo)}")
+    if mesh.shape["context"] > 1:
+      print(f"  {context_attention_bytes(hlo, mesh)}")
     try:
       print(f"  matmul FLOPs per {topo.unit} per step (compiled, loops by trip count): {hlo_matmul_flops(hlo):.4g}")
     except ValueError as e:  # a loop of unknown trip count
@@ -334,6 +337,21 @@ def collective_bytes(hlo: str) -> str:
   except (ValueError, KeyError) as e:  # an HLO form the reader does not know: say so, keep the report
     return f"not counted ({e})"
   return ", ".join(f"{k} {gib(v)}" for k, v in by.items() if v) or "none"
+
+
+def context_attention_bytes(hlo: str, mesh) -> str:
+  """What attention moves over `context` per chip per step, by layer kind (model/attention.py's scopes):
+  chunked layers move nothing when every context shard holds whole chunks."""
+  scopes = (ATTENTION_SCOPES[True], ATTENTION_SCOPES[False])
+  try:
+    by = bytes_along(hlo, tuple(mesh.devices.shape), list(mesh.axis_names).index("context"), scopes)
+  except (ValueError, KeyError) as e:
+    return f"attention over context: not counted ({e})"
+  parts = []
+  for scope, label in zip(scopes, ("chunked layers", "global layers"), strict=True):
+    kinds = ", ".join(f"{k} {gib(v)}" for k, v in by[scope].items() if v)
+    parts.append(f"{label} {gib(sum(by[scope].values()))}" + (f" ({kinds})" if kinds else ""))
+  return "attention's collectives along context (keys, values and their gradients): " + "; ".join(parts)
 
 
 def _width(dtype: str) -> int:

@@ -60,6 +60,7 @@ _MEGASCALE_KINDS = {
   "REDUCE_SCATTER": "reduce-scatter",
   "ONE_TO_ONE": "collective-permute",
 }
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEVICES = re.compile(r"\b(num_partitions|replica_count)=(\d+)")
 
 
@@ -71,6 +72,8 @@ class Collective:
   operand_bytes: int  # of one execution, on one chip
   bytes: float  # per chip per execution of the module, loops counted (see the module doc)
   link: str = "ICI"  # "DCN" when a group spans slices (or GPU nodes), given where devices sit
+  groups: tuple[tuple[int, ...], ...] = ()  # replica groups (device ids), as the instruction gives them
+  op_name: str = ""  # jax's name stack (named scopes: the layer kinds' attention, the MoE exchange)
 
 
 def array_bytes(shape: str) -> int:
@@ -168,7 +171,11 @@ def collectives(hlo: str, unit_of: Callable[[int], int] | None = None, slices: i
     else:
       b = _operand_bytes(rest, shapes)
     crosses = unit_of is not None and any(len({unit_of(i) for i in g}) > 1 for g in groups)
-    out.append(Collective(name, kind, n, b, _per_chip(kind, n, b) * times, "DCN" if crosses else "ICI"))
+    op_name = _OP_NAME.search(rest)
+    link, ids = "DCN" if crosses else "ICI", tuple(tuple(g) for g in groups)
+    out.append(
+      Collective(name, kind, n, b, _per_chip(kind, n, b) * times, link, ids, op_name.group(1) if op_name else "")
+    )
   return out
 
 
@@ -186,3 +193,23 @@ def bytes_by_link(hlo: str, unit_of: Callable[[int], int], slices: int = 1) -> d
   for c in collectives(hlo, unit_of, slices):
     total[c.link, c.kind] += c.bytes
   return {k: v for k, v in total.items() if v}
+
+
+def bytes_along(
+  hlo: str, mesh_shape: tuple[int, ...], axis: int, scopes: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+  """{scope: {kind: bytes per chip per execution}} of the collectives that run along mesh axis `axis`
+  only (every group's members differ in that coordinate alone; device ids are positions in the mesh's
+  row-major devices) and whose name stack holds the named scope. Over `context`, inside attention:
+  the keys and values a layer kind moves, apart from the weights ZeRO-3 gathers over fsdp x context."""
+  total = {scope: defaultdict(float) for scope in scopes}
+  for c in collectives(hlo):
+    coords = [np.array(np.unravel_index(g, mesh_shape)) for g in c.groups]
+    varying = {a for xs in coords for a in range(len(mesh_shape)) if len(set(xs[a])) > 1}
+    if varying != {axis}:
+      continue
+    parts = c.op_name.split(":")  # XLA's combiners join the names of the collectives they merge
+    for scope in scopes:
+      if all(scope in p for p in parts):  # (a merge of other layers' weight gradients is not this scope's)
+        total[scope][c.kind] += c.bytes
+  return {scope: dict(v) for scope, v in total.items()}
