@@ -159,6 +159,7 @@ def test_context_parallel_attention_bytes_by_layer_kind(chunk):
   chunks of 32 they fetch their chunk's other half. The global layer gathers every shard's keys and
   values ([1, 16, 2, 8] float32 each: 3 x 1,024 bytes per chip apiece) in both."""
   from flax import nnx
+  from test_sharding import CFG
 
   from behemoth_jax.config import ModelConfig, ParallelConfig
   from behemoth_jax.model.attention import ATTENTION_SCOPES
@@ -167,22 +168,7 @@ def test_context_parallel_attention_bytes_by_layer_kind(chunk):
   from sharding.api import place, use_mesh
   from sharding.mesh import make_mesh
 
-  cfg = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=16,
-    intermediate_size_mlp=24,
-    num_experts=4,
-    num_experts_per_tok=1,
-    moe_layers=(),
-    attention_chunk_size=chunk,
-    param_dtype="float32",
-    dtype="float32",
-  )
+  cfg = ModelConfig(**{**CFG.__dict__, "moe_layers": (), "attention_chunk_size": chunk})
   assert [k.chunked for k in cfg.layer_kinds] == [True, True, True, False]
   mesh = make_mesh(ParallelConfig(fsdp=2, context=4))
   graphdef, state = nnx.split(create_model(cfg, seed=0))

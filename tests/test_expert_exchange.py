@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sharding import CFG  # the tiny MoE of the sharding tests
 
 import sharding.expert
 from behemoth_jax.config import ModelConfig, ParallelConfig
@@ -18,21 +19,6 @@ from behemoth_jax.model.moe import routed_experts
 from sharding import axes as ax
 from sharding.api import use_mesh
 from sharding.mesh import make_mesh
-
-CFG = ModelConfig(
-  vocab_size=64,
-  hidden_size=32,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  intermediate_size=16,
-  intermediate_size_mlp=32,
-  num_experts=8,
-  num_experts_per_tok=1,
-  param_dtype="float32",
-  dtype="float32",
-)
 
 
 def reference_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
@@ -115,11 +101,10 @@ def test_exchange_with_extreme_routing(routing, exchange, ragged):
 def test_model_with_ragged_rounds_matches_one_device(parallel, ragged):
   """The whole model, 8 layers scanned with full remat and top-2 routing, the ragged exchange in rounds
   of 0.5 x the local rows (data x tensor: the round count agreed across exchange groups)."""
-  from test_sharding import CFG as MODEL_CFG
   from test_sharding import _reference, _sharded
 
   cfg = ModelConfig(
-    **{**MODEL_CFG.__dict__, "num_layers": 8, "remat_policy": "full", "num_experts_per_tok": 2}
+    **{**CFG.__dict__, "num_layers": 8, "remat_policy": "full", "num_experts_per_tok": 2}
     | dict(moe_exchange="ragged", moe_capacity=0.5)
   )
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
