@@ -305,13 +305,14 @@ class ContinuousBatcher:
     return ids, seg, dest, last, index, slot_p, rec, limit
 
 
-def cache_sharding(mesh, leaf) -> NamedSharding:
+def cache_sharding(mesh, leaf, batch: str | None = ax.BATCH) -> NamedSharding:
   """Where a KV cache leaf lives: keys/values [.., B, S, K, H] and positions [.., B, S] (leading: the
-  scanned cycles) with B (decode slots, or a batch's rows) over the batch axes and S over the length axes."""
+  scanned cycles) with B (decode slots, or a batch's rows) over the `batch` axes (None: replicated, a
+  batch-1 prefill) and S over the length axes."""
   if leaf.ndim < 2:
     logical = (None,) * leaf.ndim
   elif leaf.ndim >= 4:
-    logical = (None,) * (leaf.ndim - 4) + (ax.BATCH, ax.LENGTH, ax.KV_HEADS, None)
+    logical = (None,) * (leaf.ndim - 4) + (batch, ax.LENGTH, ax.KV_HEADS, None)
   else:
-    logical = (None,) * (leaf.ndim - 2) + (ax.BATCH, ax.LENGTH)
+    logical = (None,) * (leaf.ndim - 2) + (batch, ax.LENGTH)
   return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))

@@ -28,6 +28,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -38,6 +39,7 @@ from jax.sharding import NamedSharding
 
 from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig
+from behemoth_jax.infer.engine import cache_sharding
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
 from behemoth_jax.model.attention import ATTENTION_SCOPES
 from behemoth_jax.platforms import user_platforms
@@ -397,14 +399,9 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     abstract,
   )
 
-  def cache_sharding(leaf):  # keys/values [.., B, S, K, H] and positions [.., B, S]: S over context
-    lead = (None,) * (leaf.ndim - (4 if leaf.ndim >= 4 else 2))
-    logical = lead + ((None, ax.LENGTH, ax.KV_HEADS, None) if leaf.ndim >= 4 else (None, ax.LENGTH))
-    if leaf.ndim < 2:
-      logical = (None,) * leaf.ndim
-    return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))
+  shard = partial(cache_sharding, mesh, batch=None)  # one prompt: S over context
 
-  out_shardings = (None, jax.tree.map(cache_sharding, caches), None)
+  out_shardings = (None, jax.tree.map(shard, caches), None)
   step = jax.jit(lambda p, i, m: prefill(graphdef, p, i, m, None, tokens), out_shardings=out_shardings)
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
     lowered = step.lower(abstract, ids, mask)
@@ -436,20 +433,14 @@ def compile_decode(cfg: Config, slots: int, context: int, topology: str | None, 
   model = nnx.merge(graphdef, abstract)  # abstract: only shapes are read
   caches = jax.eval_shape(lambda: model.init_cache(slots, context))
 
-  def cache_sharding(leaf):  # keys/values [.., B, S, K, H] and positions [.., B, S]: B over the batch axes
-    if leaf.ndim < 2:
-      return NamedSharding(mesh, logical_to_spec((None,) * leaf.ndim, mesh, leaf.shape))
-    lead = (None,) * (leaf.ndim - (4 if leaf.ndim >= 4 else 2))
-    logical = lead + ((ax.BATCH, ax.LENGTH, ax.KV_HEADS, None) if leaf.ndim >= 4 else (ax.BATCH, ax.LENGTH))
-    return NamedSharding(mesh, logical_to_spec(logical, mesh, leaf.shape))
-
-  cache_specs = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding(c)), caches)
+  shard = partial(cache_sharding, mesh)  # slots over the batch axes, S over context
+  cache_specs = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=shard(c)), caches)
   slot = NamedSharding(mesh, logical_to_spec((ax.BATCH,), mesh, (slots,)))
   tokens = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=slot)
   decode = lambda p, c, t, pos: decode_step(graphdef, p, c, t, pos)  # noqa: E731
   # The caches come out as they go in, but for a static flag in their pytree (decoding has begun).
   out_caches = jax.eval_shape(decode, abstract, caches, tokens, tokens)[1]
-  step = jax.jit(decode, out_shardings=(None, jax.tree.map(cache_sharding, out_caches)), donate_argnums=1)
+  step = jax.jit(decode, out_shardings=(None, jax.tree.map(shard, out_caches)), donate_argnums=1)
   with use_mesh(mesh), jax.default_matmul_precision("default"):
     lowered = step.lower(abstract, cache_specs, tokens, tokens)
   mem, reason, _ = compile_report(lowered, topo)
