@@ -60,6 +60,19 @@ def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Arr
   return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys_B, logits).astype(jnp.int32)
 
 
+def checked_prompts(prompts, vocab_size: int, max_len: int | None = None) -> list[np.ndarray]:
+  """The prompts as int32 arrays; ValueError naming the first that is not a non-empty 1-D list of ids
+  in the vocabulary (or, given `max_len`, leaves no room to generate)."""
+  rows = [np.asarray(p, np.int32) for p in prompts]
+  for i, row in enumerate(rows):
+    if row.ndim != 1 or row.size == 0:
+      raise ValueError(f"prompts[{i}]: expected a non-empty 1-D list of token ids, got shape {row.shape}")
+    if max_len is not None and row.size >= max_len:
+      raise ValueError(f"prompts[{i}]: {row.size} tokens leave no room in a context of {max_len}")
+    check_token_ids(row, vocab_size, f"prompts[{i}]")
+  return rows
+
+
 def left_pad(prompts: list[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(ids [B, T], mask [B, T]) with each prompt right-aligned; T rounded up to `multiple`."""
   t = max(len(p) for p in prompts)
@@ -161,11 +174,7 @@ class Generator:
     (default: its position in this call)."""
 
     n = len(prompts)
-    rows = [np.asarray(p, np.int32) for p in prompts]
-    for i, row in enumerate(rows):
-      if row.ndim != 1 or row.size == 0:
-        raise ValueError(f"prompts[{i}]: expected a non-empty 1-D list of token ids, got shape {row.shape}")
-      check_token_ids(row, self.vocab_size, f"prompts[{i}]")
+    rows = checked_prompts(prompts, self.vocab_size)
     rows += [np.asarray([self.pad_id], np.int32)] * ((-n) % self.rows_multiple)  # filler rows, dropped below
     ids, mask = left_pad(rows, self.pad_id, self.bucket)
     mask[n:] = 0

@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from behemoth_jax.infer.decoding import Sampling, decode_step, sample_rows, token_keys
+from behemoth_jax.infer.decoding import Sampling, checked_prompts, decode_step, sample_rows, token_keys
 from behemoth_jax.model.attention import KVCache
-from behemoth_jax.model.transformer import check_token_ids, unstack_layers
+from behemoth_jax.model.transformer import unstack_layers
 from sharding import axes as ax
 from sharding.api import logical_to_spec, place, use_mesh
 from sharding.rules import BATCH_AXES
@@ -253,14 +253,8 @@ class ContinuousBatcher:
     at most `max_len` positions in all (a prompt of `max_len` tokens or more: ValueError; the caller
     checks). `records`: each prompt's identity, which keys its samples (default: its index).
     `on_done(i, tokens)` is called as each completes."""
-    prompts = [np.asarray(p, np.int32) for p in prompts]
+    prompts = checked_prompts(prompts, self.vocab_size, self.max_len)
     records = list(range(len(prompts))) if records is None else list(records)
-    for i, p in enumerate(prompts):
-      if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"prompts[{i}]: expected a non-empty 1-D list of token ids, got shape {p.shape}")
-      if p.size >= self.max_len:
-        raise ValueError(f"prompts[{i}]: {p.size} tokens leave no room in a context of {self.max_len}")
-      check_token_ids(p, self.vocab_size, f"prompts[{i}]")
     results: list[np.ndarray | None] = [None] * len(prompts)
     if not prompts:
       return []
