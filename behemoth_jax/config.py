@@ -380,6 +380,7 @@ class TrainConfig:
   # scale per row (1 byte each per parameter: train/optim.py), for the smallest training state.
   adam_moments: str = "auto"
   grad_clip: float = 1.0  # global norm; 0 disables
+  layerwise_update: bool = False  # the optimizer inside the backward scan: no whole gradient (train/layerwise.py)
   moe_aux_loss: float = 0.0  # load-balancing loss weight (off: matches HF numerics)
   router_z_loss: float = 0.0
   ce_chunk: int = 8192  # vocabulary chunk of the cross-entropy (never all logits at once)
@@ -413,6 +414,8 @@ class TrainConfig:
       "train.batch_size",
       f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})",
     )
+    why = f"needs train.grad_accum 1 (got {self.grad_accum}): accumulation needs the whole gradient"
+    check(not (self.layerwise_update and self.grad_accum > 1), "train.layerwise_update", why)
     check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     check(self.on_nonfinite in ("skip", "halt"), "train.on_nonfinite", f"must be skip or halt: {self.on_nonfinite!r}")
     check(self.adam_moments in ("auto", "fp8"), "train.adam_moments", f"must be auto or fp8: {self.adam_moments!r}")

@@ -99,8 +99,8 @@ class Decoder(nnx.Module):
 
     `caches` ({"cycles": per-block caches stacked over cycles, "tail": [...]}, from
     `Llama4.init_cache`) makes this a prefill or a decode step; None is training's forward."""
-    per_layer: list[tuple[int, MoEStats]] = []
     out = None if caches is None else {"cycles": None, "tail": []}
+    cycle_stats = None
     if self.cycles is not None:
       graphdef, stacked = nnx.split(self.cycles)
 
@@ -113,14 +113,26 @@ class Decoder(nnx.Module):
       x_BTD, (cycle_stats, cycle_caches) = jax.lax.scan(body, x_BTD, xs, unroll=min(self.scan_unroll, self.num_cycles))
       if out is not None:
         out["cycles"] = cycle_caches
+    x_BTD, stats, tail_caches = self.run_tail(x_BTD, pos, cycle_stats, None if caches is None else caches["tail"])
+    if out is not None:
+      out["tail"] = tail_caches
+    return x_BTD, stats, out
+
+  def run_tail(self, x_BTD: jax.Array, pos: Positions, cycle_stats: tuple | None, caches: list | None = None):
+    """The unscanned layers after the cycles, then every MoE layer's statistics in layer order:
+    (x, MoEStats [L_moe, E], tail caches or None). `cycle_stats`: the scan's per-block statistics
+    (each [num_cycles, ...]; None for a dense block), or None without cycles."""
+    per_layer: list[tuple[int, MoEStats]] = []
+    if cycle_stats is not None:
       p = len(cycle_stats)
       for j, s in enumerate(cycle_stats):
         if s is not None:
           per_layer += [(c * p + j, jax.tree.map(lambda a: a[c], s)) for c in range(self.num_cycles)]
+    out = None if caches is None else []
     for i, block in enumerate(self.tail):
-      x_BTD, s, c = _run_block(block, x_BTD, pos, None if caches is None else caches["tail"][i], self.remat_policy)
+      x_BTD, s, c = _run_block(block, x_BTD, pos, None if caches is None else caches[i], self.remat_policy)
       if out is not None:
-        out["tail"].append(c)
+        out.append(c)
       if s is not None:
         per_layer.append((self.first_tail + i, s))
     per_layer.sort(key=lambda item: item[0])
@@ -212,11 +224,15 @@ class Llama4(nnx.Module):
     filled), then one decode step per call on the caches it returned (positions: true positions)."""
     b, t, _ = x_BTD.shape
     pos = self.positions(b, t, positions_BT, segment_ids_BT)
+    h_BTD, stats, cache = self.decoder(self.prologue(x_BTD, pos), pos, cache)
+    return self.final_norm(h_BTD), stats, cache
+
+  def prologue(self, x_BTD: jax.Array, pos: Positions) -> jax.Array:
+    """What precedes the first layer: learned position embeddings where the model has them, the
+    residual stream's sharding."""
     if self.pos_table_PD is not None:
       x_BTD = x_BTD + jnp.take(self.pos_table_PD[...], pos.positions_BT, axis=0).astype(x_BTD.dtype)
-    x_BTD = ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
-    h_BTD, stats, cache = self.decoder(x_BTD, pos, cache)
-    return self.final_norm(h_BTD), stats, cache
+    return ax.constrain(x_BTD, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
   def init_cache(self, batch: int, max_len: int, packed: bool = False) -> dict:
     """Empty KV caches for `max_len` tokens (prompt + generated): chunked layers hold one chunk.

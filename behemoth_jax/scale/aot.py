@@ -270,7 +270,8 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     f"  mesh {dict(mesh.shape)}; batch {tc.batch_size} x {tc.seq_len} tokens "
     f"(grad_accum {tc.grad_accum}); dtypes: params {mc.param_dtype}, compute {mc.dtype}"
     f"{', fp8 matmuls' if mc.fp8 else ''}; remat {mc.remat_policy}; moe {mc.moe_impl}"
-    f"{f', {exchange} exchange' if mesh.shape['expert'] > 1 else ''}"
+    f"{f', {exchange} exchange' if mesh.shape['expert'] > 1 else ''}; Adam moments {tc.adam_moments}"
+    f"{', optimizer layer by layer in the backward' if tc.layerwise_update else ''}"
   )
   lowered, abstract, t_abstract = lower_train_step(cfg, mesh, teacher_cfg)
   if teacher_cfg is not None:

@@ -103,6 +103,33 @@ def scale_by_adam_fp8(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class PreviousNormState(NamedTuple):
+  norm: jax.Array  # float32: the whole gradient's global norm at the previous step (0 before the first)
+
+
+def clip_by_previous_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` with the norm of the previous step's gradient: for the layer-by-layer
+  update (train/layerwise.py), which updates the first layers before the last gradient exists. The
+  state only holds the norm; the step that knows the whole norm sets it (`set_previous_norm`)."""
+
+  def init_fn(params):
+    del params
+    return PreviousNormState(jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    scale = jnp.where(state.norm > max_norm, max_norm / jnp.maximum(state.norm, 1e-30), 1.0)
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_previous_norm(opt_state, norm: jax.Array):
+  """The optimizer state with every `PreviousNormState` holding `norm`."""
+  is_prev = lambda x: isinstance(x, PreviousNormState)  # noqa: E731
+  return jax.tree.map(lambda x: PreviousNormState(norm) if is_prev(x) else x, opt_state, is_leaf=is_prev)
+
+
 def moment_shardings(tx: optax.GradientTransformation, abstract_opt_state, shardings_p, replicated):
   """Shardings of an optimizer state: every leaf that mirrors a parameter takes its sharding (a
   `QMoment` takes it for its float8 values and, with the last dimension whole, for its row scales);

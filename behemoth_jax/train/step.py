@@ -24,7 +24,7 @@ from behemoth_jax.train.losses import (
   router_z_loss,
   soft_weight,
 )
-from behemoth_jax.train.optim import scale_by_adam_fp8
+from behemoth_jax.train.optim import clip_by_previous_norm, scale_by_adam_fp8
 from behemoth_jax.train.state import State
 from sharding import axes as ax
 
@@ -59,8 +59,10 @@ def decay_mask(params: nnx.State):
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine, global-norm clipping, weight decay where `decays` says."""
-  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+  """AdamW with warmup + cosine, global-norm clipping (by the previous step's norm with
+  `train.layerwise_update`), weight decay where `decays` says."""
+  clip = clip_by_previous_norm if tc.layerwise_update else optax.clip_by_global_norm  # (train/layerwise.py)
+  parts = [clip(tc.grad_clip)] if tc.grad_clip > 0 else []
   if tc.adam_moments == "fp8":  # optax.adamw's chain with 8-bit moments (train/optim.py)
     parts += [
       scale_by_adam_fp8(tc.adam_b1, tc.adam_b2),
@@ -96,6 +98,11 @@ def loss_and_stats(
   h, stats, _ = model.forward(
     model.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"], batch["segment_ids"]
   )
+  return loss_of_hidden(model, h, stats, batch, tc, total_tokens, distill, teacher_params, progress)
+
+
+def loss_of_hidden(model, h, stats, batch: dict, tc: TrainConfig, total_tokens, distill, teacher_params, progress):
+  """`loss_and_stats` from the final-normed hidden states `h` and the router statistics onwards."""
   extra = {}
   if distill is None:
     nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
@@ -129,7 +136,12 @@ def make_train_step(
   graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule: optax.Schedule, distill=None
 ):
   """`train_step(state, batch[, teacher_params])`; with `distill` (DistillConfig, teacher graphdef)
-  the teacher's parameters are the third argument (frozen: no gradient, no optimizer state)."""
+  the teacher's parameters are the third argument (frozen: no gradient, no optimizer state).
+  With `train.layerwise_update` the optimizer runs inside the backward pass (train/layerwise.py)."""
+  if tc.layerwise_update:
+    from behemoth_jax.train.layerwise import make_layerwise_train_step  # it builds on this module
+
+    return make_layerwise_train_step(graphdef, tx, tc, schedule, distill)
 
   def train_step(state: State, batch: dict, teacher_params=None) -> tuple[State, dict]:
     params, n = state["params"], tc.grad_accum
@@ -168,21 +180,25 @@ def make_train_step(
       "step": state["step"] + 1,
       "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
-    metrics = {
-      "loss": loss,
-      "ce": ce,
-      "grad_norm": grad_norm,
-      "lr": schedule(state["step"]),
-      "tokens": total,
-      "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
-      "expert_load_max": stats.load_E.max(axis=-1, initial=0.0),
-      "router_z": stats.z,
-      "skipped": new_state["skipped"],
-      **extra,
-    }
+    metrics = step_metrics(loss, ce, grad_norm, schedule(state["step"]), total, stats, new_state["skipped"], extra)
     return new_state, metrics
 
   return train_step
+
+
+def step_metrics(loss, ce, grad_norm, lr, tokens, stats, skipped, extra: dict) -> dict:
+  return {
+    "loss": loss,
+    "ce": ce,
+    "grad_norm": grad_norm,
+    "lr": lr,
+    "tokens": tokens,
+    "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
+    "expert_load_max": stats.load_E.max(axis=-1, initial=0.0),
+    "router_z": stats.z,
+    "skipped": skipped,
+    **extra,
+  }
 
 
 def make_eval_step(graphdef, tc: TrainConfig):

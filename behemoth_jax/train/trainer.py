@@ -141,17 +141,20 @@ class Trainer:
     self._closers.append(self.ckpt.close)
     self.writer = MetricsWriter(self.out, enabled=self.lead)
     self._closers.append(self.writer.close)
-    if self.lead:  # the run's config, for generation and export (behemoth-convert to-hf) of its checkpoints
-      self.out.mkdir(parents=True, exist_ok=True)
-      (self.out / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-      if tc.init_from:  # the HF configs of a converted checkpoint travel with the run, for its export
-        carry_source_configs(tc.init_from, self.out)
+    check_optimizer_layout(self.out, tc)
     self.stop_signal = None
     if self.peers is None:  # many processes: jax's preemption sync manager handles SIGTERM (loop)
       signal.signal(signal.SIGTERM, lambda signum, _: setattr(self, "stop_signal", signum))
     with use_mesh(self.mesh):
       self.state = self._initial_state(abstract, tx)
       distill, self.teacher_params = load_teacher(cfg, self.mesh, self.lead)
+    # The run's config, for generation and export (behemoth-convert to-hf) of its checkpoints; written
+    # after the restore, so that a refused resume leaves the one its checkpoints were written with.
+    if self.lead:
+      self.out.mkdir(parents=True, exist_ok=True)
+      (self.out / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+      if tc.init_from:  # the HF configs of a converted checkpoint travel with the run, for its export
+        carry_source_configs(tc.init_from, self.out)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     self.step_fn = jax.jit(
       make_train_step(self.graphdef, tx, tc, schedule, distill), donate_argnums=0, out_shardings=(shardings, None)
@@ -368,3 +371,24 @@ def evaluate(cfg: Config, graphdef, params, tokenizer, mesh, data_args: dict) ->
   finally:
     it.close()
   return nll / max(tokens, 1.0)
+
+
+# Settings that change the optimizer state's layout: a run resumes only with the values it was saved with.
+OPTIMIZER_LAYOUT = ("adam_moments", "layerwise_update")
+
+
+def check_optimizer_layout(out: Path, tc) -> None:
+  """One-line ConfigError when `out` holds checkpoints written with another optimizer-state layout
+  (orbax would only say that the tree structures differ), from the run's saved config.yaml."""
+  saved = out / CONFIG_NAME
+  if not saved.is_file() or not any((out / "checkpoints").glob("[0-9]*")):
+    return
+  was = (yaml.safe_load(saved.read_text()) or {}).get("train", {})
+  defaults = type(tc)()
+  for name in OPTIMIZER_LAYOUT:
+    old, new = (str(v).lower() for v in (was.get(name, getattr(defaults, name)), getattr(tc, name)))
+    if old != new:
+      raise ConfigError(
+        f"train.{name}: {new}, but the checkpoints in {out / 'checkpoints'} were written with {old} (another "
+        f"optimizer state layout): resume with {old} or use another train.out_dir"
+      )
