@@ -223,3 +223,24 @@ def test_tpu_ragged_dot_kernels_are_counted():
   others = [mm.flops for mm in matmuls(hlo) if not mm.op_name.startswith("ragged-dot")]
   assert kernels == [useful]  # dx = dy · wᵀ, row by row (the loss is linear: no forward kernel needed)
   assert others == [e * useful]
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_attention_core_matmuls_are_found_by_scope_and_match_the_visited_block_pairs(block):
+  """The scores/values matmuls of blocked causal attention carry `ATTENTION_CORE` in their name stack
+  (inside XLA:CPU's fusions too: the calling fusion's), forward and backward: compiled FLOPs = the
+  causal count × the visited (query block, key block) pairs' share of it × 3.5 (forward 2 matmuls per
+  pair, FlashAttention's backward 5), what scale/aot.py's report divides by."""
+  from behemoth_jax.model.kernels import ATTENTION_CORE, causal_attention
+  from behemoth_jax.scale.flops import in_scope, matmuls
+
+  b, t, n, h = 1, 64, 2, 8
+  q, k = jnp.ones((b, t, n, h)), jnp.ones((b, t, 1, h))
+  f = jax.grad(lambda q, k, v: causal_attention(q, k, v, chunk=None, block=block).sum(), argnums=(0, 1, 2))
+  found = [mm for mm in matmuls(jax.jit(f).lower(q, k, k).compile().as_text()) if in_scope(mm.op_name, ATTENTION_CORE)]
+  nb = t // block
+  visited = nb * (nb + 1) // 2 * block * block  # query-key pairs in the blocks on or below the diagonal
+  causal = 4.0 * b * n * h * t * (t + 1) / 2  # cost.analytic_forward_flops' attention term
+  assert sum(mm.flops for mm in found) == pytest.approx(3.5 * causal * visited / (t * (t + 1) / 2))
+  assert in_scope("jit(f)/transpose(jvp(attention_core))/while", ATTENTION_CORE)
+  assert not in_scope("jit(f)/attention_core_x/dot", ATTENTION_CORE)

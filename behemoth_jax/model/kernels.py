@@ -51,6 +51,24 @@ def _with_previous(x: jax.Array, fill) -> jax.Array:
   return jnp.concatenate([prev, x], axis=2)
 
 
+ATTENTION_CORE = "attention_core"  # named scope of the scores and values matmuls (program accounting: scale/aot.py)
+
+
+def _in_scope(name: str):
+  """A decorator: the function traced under jax.named_scope(name)."""
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+      with jax.named_scope(name):
+        return fn(*args, **kwargs)
+
+    return scoped
+
+  return wrap
+
+
+@_in_scope(ATTENTION_CORE)
 def causal_attention(
   q_BTNH: jax.Array,
   k_BTKH: jax.Array,

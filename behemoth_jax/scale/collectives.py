@@ -152,7 +152,7 @@ def collectives(hlo: str, unit_of: Callable[[int], int] | None = None, slices: i
   found = dict(_DEVICES.findall(hlo.split("\n", 1)[0]))
   devices = int(found.get("num_partitions", 1)) * int(found.get("replica_count", 1))
   out = []
-  for (name, _, opcode, rest), times, shapes in walk(hlo):
+  for (name, _, opcode, rest), times, shapes, _ in walk(hlo):
     megascale = _MEGASCALE.search(rest) if opcode == "send" else None
     if megascale is not None:  # between slices, through the host (module doc)
       kind = _MEGASCALE_KINDS.get(megascale.group(1))

@@ -271,15 +271,14 @@ def matmuls(hlo: str) -> list[Matmul]:
   operand dtypes and its FLOPs counted as `hlo_text_flops` counts them. On GPU a dot sits inside a
   GEMM fusion (Triton) or is a cuBLAS(Lt) custom call; its operand types are what the GEMM reads."""
   out: list[Matmul] = []
-  for (name, shape, opcode, rest), times, shapes in walk(hlo):
+  for (name, shape, opcode, rest), times, shapes, op_name in walk(hlo):
     f = _op_flops(opcode, shape, rest, shapes)
     if f:
       operands = _operands(rest)
       if opcode == "custom-call" and _RAGGED_KERNEL.search(rest):  # skip the kernel's int32 group metadata
         operands = [o for o in operands if not _operand_dtype(o, shapes).startswith(("s", "u"))]
       types = tuple(_operand_dtype(o, shapes) for o in operands[:2])
-      op_name = re.search(r'op_name="([^"]*)"', rest)
-      out.append(Matmul(op_name.group(1) if op_name else name, types, f * times))
+      out.append(Matmul(op_name or name, types, f * times))
   return out
 
 
@@ -287,27 +286,38 @@ def walk(hlo: str):
   """(instruction, times it runs per execution of the module, {name: shape} of its computation) for
   every instruction of an optimized HLO module, inside fusions, calls and loops (a while body counted
   by its trip count, `_trip_count`; every branch of a conditional, as if it ran: an upper bound; the callee of
-  an async pair once, at its start)."""
+  an async pair once, at its start), and its op_name (jax's name stack: its own metadata's, else the
+  calling instruction's: XLA:CPU prints none inside fused computations)."""
   comps, entry = _split_computations(hlo)
 
-  def visit(comp: str, times: float):
+  def visit(comp: str, times: float, caller: str):
     shapes = {name: shape for name, shape, _, _ in comps[comp]}
     for instr in comps[comp]:
-      yield instr, times, shapes
       name, _, opcode, rest = instr
+      own = _OP_NAME.search(rest)
+      yield instr, times, shapes, own.group(1) if own else caller
       if opcode in ("async-done", "async-update"):
         continue
       callees = _callees(rest)
       if opcode == "while":
         trip = _trip_count(name, comp, rest, comps)
         for c in callees.get("body", []):
-          yield from visit(c, times * trip)
+          yield from visit(c, times * trip, own.group(1) if own else caller)
       else:
         for cs in callees.values():
           for c in cs:
-            yield from visit(c, times)
+            yield from visit(c, times, own.group(1) if own else caller)
 
-  yield from visit(entry, 1.0)
+  yield from visit(entry, 1.0, "")
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def in_scope(op_name: str, scope: str) -> bool:
+  """Whether jax's name stack `op_name` passes through named scope `scope`, also under transformations
+  ("jvp(scope)", "transpose(jvp(scope))")."""
+  return re.search(rf"(^|[/(]){re.escape(scope)}($|[/)])", op_name) is not None
 
 
 _CONSTANT = re.compile(r"constant\((-?\d+)\)")
