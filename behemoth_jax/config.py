@@ -381,6 +381,7 @@ class TrainConfig:
   adam_moments: str = "auto"
   grad_clip: float = 1.0  # global norm; 0 disables
   layerwise_update: bool = False  # the optimizer inside the backward scan: no whole gradient (train/layerwise.py)
+  layerwise_clip: str = "exact"  # its clipping: exact (a norm pass first) | previous (the last norm, mostly)
   moe_aux_loss: float = 0.0  # load-balancing loss weight (off: matches HF numerics)
   router_z_loss: float = 0.0
   ce_chunk: int = 8192  # vocabulary chunk of the cross-entropy (never all logits at once)
@@ -419,6 +420,7 @@ class TrainConfig:
     check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     check(self.on_nonfinite in ("skip", "halt"), "train.on_nonfinite", f"must be skip or halt: {self.on_nonfinite!r}")
     check(self.adam_moments in ("auto", "fp8"), "train.adam_moments", f"must be auto or fp8: {self.adam_moments!r}")
+    check(self.layerwise_clip in ("exact", "previous"), "train.layerwise_clip", "must be exact or previous")
 
 
 DISTILL_WEIGHTS = ("none", "fixed", "scheduled", "dynamic", "relative")

@@ -8,8 +8,9 @@ seeds 0..N-1 (same seed, same init and data order for both), plus a control: `au
 clip moved by 0.1% (1.0 → 0.999), which measures how far any small perturbation carries a 200-step
 trajectory. Prints the training loss averaged over windows of 20 steps and over seeds, the held-out
 loss at the end, each ratio to `auto`, and the optimizer state's bytes per parameter. Also `layerwise`
-(`train.layerwise_update`: the optimizer inside the backward scan, clipping by the previous step's norm;
-run with `model.num_layers=8` so that the tiny model has two scanned cycles). Acceptance (issue 27): fp8
+(`train.layerwise_update`: the optimizer inside the backward scan, its clipping exact) and `lw-previous`
+(`train.layerwise_clip=previous`: the previous step's norm where it was below 0.8 × the clip); run with
+`model.num_layers=8` so that the tiny model has two scanned cycles. Acceptance (issue 27): fp8
 and layerwise each within 1% of auto in every window and in the held-out loss. A finished run directory is
 reused (delete it to retrain).
 """
@@ -30,6 +31,7 @@ RUNS = {
   "auto": ["train.adam_moments=auto"],
   "fp8": ["train.adam_moments=fp8"],
   "layerwise": ["train.layerwise_update=true"],
+  "lw-previous": ["train.layerwise_update=true", "train.layerwise_clip=previous"],
   "control": ["train.grad_clip=0.999"],
 }
 CHECKED = ("fp8", "layerwise")  # each within 1% of auto

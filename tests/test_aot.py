@@ -356,18 +356,15 @@ def test_calculator_follows_fp8_moments_and_accumulation():
     assert abs(est.total / 2**30 / compiled - 1) < 0.10, (mesh, est.total / 2**30, compiled)
 
 
-# Behemoth, 128 v5p chips, batch 16 x 8192, fp8 moments, layer-by-layer update (ragged exchange, as
-# compiled; libtpu 0.0.42.1, 2026-12-05): (mesh, XLA's peak GiB per chip), docs/SCALE.md.
-LAYERWISE_BEHEMOTH = [
-  (dict(fsdp=2, expert=8, context=4, tensor=2), 79.34),
-  (dict(fsdp=1, expert=16, context=2, tensor=4), 85.9),
-]
+# Behemoth, 128 v5p chips, batch 16 x 8192, fp8 moments, layer-by-layer update with exact clipping (its
+# norm pass; ragged exchange), compiled with libtpu 0.0.42.1 on 2026-12-05: (mesh, XLA's peak GiB per chip).
+LAYERWISE_BEHEMOTH = [(dict(fsdp=1, expert=16, context=2, tensor=4), 89.84)]
 
 
 def test_calculator_follows_the_layerwise_update():
   """The gradient live at once is one layer cycle's (exact: the stacked cycles' bytes / cycles) plus
-  the parameters' outside the cycles, ~1/35 of the whole gradient for Behemoth; the totals within 10%
-  of the compiled points (-0.6%, +0.7%)."""
+  the parameters' outside the cycles, ~1/35 of the whole gradient for Behemoth; the total within 10% of
+  the compiled point (-3.8%: the norm pass's live ranges are not modelled)."""
   from behemoth_jax.scale.memory import train_estimate
 
   for mesh, compiled in LAYERWISE_BEHEMOTH:

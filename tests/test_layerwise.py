@@ -97,30 +97,52 @@ def test_layerwise_equals_the_whole_gradient_step_without_clipping(moments):
   assert moved > 1e-3  # the steps did update
 
 
-def test_layerwise_clips_by_the_previous_steps_norm():
-  """Reference computed apart: jax.grad of the ordinary loss, scaled by min(1, c / previous norm) (1 at
-  the first step), then AdamW without clipping."""
-  clip = 0.5
-  cfg = _config(f"train.grad_clip={clip}")
-  got, gm = _run(cfg, True)
-  tc = dataclasses.replace(cfg.train, grad_clip=0.0)
+def _is_adam(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+@pytest.mark.parametrize("clip", ["exact", "previous"])
+def test_layerwise_clips_exactly_where_clipping_may_act(clip):
+  """grad_clip 0.5 under norms of 2-4: every step measures the whole norm first (a backward pass of its
+  own; with `previous` because the previous norm is above the threshold) and equals the ordinary step's
+  clipped update."""
+  cfg = _config("train.grad_clip=0.5", f"train.layerwise_clip={clip}")
+  (want, wm), (got, gm) = _run(cfg, False), _run(cfg, True)
+  _assert_adam_close(got["params"], want["params"])
+  for a, b in zip(gm, wm, strict=True):
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    assert b["grad_norm"] > 0.5
+  np.testing.assert_allclose(got["opt_state"][0].norm, gm[-1]["grad_norm"], rtol=1e-6)
+  adam = [x for x in jax.tree.leaves(got["opt_state"], is_leaf=_is_adam) if _is_adam(x)]
+  assert [int(a.count) for a in adam] == [3] and int(got["skipped"]) == 0
+
+
+def test_below_the_threshold_the_previous_norm_stands_in():
+  """`train.layerwise_clip=previous`: a previous norm of 0.5 (< EXACT_ABOVE x grad_clip 1.0) stands in for this step's ~3.8: no clipping,
+  Adam's first moment holds jax.grad's unclipped gradient (clipped, it would be 3.8x smaller), and the
+  state then holds this step's norm."""
+  from behemoth_jax.train.optim import set_previous_norm
+
+  cfg = _config("train.grad_clip=1.0", "train.layerwise_clip=previous")
+  tc = dataclasses.replace(cfg.train, layerwise_update=True)
   graphdef, params = nnx.split(create_model(cfg.model, seed=0))
-  tx = make_optimizer(tc)
-  opt, prev = tx.init(params), jnp.float32(0)
-  grad = jax.jit(
-    jax.grad(lambda p, b, total, progress: loss_and_stats(graphdef, p, b, tc, total, None, None, progress)[0])
+  state = _zero_state(make_optimizer(tc), params)
+  state["opt_state"] = set_previous_norm(state["opt_state"], jnp.float32(0.5))
+  got, gm = _run(cfg, True, steps=1, state=state)
+  plain = dataclasses.replace(cfg.train, grad_clip=0.0)
+  tx = make_optimizer(plain)
+  batch = random_batch(4, 32, seed=0, drop=0.2)
+  total = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+  grads = jax.jit(jax.grad(lambda p: loss_and_stats(graphdef, p, batch, plain, total, None, None, 0.0)[0]))(params)
+  updates, opt = tx.update(grads, tx.init(params), params)
+  assert float(optax.tree.norm(grads)) > 3.0
+  _assert_adam_close(got["params"], optax.apply_updates(params, updates))
+  # Adam's first update is scale-free (sign-like); its first moment holds the gradient as clipped (or not)
+  (mu_got,), (mu_want,) = (
+    [a.mu for a in jax.tree.leaves(o, is_leaf=_is_adam) if _is_adam(a)] for o in (got["opt_state"], opt)
   )
-  for k in range(3):
-    batch = random_batch(4, 32, seed=k, drop=0.2)
-    grads = grad(params, batch, jnp.maximum(batch["loss_mask"].sum(), 1.0), jnp.float32(k / tc.steps))
-    norm = optax.tree.norm(grads)
-    np.testing.assert_allclose(gm[k]["grad_norm"], norm, rtol=1e-4)
-    scale = jnp.where(prev > clip, clip / prev, 1.0)  # float32, as the step computes it
-    updates, opt = tx.update(jax.tree.map(lambda g: g * scale, grads), opt, params)
-    params, prev = optax.apply_updates(params, updates), norm
-  assert gm[0]["grad_norm"] > clip  # clipping was active from the second step on
-  _assert_adam_close(got["params"], params)  # without the clipping: 7e-3 apart
-  np.testing.assert_allclose(got["opt_state"][0].norm, prev, rtol=1e-5)
+  _assert_trees_close(mu_got, mu_want, atol=1e-7)
+  np.testing.assert_allclose(got["opt_state"][0].norm, optax.tree.norm(grads), rtol=1e-5)
 
 
 def test_layerwise_on_a_mesh_equals_the_ordinary_step_there_and_one_device():

@@ -42,9 +42,11 @@ from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.engine import cache_sharding
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
 from behemoth_jax.model.attention import ATTENTION_SCOPES
+from behemoth_jax.model.cost import analytic_forward_flops
+from behemoth_jax.model.kernels import ATTENTION_CORE
 from behemoth_jax.platforms import user_platforms
 from behemoth_jax.scale.collectives import bytes_along, bytes_by_kind
-from behemoth_jax.scale.flops import matmuls
+from behemoth_jax.scale.flops import in_scope, matmuls
 from behemoth_jax.scale.params import count_params
 from behemoth_jax.train.batch import batch_specs
 from behemoth_jax.train.state import abstract_sharded_model, abstract_train_state, teacher_model_config, unquantized
@@ -291,6 +293,7 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
       print(f"  {context_attention_bytes(hlo, mesh)}")
     try:
       print(f"  matmul FLOPs per {topo.unit} per step (compiled, loops by trip count): {hlo_matmul_flops(hlo):.4g}")
+      print(f"  {attention_flops(hlo, cfg, topo.chips * topo.num_slices)}")
     except ValueError as e:  # a loop of unknown trip count
       print(f"  matmul FLOPs per {topo.unit}: not counted ({e})")
   flops = analytic_train_flops(mc, tc.batch_size, tc.seq_len)
@@ -340,6 +343,25 @@ def collective_bytes(hlo: str) -> str:
   except (ValueError, KeyError) as e:  # an HLO form the reader does not know: say so, keep the report
     return f"not counted ({e})"
   return ", ".join(f"{k} {gib(v)}" for k, v in by.items() if v) or "none"
+
+
+def attention_flops(hlo: str, cfg: Config, chips: int) -> str:
+  """Attention's scores and values matmuls per chip (compiled, `kernels.ATTENTION_CORE`'s scope) against
+  the causal count (`cost.analytic_forward_flops`: each query's visible keys only) times what the
+  program runs of it: forward 1, FlashAttention's recomputing backward 2.5 (5 matmuls to the forward's
+  2), full remat's second forward 1 (also the layer-by-layer update's), and the layer-by-layer update's
+  norm pass for clipping 3.5 (with `previous` it is under a cond, counted as if it ran)."""
+  mc, tc = cfg.model, cfg.train
+  got = sum(m.flops for m in matmuls(hlo) if in_scope(m.op_name, ATTENTION_CORE))
+  causal = analytic_forward_flops(mc, tc.batch_size, tc.seq_len)["attention"] / chips
+  remat = mc.remat_policy == "full" or tc.layerwise_update
+  norm_pass = tc.layerwise_update and tc.grad_clip > 0  # layerwise clipping's backward pass of its own
+  times = (4.5 if remat else 3.5) + (3.5 if norm_pass else 0)
+  runs = f"forward, {'remat, ' if remat else ''}FlashAttention's backward{', the norm pass' if norm_pass else ''}"
+  return (
+    f"attention's scores and values matmuls per chip per step (compiled): {got:.4g}, {got / (times * causal):.3f} x "
+    f"the causal count x {times} ({runs})"
+  )
 
 
 def context_attention_bytes(hlo: str, mesh) -> str:

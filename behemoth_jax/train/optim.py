@@ -124,10 +124,19 @@ def clip_by_previous_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def previous_norm(opt_state) -> jax.Array | None:
+  """The norm a `clip_by_previous_norm` state holds (None without one: no clipping)."""
+  found = [x.norm for x in jax.tree.leaves(opt_state, is_leaf=_is_prev) if _is_prev(x)]
+  return found[0] if found else None
+
+
+def _is_prev(x) -> bool:
+  return isinstance(x, PreviousNormState)
+
+
 def set_previous_norm(opt_state, norm: jax.Array):
   """The optimizer state with every `PreviousNormState` holding `norm`."""
-  is_prev = lambda x: isinstance(x, PreviousNormState)  # noqa: E731
-  return jax.tree.map(lambda x: PreviousNormState(norm) if is_prev(x) else x, opt_state, is_leaf=is_prev)
+  return jax.tree.map(lambda x: PreviousNormState(norm) if _is_prev(x) else x, opt_state, is_leaf=_is_prev)
 
 
 def moment_shardings(tx: optax.GradientTransformation, abstract_opt_state, shardings_p, replicated):
