@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from behemoth_jax.config import TrainConfig
+from behemoth_jax.train.objective import loss_of_hidden, step_metrics
 from behemoth_jax.train.optim import previous_norm, set_previous_norm
 from behemoth_jax.train.state import State
 
@@ -73,7 +74,6 @@ def _on_moments(f, opt_state, *others):
 
 def make_layerwise_train_step(graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule, distill=None):
   """`train_step(state, batch[, teacher_params])` with `step.make_train_step`'s signature and metrics."""
-  from behemoth_jax.train.step import loss_of_hidden, step_metrics  # step.make_train_step dispatches here
 
   def train_step(state: State, batch: dict, teacher_params=None) -> tuple[State, dict]:
     params = state["params"]

@@ -17,13 +17,11 @@ from behemoth_jax.chips import chip_of
 from behemoth_jax.config import ModelConfig, TrainConfig
 from behemoth_jax.model.cost import analytic_forward_flops
 from behemoth_jax.model.layers import EMBEDDING, WEIGHT
+from behemoth_jax.train.layerwise import make_layerwise_train_step
 from behemoth_jax.train.losses import (
   chunked_cross_entropy,
-  chunked_distillation_terms,
-  load_balancing_loss,
-  router_z_loss,
-  soft_weight,
 )
+from behemoth_jax.train.objective import loss_of_hidden, step_metrics
 from behemoth_jax.train.optim import clip_by_previous_norm, scale_by_adam_fp8
 from behemoth_jax.train.state import State
 from sharding import axes as ax
@@ -101,37 +99,6 @@ def loss_and_stats(
   return loss_of_hidden(model, h, stats, batch, tc, total_tokens, distill, teacher_params, progress)
 
 
-def loss_of_hidden(model, h, stats, batch: dict, tc: TrainConfig, total_tokens, distill, teacher_params, progress):
-  """`loss_and_stats` from the final-normed hidden states `h` and the router statistics onwards."""
-  extra = {}
-  if distill is None:
-    nll, _ = chunked_cross_entropy(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"], tc.ce_chunk)
-  else:
-    dc, teacher_graphdef = distill
-    if teacher_graphdef is None:  # offline: the teacher's top-k from the batch
-      teacher_terms = {"teacher_logp_BTK": batch["teacher_topk_logp"], "teacher_ids_BTK": batch["teacher_topk_ids"]}
-    else:
-      teacher = nnx.merge(teacher_graphdef, teacher_params)
-      th, _, _ = teacher.forward(
-        teacher.embed_inputs(batch["inputs"], batch.get("pixel_values")), batch["positions"], batch["segment_ids"]
-      )
-      teacher_terms = {"teacher_h_BTD": th, "teacher_w_DV": teacher.lm_head_weight()}
-    ce, kl, margin, label_p = chunked_distillation_terms(
-      h, model.lm_head_weight(), batch["targets"], dc.temperature, tc.ce_chunk, **teacher_terms
-    )
-    w = soft_weight(dc.weight, dc.alpha, margin, progress, label_p, ce)
-    m = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.sum(((1 - w) * ce + w * kl) * m)
-    extra = {
-      "hard_ce": jnp.sum(ce * m) / total_tokens,
-      "soft_kl": jnp.sum(kl * m) / total_tokens,
-      "soft_weight": jnp.sum(w * m) / total_tokens,
-    }
-  ce = nll / total_tokens
-  aux = tc.moe_aux_loss * load_balancing_loss(stats) + tc.router_z_loss * router_z_loss(stats)
-  return ce + aux / tc.grad_accum, (ce, stats, extra)
-
-
 def make_train_step(
   graphdef, tx: optax.GradientTransformation, tc: TrainConfig, schedule: optax.Schedule, distill=None
 ):
@@ -139,8 +106,6 @@ def make_train_step(
   the teacher's parameters are the third argument (frozen: no gradient, no optimizer state).
   With `train.layerwise_update` the optimizer runs inside the backward pass (train/layerwise.py)."""
   if tc.layerwise_update:
-    from behemoth_jax.train.layerwise import make_layerwise_train_step  # it builds on this module
-
     return make_layerwise_train_step(graphdef, tx, tc, schedule, distill)
 
   def train_step(state: State, batch: dict, teacher_params=None) -> tuple[State, dict]:
@@ -184,21 +149,6 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def step_metrics(loss, ce, grad_norm, lr, tokens, stats, skipped, extra: dict) -> dict:
-  return {
-    "loss": loss,
-    "ce": ce,
-    "grad_norm": grad_norm,
-    "lr": lr,
-    "tokens": tokens,
-    "expert_load_min": stats.load_E.min(axis=-1, initial=1.0),
-    "expert_load_max": stats.load_E.max(axis=-1, initial=0.0),
-    "router_z": stats.z,
-    "skipped": skipped,
-    **extra,
-  }
 
 
 def make_eval_step(graphdef, tc: TrainConfig):
