@@ -295,18 +295,19 @@ def walk(hlo: str):
     for instr in comps[comp]:
       name, _, opcode, rest = instr
       own = _OP_NAME.search(rest)
-      yield instr, times, shapes, own.group(1) if own else caller
+      op_name = own.group(1) if own else caller
+      yield instr, times, shapes, op_name
       if opcode in ("async-done", "async-update"):
         continue
       callees = _callees(rest)
       if opcode == "while":
         trip = _trip_count(name, comp, rest, comps)
         for c in callees.get("body", []):
-          yield from visit(c, times * trip, own.group(1) if own else caller)
+          yield from visit(c, times * trip, op_name)
       else:
         for cs in callees.values():
           for c in cs:
-            yield from visit(c, times, own.group(1) if own else caller)
+            yield from visit(c, times, op_name)
 
   yield from visit(entry, 1.0, "")
 

@@ -57,8 +57,9 @@ def decay_mask(params: nnx.State):
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine, global-norm clipping (by the previous step's norm with
-  `train.layerwise_update`), weight decay where `decays` says."""
+  """AdamW with warmup + cosine, global-norm clipping, weight decay where `decays` says. With
+  `train.layerwise_update` the clip reads the norm from its state, which the step sets (the norm it
+  measured first, or the previous step's: train/layerwise.py)."""
   clip = clip_by_previous_norm if tc.layerwise_update else optax.clip_by_global_norm  # (train/layerwise.py)
   parts = [clip(tc.grad_clip)] if tc.grad_clip > 0 else []
   if tc.adam_moments == "fp8":  # optax.adamw's chain with 8-bit moments (train/optim.py)
