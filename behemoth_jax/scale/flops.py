@@ -328,9 +328,11 @@ _PARAMETER = re.compile(r"parameter\((\d+)\)")
 def _trip_count(name: str, comp: str, rest: str, comps: dict[str, list[Instr]]) -> int:
   """A while loop's trip count: XLA's `known_trip_count` where it prints one (CPU, GPU), else read from
   its condition (TPU programs print none): a ROOT `compare(counter, constant(N))`, maybe wrapped in a
-  fusion, direction LT (N trips) or LE (N + 1); the counter counting from 0 by 1, as the loops of
-  scans, fori_loops and XLA's windowed einsums do. The expert exchange's rounds (sharding/expert.py,
-  ROUND_LOOPS) run as often as the routing needs: they are counted as under balanced routing."""
+  fusion, direction LT or LE; the counter counting from 0 by the constant its body adds to it
+  (`_counter_step`): 1 in the loops of scans and fori_loops, 2 in XLA's bidirectional windowed einsums
+  (TPU's collective matmuls, two partial products per trip). The expert exchange's rounds
+  (sharding/expert.py, ROUND_LOOPS) run as often as the routing needs: they are counted as under
+  balanced routing."""
   trip = _TRIP_COUNT.search(rest)
   if trip is not None:
     return int(trip.group(1))
@@ -349,16 +351,44 @@ def _trip_count(name: str, comp: str, rest: str, comps: dict[str, list[Instr]]) 
     direction = re.search(r"direction=(\w+)", root_rest)
     if opcode == "compare" and len(ops) == 2 and direction is not None:
       (a, b), d = ops, direction.group(1)
-      if b in constants and a not in constants and d in ("LT", "LE"):
-        return constants[b] + (d == "LE")
       if a in constants and b not in constants and d in ("GT", "GE"):
-        return constants[a] + (d == "GE")
+        (a, b), d = (b, a), {"GT": "LT", "GE": "LE"}[d]
+      if b in constants and a not in constants and d in ("LT", "LE"):
+        step = _counter_step(a, instrs, _callees(rest).get("body", [""])[0], comps)
+        return -(-(constants[b] + (d == "LE")) // step)
   op_name = re.search(r'op_name="([^"]*)"', rest)
   scopes = op_name.group(1).split("/") if op_name else []
   for scope, trips in ROUND_LOOPS.items():  # data-dependent: counted as under balanced routing
     if scope in scopes:
       return trips
   raise ValueError(f"while loop {name!r} in {comp!r}: no known_trip_count and no counter bound in its condition")
+
+
+_GTE_INDEX = re.compile(r"index=(\d+)")
+
+
+def _counter_step(counter: str, cond: list[Instr], body: str, comps: dict[str, list[Instr]]) -> int:
+  """What a loop's body adds to its counter each trip: the condition reads the counter as element i of
+  the loop tuple (`get-tuple-element(param), index=i`); the body's ROOT tuple's element i is
+  `add(get-tuple-element(param), index=i, constant(k))` -> k. 1 where the pattern is not found."""
+  got = next((r for n, _, op, r in cond if n == counter and op == "get-tuple-element"), None)
+  instrs = comps.get(body, [])
+  if got is None or not instrs or instrs[-1][2] != "tuple" or (m := _GTE_INDEX.search(got)) is None:
+    return 1
+  index = int(m.group(1))
+  elements = [o.split()[-1].lstrip("%") for o in _operands(instrs[-1][3])]
+  by_name = {n: (op, r) for n, _, op, r in instrs}
+  op, r = by_name.get(elements[index] if index < len(elements) else "", ("", ""))
+  if op != "add":
+    return 1
+  step = None
+  for o in (o.split()[-1].lstrip("%") for o in _operands(r)):
+    o_op, o_rest = by_name.get(o, ("", ""))
+    if o_op == "constant" and (c := _CONSTANT.match(o_op + o_rest)):
+      step = int(c.group(1))
+    elif not (o_op == "get-tuple-element" and (g := _GTE_INDEX.search(o_rest)) and int(g.group(1)) == index):
+      return 1
+  return step if step and step > 0 else 1
 
 
 def _operand_dtype(operand: str, shapes: dict[str, str]) -> str:
