@@ -181,7 +181,8 @@ HloModule m
   %a = f32[64,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   %b = f32[64,32]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   %two = u32[] constant(STEP)
-  %next = u32[] add(%i, %two)
+  %c = u32[] copy(%i)
+  %next = u32[] add(COUNTER, %two)
   ROOT %t = (u32[], f32[64,32]{1,0}) tuple(%next, %b)
 }
 
@@ -199,12 +200,14 @@ ENTRY %main (a: (u32[], f32[64,32])) -> (u32[], f32[64,32]) {
 """
 
 
+@pytest.mark.parametrize("counter", ["%i", "%c"])
 @pytest.mark.parametrize("step,bound,trips", [(1, 16, 16), (2, 16, 8), (2, 15, 8), (4, 16, 4)])
-def test_trip_count_follows_the_counters_step(step, bound, trips):
+def test_trip_count_follows_the_counters_step(step, bound, trips, counter):
   """XLA's bidirectional windowed einsums on TPU (collective matmuls under tensor / fsdp sharding) add 2
   to their counter each trip and compute two partial products: `while i < 16` runs 8 times. Counting 16
-  doubled every sharded projection of Behemoth's v5p-512 program (3,173 vs 2,486 TFLOP per chip)."""
-  hlo = _STEPPED_LOOP.replace("STEP", str(step)).replace("BOUND", str(bound))
+  doubled every sharded projection of Behemoth's v5p-512 program (3,173 vs 2,486 TFLOP per chip). The
+  backward's loops add to a copy of the counter (%c)."""
+  hlo = _STEPPED_LOOP.replace("STEP", str(step)).replace("BOUND", str(bound)).replace("COUNTER", counter)
   assert hlo_text_flops(hlo) == trips * 2 * (2 * 64 * 32 * 32)
 
 

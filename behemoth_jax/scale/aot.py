@@ -292,7 +292,13 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
     if mesh.shape["context"] > 1:
       print(f"  {context_attention_bytes(hlo, mesh)}")
     try:
-      print(f"  matmul FLOPs per {topo.unit} per step (compiled, loops by trip count): {hlo_matmul_flops(hlo):.4g}")
+      got, chips = hlo_matmul_flops(hlo), topo.chips * topo.num_slices
+      must, runs = program_flops(cfg, teacher_cfg)
+      print(
+        f"  matmul FLOPs per {topo.unit} per step (compiled, loops by trip count): {got:.4g}; "
+        f"{got * chips / analytic_train_flops(mc, tc.batch_size, tc.seq_len):.3f} x the analytic 3 x forward"
+        f"{' (student)' if teacher_cfg else ''}, {got * chips / must:.3f} x what this step must run ({runs})"
+      )
       print(f"  {attention_flops(hlo, cfg, topo.chips * topo.num_slices)}")
     except ValueError as e:  # a loop of unknown trip count
       print(f"  matmul FLOPs per {topo.unit}: not counted ({e})")
@@ -343,6 +349,34 @@ def collective_bytes(hlo: str) -> str:
   except (ValueError, KeyError) as e:  # an HLO form the reader does not know: say so, keep the report
     return f"not counted ({e})"
   return ", ".join(f"{k} {gib(v)}" for k, v in by.items() if v) or "none"
+
+
+def program_flops(cfg: Config, teacher_cfg: ModelConfig | None = None) -> tuple[float, str]:
+  """The matmul FLOPs a train step of `cfg` must run on the whole slice, analytically, and what they hold:
+  3 x the forward (`cost.analytic_forward_flops`: active parameters, causal attention), plus what the
+  implementation and configuration run again: the chunked loss's backward recomputes each vocabulary
+  chunk's logits (the LM head's forward once more: it never holds all logits); FlashAttention's backward
+  recomputes the scores (0.5 x attention's forward); full remat and the layer-by-layer update run the
+  layers' forward a second time (not the LM head's); the layer-by-layer update's exact clipping runs the
+  layers' backward once more (its norm pass: 3 x the layers' forward + 3.5 x attention; with `previous` it
+  sits under a cond and counts as if it ran, as `flops.walk` counts it); an online teacher's forward.
+  `dots` remat policies save the matmuls' outputs: counted as recomputing none."""
+  mc, tc = cfg.model, cfg.train
+  fwd = analytic_forward_flops(mc, tc.batch_size, tc.seq_len)
+  head = 2.0 * mc.hidden_size * mc.vocab_size * tc.batch_size * tc.seq_len
+  layers, attention = fwd["matmul_params"] - head, fwd["attention"]
+  total = 3 * (layers + head + attention) + head + 0.5 * attention
+  runs = ["3 x forward", "the chunked loss's logits", "FlashAttention's scores"]
+  if mc.remat_policy == "full" or tc.layerwise_update:
+    total += layers + attention
+    runs.append("the layers' second forward")
+  if tc.layerwise_update and tc.grad_clip > 0:
+    total += 3 * layers + 3.5 * attention
+    runs.append("the norm pass")
+  if teacher_cfg is not None:
+    total += sum(analytic_forward_flops(teacher_cfg, tc.batch_size, tc.seq_len).values())
+    runs.append("the teacher's forward")
+  return total, " + ".join(runs)
 
 
 def attention_flops(hlo: str, cfg: Config, chips: int) -> str:

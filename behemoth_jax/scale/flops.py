@@ -384,6 +384,8 @@ def _counter_step(counter: str, cond: list[Instr], body: str, comps: dict[str, l
   step = None
   for o in (o.split()[-1].lstrip("%") for o in _operands(r)):
     o_op, o_rest = by_name.get(o, ("", ""))
+    while o_op in ("copy", "bitcast", "convert"):  # the counter passed through a copy (seen on TPU)
+      o_op, o_rest = by_name.get(_operands(o_rest)[0].split()[-1].lstrip("%"), ("", ""))
     if o_op == "constant" and (c := _CONSTANT.match(o_op + o_rest)):
       step = int(c.group(1))
     elif not (o_op == "get-tuple-element" and (g := _GTE_INDEX.search(o_rest)) and int(g.group(1)) == index):
