@@ -22,6 +22,9 @@ from sharding import axes as ax
 
 # Named scopes of the two attention kinds: behemoth_jax.scale.collectives counts their traffic apart.
 ATTENTION_SCOPES = {True: "chunked_attention", False: "global_attention"}
+# The projections' matmuls (their name stacks): a collective named after one moves a weight or a partial
+# product of that matmul (fsdp's gathers, XLA's windowed einsums), not keys and values for the kernel.
+PROJECTIONS = ("BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTNH,NHD->BTD")
 
 
 class Positions(NamedTuple):
@@ -50,9 +53,9 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_BTD: jax.Array, pos: Positions) -> tuple[jax.Array, jax.Array, jax.Array]:
     cfg, dt = self.cfg, x_BTD.dtype
-    q = matmul("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], cfg.fp8)
-    k = matmul("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], cfg.fp8)
-    v = matmul("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], cfg.fp8)
+    q = matmul(PROJECTIONS[0], x_BTD, self.wq_DNH[...], cfg.fp8)
+    k = matmul(PROJECTIONS[1], x_BTD, self.wk_DKH[...], cfg.fp8)
+    v = matmul(PROJECTIONS[1], x_BTD, self.wv_DKH[...], cfg.fp8)
     if self.kind.rope:
       q = apply_rope(q, pos.cos_BTJ, pos.sin_BTJ)
       k = apply_rope(k, pos.cos_BTJ, pos.sin_BTJ)
@@ -66,7 +69,12 @@ class Attention(nnx.Module):
 
   def _attend(self, q, k, v, pos: Positions) -> jax.Array:
     cfg = self.cfg
-    q = ax.constrain(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    split = (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None)
+    q = ax.constrain(q, split)
+    # Keys and values leave their projections as projected (the sequence split over context), so that
+    # whatever moves them for the kernel is named here or in the kernel, apart from the projections'
+    # own traffic (PROJECTIONS; program accounting: scale/aot.py's context report).
+    k, v = ax.constrain(k, split), ax.constrain(v, split)
     if not self.kind.chunked:  # global layers: every query needs every key (all-gather over context)
       k = ax.constrain(k, (ax.BATCH, None, ax.ACT_HEADS, None))
       v = ax.constrain(v, (ax.BATCH, None, ax.ACT_HEADS, None))
@@ -95,7 +103,7 @@ class Attention(nnx.Module):
       else:
         cache = cache.append(k, v, pos)
         out = cache.attend(q, pos)
-      return matmul("BTNH,NHD->BTD", out, self.wo_NHD[...], self.cfg.fp8), cache
+      return matmul(PROJECTIONS[2], out, self.wo_NHD[...], self.cfg.fp8), cache
 
 
 class KVCache(struct.PyTreeNode):

@@ -41,7 +41,7 @@ from behemoth_jax.chips import CHIPS, Chip
 from behemoth_jax.config import Config, ConfigError, ModelConfig
 from behemoth_jax.infer.engine import cache_sharding
 from behemoth_jax.infer.generate import decode_step, prefill, score_step
-from behemoth_jax.model.attention import ATTENTION_SCOPES
+from behemoth_jax.model.attention import ATTENTION_SCOPES, PROJECTIONS
 from behemoth_jax.model.cost import analytic_forward_flops
 from behemoth_jax.model.kernels import ATTENTION_CORE
 from behemoth_jax.platforms import user_platforms
@@ -289,8 +289,7 @@ def compile_train_step(cfg: Config, topology: str, num_slices: int = 1, name: st
   if compiled is not None:
     hlo = compiled.as_text()
     print(f"  collectives per {topo.unit} per step (compiled, loops by trip count): {collective_bytes(hlo)}")
-    if mesh.shape["context"] > 1:
-      print(f"  {context_attention_bytes(hlo, mesh)}")
+    _context_report(compiled, mesh)
     try:
       got, chips = hlo_matmul_flops(hlo), topo.chips * topo.num_slices
       must, runs = program_flops(cfg, teacher_cfg)
@@ -400,17 +399,28 @@ def attention_flops(hlo: str, cfg: Config, chips: int) -> str:
 
 def context_attention_bytes(hlo: str, mesh) -> str:
   """What attention moves over `context` per chip per step, by layer kind (model/attention.py's scopes):
-  chunked layers move nothing when every context shard holds whole chunks."""
+  keys and values (and their gradients), then the projections' own traffic along context alone
+  (attention.PROJECTIONS: weights sharded over context, windowed einsums). Chunked layers move no keys
+  or values when every context shard holds whole chunks and positions are 0..T-1 (packed documents
+  restart their positions: a shard then needs the previous chunk's keys, docs/SCALE.md)."""
   scopes = (ATTENTION_SCOPES[True], ATTENTION_SCOPES[False])
+  axis = list(mesh.axis_names).index("context")
   try:
-    by = bytes_along(hlo, tuple(mesh.devices.shape), list(mesh.axis_names).index("context"), scopes)
+    kv = bytes_along(hlo, tuple(mesh.devices.shape), axis, scopes, exclude=PROJECTIONS)
+    every = bytes_along(hlo, tuple(mesh.devices.shape), axis, scopes)
   except (ValueError, KeyError) as e:
     return f"attention over context: not counted ({e})"
   parts = []
   for scope, label in zip(scopes, ("chunked layers", "global layers"), strict=True):
-    kinds = ", ".join(f"{k} {gib(v)}" for k, v in by[scope].items() if v)
-    parts.append(f"{label} {gib(sum(by[scope].values()))}" + (f" ({kinds})" if kinds else ""))
-  return "attention's collectives along context (keys, values and their gradients): " + "; ".join(parts)
+    kinds = ", ".join(f"{k} {gib(v)}" for k, v in kv[scope].items() if v)
+    moved, proj = sum(kv[scope].values()), sum(every[scope].values()) - sum(kv[scope].values())
+    parts.append(f"{label} {gib(moved)}" + (f" ({kinds})" if kinds else "") + f" + projections {gib(proj)}")
+  return "attention's keys and values moved along context (and their gradients): " + "; ".join(parts)
+
+
+def _context_report(compiled, mesh) -> None:
+  if compiled is not None and mesh.shape["context"] > 1:
+    print(f"  {context_attention_bytes(compiled.as_text(), mesh)}")
 
 
 def _width(dtype: str) -> int:
@@ -446,7 +456,8 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
     step = score_step(graphdef, score, out_shardings=(topk, topk))
     with use_mesh(mesh), jax.default_matmul_precision("default"):
       lowered = step.lower(abstract, ids, None)
-    mem, reason, _ = compile_report(lowered, topo)
+    mem, reason, compiled = compile_report(lowered, topo)
+    _context_report(compiled, mesh)
     print(f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}")
     return _fits(mem, reason, topo, t0, f"outputs (top-{score} ids and log-probs) {gib(mem.outputs) if mem else ''}")
   caches = jax.eval_shape(
@@ -462,7 +473,8 @@ def compile_prefill(cfg: Config, tokens: int, topology: str | None, num_slices: 
   step = jax.jit(lambda p, i, m: prefill(graphdef, p, i, m, None, tokens), out_shardings=out_shardings)
   with use_mesh(mesh), jax.default_matmul_precision("default"):  # TPU kernels take bf16 operands as bf16
     lowered = step.lower(abstract, ids, mask)
-  mem, reason, _ = compile_report(lowered, topo)
+  mem, reason, compiled = compile_report(lowered, topo)
+  _context_report(compiled, mesh)
   print(
     f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV caches "
     f"{gib(sum(c.size * c.dtype.itemsize for c in jax.tree.leaves(caches)))} in all"
@@ -500,7 +512,8 @@ def compile_decode(cfg: Config, slots: int, context: int, topology: str | None, 
   step = jax.jit(decode, out_shardings=(None, jax.tree.map(shard, out_caches)), donate_argnums=1)
   with use_mesh(mesh), jax.default_matmul_precision("default"):
     lowered = step.lower(abstract, cache_specs, tokens, tokens)
-  mem, reason, _ = compile_report(lowered, topo)
+  mem, reason, compiled = compile_report(lowered, topo)
+  _context_report(compiled, mesh)
   print(
     f"  weights per {topo.unit} {gib(per_device_bytes(abstract))}; KV caches "
     f"{gib(sum(c.size * c.dtype.itemsize for c in jax.tree.leaves(caches)))} in all, "

@@ -196,12 +196,13 @@ def bytes_by_link(hlo: str, unit_of: Callable[[int], int], slices: int = 1) -> d
 
 
 def bytes_along(
-  hlo: str, mesh_shape: tuple[int, ...], axis: int, scopes: tuple[str, ...]
+  hlo: str, mesh_shape: tuple[int, ...], axis: int, scopes: tuple[str, ...], exclude: tuple[str, ...] = ()
 ) -> dict[str, dict[str, float]]:
   """{scope: {kind: bytes per chip per execution}} of the collectives that run along mesh axis `axis`
   only (every group's members differ in that coordinate alone; device ids are positions in the mesh's
-  row-major devices) and whose name stack holds the named scope. Over `context`, inside attention:
-  the keys and values a layer kind moves, apart from the weights ZeRO-3 gathers over fsdp x context."""
+  row-major devices) and whose name stack holds the named scope, but none of `exclude`. Over `context`,
+  inside attention, excluding the projections (attention.PROJECTIONS: weights gathered over context
+  alone, windowed einsums' partial products): the keys and values a layer kind moves."""
   total = {scope: defaultdict(float) for scope in scopes}
   for c in collectives(hlo):
     coords = [np.array(np.unravel_index(g, mesh_shape)) for g in c.groups]
@@ -209,6 +210,8 @@ def bytes_along(
     if varying != {axis}:
       continue
     parts = c.op_name.split(":")  # XLA's combiners join the names of the collectives they merge
+    if any(x in p for x in exclude for p in parts):
+      continue
     for scope in scopes:
       if all(scope in p for p in parts):  # (a merge of other layers' weight gradients is not this scope's)
         total[scope][c.kind] += c.bytes
