@@ -350,6 +350,13 @@ def collective_bytes(hlo: str) -> str:
   return ", ".join(f"{k} {gib(v)}" for k, v in by.items() if v) or "none"
 
 
+def _reruns(cfg: Config) -> tuple[bool, bool]:
+  """(the layers' forward runs twice: full remat or the layer-by-layer update; the layer-by-layer
+  update's clipping runs a backward pass of its own, the norm pass)."""
+  tc = cfg.train
+  return cfg.model.remat_policy == "full" or tc.layerwise_update, tc.layerwise_update and tc.grad_clip > 0
+
+
 def program_flops(cfg: Config, teacher_cfg: ModelConfig | None = None) -> tuple[float, str]:
   """The matmul FLOPs a train step of `cfg` must run on the whole slice, analytically, and what they hold:
   3 x the forward (`cost.analytic_forward_flops`: active parameters, causal attention), plus what the
@@ -366,10 +373,11 @@ def program_flops(cfg: Config, teacher_cfg: ModelConfig | None = None) -> tuple[
   layers, attention = fwd["matmul_params"] - head, fwd["attention"]
   total = 3 * (layers + head + attention) + head + 0.5 * attention
   runs = ["3 x forward", "the chunked loss's logits", "FlashAttention's scores"]
-  if mc.remat_policy == "full" or tc.layerwise_update:
+  remat, norm_pass = _reruns(cfg)
+  if remat:
     total += layers + attention
     runs.append("the layers' second forward")
-  if tc.layerwise_update and tc.grad_clip > 0:
+  if norm_pass:
     total += 3 * layers + 3.5 * attention
     runs.append("the norm pass")
   if teacher_cfg is not None:
@@ -387,8 +395,7 @@ def attention_flops(hlo: str, cfg: Config, chips: int) -> str:
   mc, tc = cfg.model, cfg.train
   got = sum(m.flops for m in matmuls(hlo) if in_scope(m.op_name, ATTENTION_CORE))
   causal = analytic_forward_flops(mc, tc.batch_size, tc.seq_len)["attention"] / chips
-  remat = mc.remat_policy == "full" or tc.layerwise_update
-  norm_pass = tc.layerwise_update and tc.grad_clip > 0  # layerwise clipping's backward pass of its own
+  remat, norm_pass = _reruns(cfg)
   times = (4.5 if remat else 3.5) + (3.5 if norm_pass else 0)
   runs = f"forward, {'remat, ' if remat else ''}FlashAttention's backward{', the norm pass' if norm_pass else ''}"
   return (
